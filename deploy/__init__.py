@@ -1,0 +1,1 @@
+"""Deployment for edgetag: ONNX export, quantization, TensorRT engines."""

@@ -1,0 +1,3 @@
+from edgetag.cli import main
+
+main()

@@ -1,0 +1,326 @@
+"""Kaldi-compatible log-mel filterbanks and MFCCs, offline and streaming.
+
+The recipe is the one of `torchaudio.compliance.kaldi.fbank`, which AST, SSAST and MAE-AST were
+trained with, rewritten on plain torch so the runtime needs no torchaudio. Every frame is
+computed on its own from its samples, so `StreamingFbank` can cut the same frames out of audio
+that arrives in pieces and give the very numbers `fbank()` gives on the whole signal.
+
+Waveforms are float samples in [-1, 1] (as soundfile and torchaudio return them), 1-D.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+WINDOWS = ("hanning", "povey", "hamming", "rectangular", "blackman")
+# Kaldi floors the mel energies at float32's machine epsilon before the log: silence gives
+# log(eps) ~= -15.94, never -inf.
+LOG_FLOOR = float(np.finfo(np.float32).eps)
+
+
+@dataclass(frozen=True)
+class FbankConfig:
+    """Every option that changes the features, saved as a plain dict in each checkpoint.
+
+    Defaults are the AST/SSAST recipe (`PRESETS["ast"]`). Option names follow Kaldi's.
+    """
+
+    sample_rate: int = 16000
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    n_mels: int = 128
+    window: str = "hanning"
+    blackman_coeff: float = 0.42
+    preemphasis: float = 0.97
+    dither: float = 0.0
+    remove_dc_offset: bool = True  # per frame (Kaldi)
+    remove_mean: bool = True  # of the whole waveform first (AST's data loader)
+    round_to_power_of_two: bool = True
+    low_freq: float = 20.0
+    high_freq: float = 0.0  # <= 0 counts down from Nyquist (Kaldi)
+    snip_edges: bool = True
+    htk_compat: bool = False
+    use_energy: bool = False
+    raw_energy: bool = True
+    energy_floor: float = 1.0
+    use_power: bool = True
+    # MFCC instead of log-mel: DCT-II of the log-mel, Kaldi conventions.
+    mfcc: bool = False
+    n_ceps: int = 13
+    cepstral_lifter: float = 22.0
+    # Normalisation applied by `normalize()`: (x - norm_mean) / (norm_scale * norm_std).
+    # The AST family uses 2 * std on purpose (target std 0.5); defaults are AudioSet's stats.
+    norm_mean: float = -4.2677393
+    norm_std: float = 4.5689974
+    norm_scale: float = 2.0
+
+    def __post_init__(self):
+        if self.window not in WINDOWS:
+            raise ValueError(f"window must be one of {', '.join(WINDOWS)}, not {self.window!r}")
+        if self.sample_rate <= 0 or self.frame_shift <= 0 or self.frame_length <= 1:
+            raise ValueError(
+                f"frame of {self.frame_length_ms} ms every {self.frame_shift_ms} ms at "
+                f"{self.sample_rate} Hz is under two samples"
+            )
+        if self.n_mels <= 3:
+            raise ValueError(f"n_mels must be > 3, not {self.n_mels}")
+        nyquist = self.sample_rate / 2
+        high = self.high_freq if self.high_freq > 0 else nyquist + self.high_freq
+        if not 0 <= self.low_freq < high <= nyquist:
+            raise ValueError(f"need 0 <= low_freq < high_freq <= {nyquist} Hz, got {self.low_freq}, {high}")
+        if self.mfcc and not 0 < self.n_ceps <= self.n_mels:
+            raise ValueError(f"n_ceps must be in 1..n_mels={self.n_mels}, not {self.n_ceps}")
+        if self.norm_std <= 0 or self.norm_scale <= 0:
+            raise ValueError("norm_std and norm_scale must be positive")
+
+    # Kaldi truncates the frame sizes to whole samples.
+    @property
+    def frame_length(self) -> int:
+        return int(self.sample_rate * self.frame_length_ms / 1000)
+
+    @property
+    def frame_shift(self) -> int:
+        return int(self.sample_rate * self.frame_shift_ms / 1000)
+
+    @property
+    def fft_size(self) -> int:
+        n = self.frame_length
+        return 1 << (n - 1).bit_length() if self.round_to_power_of_two else n
+
+    @property
+    def n_features(self) -> int:
+        return (self.n_ceps if self.mfcc else self.n_mels) + (self.use_energy and not self.mfcc)
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames `fbank()` makes from `num_samples` samples."""
+        if self.snip_edges:
+            return 0 if num_samples < self.frame_length else 1 + (num_samples - self.frame_length) // self.frame_shift
+        return (num_samples + self.frame_shift // 2) // self.frame_shift
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FbankConfig:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown fbank options: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+PRESETS = {
+    # AST / SSAST data loaders: hanning window, htk_compat, waveform mean removed, AudioSet stats.
+    "ast": FbankConfig(htk_compat=True),
+    # MAE-AST's released code: torchaudio defaults (povey window, no htk_compat, no mean removal);
+    # it normalises inside the model with running stats, which an importer writes into norm_*.
+    "mae-ast": FbankConfig(window="povey", htk_compat=False, remove_mean=False),
+}
+
+
+def preset(name: str, **overrides) -> FbankConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown fbank preset {name!r}; choose from {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Constant matrices, cached per configuration
+
+
+def _mel(freq):
+    return 1127.0 * np.log1p(np.asarray(freq, dtype=np.float64) / 700.0)
+
+
+@lru_cache(maxsize=32)
+def mel_banks(n_mels: int, fft_size: int, sample_rate: int, low_freq: float, high_freq: float) -> torch.Tensor:
+    """Kaldi's triangular filters, equally spaced on the mel scale, as [fft_size // 2 + 1, n_mels].
+
+    With many bins on a short FFT some triangles fall between two FFT bins and are all zero;
+    Kaldi refuses that, torchaudio accepts it and its log-mel sits at log(eps) there. So do we.
+    """
+    nyquist = sample_rate / 2
+    high = high_freq if high_freq > 0 else nyquist + high_freq
+    mel_low, mel_high = _mel(low_freq), _mel(high)
+    delta = (mel_high - mel_low) / (n_mels + 1)
+    left = mel_low + delta * np.arange(n_mels)[:, None]  # [n_mels, 1]
+    center, right = left + delta, left + 2 * delta
+    # The Nyquist bin gets no weight, as in Kaldi.
+    mel = _mel(sample_rate / fft_size * np.arange(fft_size // 2))[None, :]  # [1, fft_size // 2]
+    up, down = (mel - left) / (center - left), (right - mel) / (right - center)
+    banks = np.maximum(0.0, np.minimum(up, down))
+    banks = np.pad(banks, ((0, 0), (0, 1)))
+    return torch.from_numpy(banks.T.astype(np.float32)).contiguous()  # [fft_size // 2 + 1, n_mels]
+
+
+@lru_cache(maxsize=32)
+def _window(kind: str, length: int, blackman_coeff: float) -> torch.Tensor:
+    n = np.arange(length, dtype=np.float64)
+    a = 2 * math.pi / (length - 1)
+    if kind == "hanning":
+        w = 0.5 - 0.5 * np.cos(a * n)
+    elif kind == "povey":  # Kaldi's default: a hann window to the power 0.85
+        w = (0.5 - 0.5 * np.cos(a * n)) ** 0.85
+    elif kind == "hamming":
+        w = 0.54 - 0.46 * np.cos(a * n)
+    elif kind == "blackman":
+        w = blackman_coeff - 0.5 * np.cos(a * n) + (0.5 - blackman_coeff) * np.cos(2 * a * n)
+    else:  # rectangular
+        w = np.ones(length)
+    return torch.from_numpy(w)
+
+
+@lru_cache(maxsize=32)
+def _dct(n_mels: int, n_ceps: int, lifter: float) -> torch.Tensor:
+    """Kaldi's orthonormal DCT-II [n_mels, n_ceps], with the cepstral lifter folded in."""
+    k = np.arange(n_ceps)[None, :]
+    n = np.arange(n_mels)[:, None]
+    dct = np.sqrt(2.0 / n_mels) * np.cos(math.pi / n_mels * (n + 0.5) * k)
+    dct[:, 0] = np.sqrt(1.0 / n_mels)
+    if lifter:
+        dct = dct * (1.0 + 0.5 * lifter * np.sin(math.pi * np.arange(n_ceps) / lifter))
+    return torch.from_numpy(dct)
+
+
+# ---------------------------------------------------------------------------------------------
+# Features
+
+
+def _as_waveform(waveform) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(waveform) if not isinstance(waveform, torch.Tensor) else waveform)
+    if x.dim() == 2 and 1 in x.shape:
+        x = x.reshape(-1)
+    if x.dim() != 1:
+        raise ValueError(f"expected a mono waveform [samples], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected float samples in [-1, 1], got {x.dtype}")
+    # float64 inside: the weak bands of tonal sounds lie 100+ dB under the peak, below what a
+    # float32 FFT resolves, and Kaldi-exactness is checked there too.
+    return x.to(torch.float64)
+
+
+def _frames(x: torch.Tensor, config: FbankConfig) -> torch.Tensor:
+    """Cut a waveform into frames: [num_frames, frame_length]."""
+    length, shift = config.frame_length, config.frame_shift
+    n = config.num_frames(x.numel())
+    if n == 0:
+        return x.new_zeros(0, length)
+    if not config.snip_edges:
+        # Kaldi reflects the signal at both ends so frames centre on multiples of the shift.
+        pad = length // 2 - shift // 2
+        rev = x.flip(0)
+        x = torch.cat([rev[-pad:], x, rev]) if pad > 0 else torch.cat([x[-pad:], rev])
+        while x.numel() < (n - 1) * shift + length:  # only for signals shorter than a frame
+            x = torch.cat([x, x.flip(0)])
+    return x.unfold(0, length, shift)[:n].contiguous()  # strided views slow every later op
+
+
+def _frame_features(frames: torch.Tensor, config: FbankConfig) -> torch.Tensor:
+    """Log-mel (or MFCC) of each frame on its own: [n, frame_length] -> [n, n_features] float32.
+
+    A streaming hop computes a handful of frames, so this keeps the number of torch calls small:
+    their fixed cost, not the arithmetic, is what a hop pays.
+    """
+    c = config
+    if frames.shape[0] == 0:  # MKL's FFT rejects an empty batch
+        return torch.zeros(0, c.n_features)
+    if c.dither:
+        frames = frames + c.dither * torch.randn_like(frames)
+    if c.remove_dc_offset:
+        frames = frames - frames.mean(dim=1, keepdim=True)
+    if c.use_energy and c.raw_energy:
+        log_energy = _log_energy(frames, c)
+    if c.preemphasis:
+        # x[i] - k * x[i - 1], with x[-1] = x[0] as Kaldi has it
+        frames = frames - c.preemphasis * frames[:, _previous_index(c.frame_length)]
+    frames = frames * _window(c.window, c.frame_length, c.blackman_coeff)
+    if c.use_energy and not c.raw_energy:
+        log_energy = _log_energy(frames, c)
+    spectrum = torch.fft.rfft(frames, n=c.fft_size)
+    spectrum = spectrum.real.square() + spectrum.imag.square()  # power; complex abs() is slower
+    if not c.use_power:
+        spectrum = spectrum.sqrt()
+    # Sums of non-negative terms lose nothing in float32, which halves the cost of this product.
+    banks = mel_banks(c.n_mels, c.fft_size, c.sample_rate, c.low_freq, c.high_freq)
+    feats = (spectrum.float() @ banks).clamp_min_(LOG_FLOOR).log_()  # [n, n_mels]
+    if c.mfcc:
+        feats = (feats.double() @ _dct(c.n_mels, c.n_ceps, c.cepstral_lifter)).float()  # [n, n_ceps]
+        if c.use_energy:
+            feats[:, 0] = log_energy
+        if c.htk_compat:
+            c0 = feats[:, :1] if c.use_energy else feats[:, :1] * math.sqrt(2.0)
+            feats = torch.cat([feats[:, 1:], c0], dim=1)
+    elif c.use_energy:
+        energy = log_energy[:, None].float()
+        feats = torch.cat([feats, energy] if c.htk_compat else [energy, feats], dim=1)
+    return feats
+
+
+@lru_cache(maxsize=8)
+def _previous_index(length: int) -> torch.Tensor:
+    return torch.tensor([0, *range(length - 1)])
+
+
+def _log_energy(frames: torch.Tensor, config: FbankConfig) -> torch.Tensor:
+    log_energy = frames.square().sum(dim=1).clamp_min(LOG_FLOOR).log()
+    if config.energy_floor:
+        log_energy = log_energy.clamp_min(math.log(config.energy_floor))
+    return log_energy
+
+
+def fbank(waveform, config: FbankConfig = PRESETS["ast"]) -> torch.Tensor:
+    """Kaldi log-mel filterbank (or MFCC when `config.mfcc`): [num_frames, n_features] float32.
+
+    Raw log values, not normalised: see `normalize()`.
+    """
+    x = _as_waveform(waveform)
+    # A constant offset is cancelled by the per-frame DC removal anyway; subtracting the mean
+    # only there keeps fbank() frame-local, so streaming gives the same numbers.
+    if config.remove_mean and not config.remove_dc_offset:
+        x = x - x.mean()
+    return _frame_features(_frames(x, config), config)
+
+
+def mfcc(waveform, config: FbankConfig = PRESETS["ast"]) -> torch.Tensor:
+    """Kaldi MFCC with this config's framing and filterbank: [num_frames, n_ceps (+1 energy)]."""
+    return fbank(waveform, replace(config, mfcc=True))
+
+
+def normalize(features: torch.Tensor, config: FbankConfig) -> torch.Tensor:
+    """The AST-family normalisation: (x - mean) / (scale * std)."""
+    return (features - config.norm_mean) / (config.norm_scale * config.norm_std)
+
+
+class StreamingFbank:
+    """Features of audio that arrives in pieces, equal to `fbank()` on the whole signal.
+
+    `push(samples)` of any size returns only the frames it completed; the cost of a push
+    grows with the new samples, since only the tail of one frame is kept between pushes.
+    """
+
+    def __init__(self, config: FbankConfig = PRESETS["ast"]):
+        if not config.snip_edges:
+            raise ValueError("streaming needs snip_edges=True: otherwise the last frames reflect the end of the signal")
+        if config.remove_mean and not config.remove_dc_offset:
+            raise ValueError("streaming cannot subtract the mean of a whole waveform; use remove_dc_offset=True")
+        self.config = config
+        self.reset()
+
+    def reset(self) -> None:
+        self._pending = torch.zeros(0, dtype=torch.float64)  # samples not yet consumed by a frame
+        self.num_frames = 0  # frames returned since the last reset
+        self.num_samples = 0  # samples pushed since the last reset
+
+    def push(self, samples) -> torch.Tensor:
+        x = _as_waveform(samples)
+        self.num_samples += x.numel()
+        pending = torch.cat([self._pending, x])
+        frames = _frames(pending, self.config)
+        n = frames.shape[0]
+        self._pending = pending[n * self.config.frame_shift :].clone()
+        self.num_frames += n
+        return _frame_features(frames, self.config)

@@ -1,0 +1,49 @@
+"""Shared fixtures: real audio from ../shared/data when present, synthetic signals always."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__import__("os").environ.get("EDGETAG_DATA", REPO.parent / "shared" / "data"))
+
+# A few real clips of every kind: speech (16 kHz), environmental sounds, office sounds, and
+# 8 kHz digits for the resampling path.
+REAL_CLIPS = [
+    "speech_commands/yes/0bac8a71_nohash_0.flac",
+    "speech_commands/_silence_/1037.flac",
+    "esc50/audio/4-183992-A-0.flac",
+    "dcase2016_task2/sound/clearthroat002.flac",
+    "fsdd/recordings/0_george_10.flac",
+]
+
+
+def data_path(relative: str) -> Path:
+    path = DATA / relative
+    if not path.exists():
+        pytest.skip(f"real audio not available: {path} (set EDGETAG_DATA to the shared data folder)")
+    return path
+
+
+@pytest.fixture(params=REAL_CLIPS, ids=lambda p: p.split("/")[0])
+def real_clip(request) -> Path:
+    return data_path(request.param)
+
+
+def white_noise(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(int(seconds * rate)) * 0.1).astype(np.float32)
+
+
+def sine_sweep(seconds: float, rate: int = 16000, f0: float = 50.0, top: float = 0.49) -> np.ndarray:
+    """A linear chirp from f0 to `top` times the sample rate."""
+    f1 = top * rate
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.5 * np.sin(2 * np.pi * (f0 * t + (f1 - f0) / (2 * seconds) * t**2))).astype(np.float32)
+
+
+SIGNALS = {
+    "noise": white_noise,
+    "sweep": sine_sweep,
+    "silence": lambda seconds, rate=16000: np.zeros(int(seconds * rate), np.float32),
+}

@@ -1,0 +1,1 @@
+"""Training for edgetag: MAE-AST pretraining, fine-tuning, distillation, evaluation."""
