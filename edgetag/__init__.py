@@ -6,3 +6,10 @@ try:
     __version__ = version("edgetag")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
+
+
+def load_model(path, device="cpu"):
+    """Load an edgetag checkpoint (.safetensors); see `edgetag.checkpoint.load_model`."""
+    from edgetag.checkpoint import load_model as _load_model
+
+    return _load_model(path, device)

@@ -1,0 +1,273 @@
+"""The Audio Spectrogram Transformer encoder that runs on the device, and its heads.
+
+Features [B, T, n_mels] are cut into tokens (16x16 patches or 128x2 frames), ordered time-major
+as MAE-AST does (all frequency patches of one time step, then the next), so a longer input only
+appends tokens. Positions are 1-D sinusoids over the token index (MAE-AST; any length) or a
+learned table cropped to the input (SSAST). Heads read the mean of the token outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TOKENS = ("patch", "frame")
+POSITIONS = ("sincos", "learned")
+
+# Named sizes: SSAST's tiny/small/base, plus smaller students for the edge.
+SIZES = {
+    "nano": dict(width=64, depth=4, heads=2),
+    "mini": dict(width=128, depth=6, heads=4),
+    "tiny": dict(width=192, depth=12, heads=3),
+    "small": dict(width=384, depth=12, heads=6),
+    "base": dict(width=768, depth=12, heads=12),
+}
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    n_mels: int = 128
+    tokens: str = "patch"  # "patch": 16x16 (freq x time); "frame": n_mels x 2
+    width: int = 192
+    depth: int = 12
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    positions: str = "sincos"
+    max_tokens: int = 4096  # rows of a learned position table
+    norm_first: bool = True  # pre-LN; False is the post-LN stack of MAE-AST's released weights
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.tokens not in TOKENS:
+            raise ValueError(f"tokens must be one of {', '.join(TOKENS)}, not {self.tokens!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
+        if self.n_mels % self.patch_freq:
+            raise ValueError(f"n_mels {self.n_mels} is not a multiple of the patch height {self.patch_freq}")
+
+    @property
+    def patch_freq(self) -> int:
+        return 16 if self.tokens == "patch" else self.n_mels
+
+    @property
+    def patch_time(self) -> int:
+        return 16 if self.tokens == "patch" else 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_freq * self.patch_time
+
+    @property
+    def freq_patches(self) -> int:
+        return self.n_mels // self.patch_freq
+
+    def num_tokens(self, frames: int) -> int:
+        return frames // self.patch_time * self.freq_patches
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EncoderConfig:
+        return cls(**_known(cls, d))
+
+    @classmethod
+    def named(cls, size: str, **overrides) -> EncoderConfig:
+        if size not in SIZES:
+            raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
+        return cls(**{**SIZES[size], **overrides})
+
+
+def _known(cls, d: dict) -> dict:
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} options: {', '.join(sorted(unknown))}")
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens
+
+
+def patchify(features: torch.Tensor, config: EncoderConfig) -> torch.Tensor:
+    """[B, T, F] -> [B, N, patch_time * patch_freq], time-major; trailing frames that fill no
+    whole patch are dropped (as MAE-AST's Unfold does)."""
+    B, T, Fr = features.shape
+    pt, pf = config.patch_time, config.patch_freq
+    t, f = T // pt, Fr // pf
+    x = features[:, : t * pt].reshape(B, t, pt, f, pf)  # [B, t, pt, f, pf]
+    x = x.permute(0, 1, 3, 2, 4)  # [B, t, f, pt, pf]: patches time-major, values time-major inside
+    return x.reshape(B, t * f, pt * pf)
+
+
+def unpatchify(patches: torch.Tensor, config: EncoderConfig) -> torch.Tensor:
+    """[B, N, patch_dim] -> [B, T, F], the inverse of `patchify` on whole patches."""
+    B, N, _ = patches.shape
+    pt, pf, f = config.patch_time, config.patch_freq, config.freq_patches
+    x = patches.reshape(B, N // f, f, pt, pf).permute(0, 1, 3, 2, 4)  # [B, t, pt, f, pf]
+    return x.reshape(B, N // f * pt, f * pf)
+
+
+def sincos_positions(n: int, width: int) -> torch.Tensor:
+    """MAE-AST's 1-D sinusoids: sin on even channels, cos on odd, base 10000. [n, width]"""
+    position = torch.arange(n, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(10000.0) / width))
+    pe = torch.zeros(n, width)
+    pe[:, 0::2] = torch.sin(position * div)
+    pe[:, 1::2] = torch.cos(position * div)
+    return pe
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer (timm's names, so SSAST weights load key by key)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads)  # [B, N, 3, H, C/H]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, N, C/H]
+        x = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, C/H]
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, norm_first: bool = True, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm_first = norm_first
+        self.norm1 = nn.LayerNorm(width, eps=norm_eps)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=norm_eps)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_first:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x))
+        return self.norm2(x + self.mlp(x))
+
+
+class Encoder(nn.Module):
+    """Features [B, T, n_mels] -> token outputs [B, N, width]."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.config = c = config
+        self.patch_embed = nn.Linear(c.patch_dim, c.width)
+        if c.positions == "learned":
+            self.pos_embed = nn.Parameter(torch.randn(1, c.max_tokens, c.width) * 0.02)
+        # A post-LN stack normalises its input (fairseq); a pre-LN stack its output.
+        self.norm_pre = nn.Identity() if c.norm_first else nn.LayerNorm(c.width, eps=c.norm_eps)
+        self.blocks = nn.ModuleList(Block(c.width, c.heads, c.mlp_ratio, c.norm_first, c.norm_eps) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(c.width, eps=c.norm_eps) if c.norm_first else nn.Identity()
+
+    def positions(self, n: int) -> torch.Tensor:
+        """[1, n, width] position embeddings for the first n tokens."""
+        if self.config.positions == "learned":
+            if n > self.config.max_tokens:
+                raise ValueError(f"{n} tokens exceed the learned position table ({self.config.max_tokens})")
+            return self.pos_embed[:, :n]
+        return sincos_positions(n, self.config.width).to(self.patch_embed.weight)[None]
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """Tokens with positions: [B, T, n_mels] -> [B, N, width]."""
+        x = self.patch_embed(patchify(features, self.config))
+        return x + self.positions(x.shape[1])
+
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm_pre(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.shape[1] < self.config.patch_time:
+            raise ValueError(f"need at least {self.config.patch_time} frames, got {features.shape[1]}")
+        return self.forward_blocks(self.embed(features))
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads and the runtime model
+
+HEAD_KINDS = ("tags", "keywords")  # tags: multi-label sigmoid; keywords: softmax
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    kind: str
+    labels: tuple[str, ...]
+
+    def __post_init__(self):
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"head kind must be one of {', '.join(HEAD_KINDS)}, not {self.kind!r}")
+        object.__setattr__(self, "labels", tuple(self.labels))
+
+
+class Head(nn.Module):
+    """SSAST's mlp_head: LayerNorm, then a linear layer, on the mean-pooled tokens."""
+
+    def __init__(self, width: int, classes: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(pooled))
+
+
+class AudioTransformer(nn.Module):
+    """Encoder and heads: normalised features [B, T, n_mels] -> {head: logits [B, classes]}.
+
+    With no heads it returns the pooled embedding under "embedding".
+    """
+
+    def __init__(self, encoder: EncoderConfig, heads: dict[str, HeadConfig] | None = None):
+        super().__init__()
+        self.encoder = Encoder(encoder)
+        self.head_configs = dict(heads or {})
+        self.heads = nn.ModuleDict({name: Head(encoder.width, len(h.labels)) for name, h in self.head_configs.items()})
+
+    def embedding(self, features: torch.Tensor) -> torch.Tensor:
+        return self.encoder(features).mean(dim=1)  # [B, width]
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = self.embedding(features)
+        if not self.heads:
+            return {"embedding": pooled}
+        return {name: head(pooled) for name, head in self.heads.items()}
+
+    def probabilities(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sigmoid for tag heads, softmax for keyword heads."""
+        logits = self.forward(features)
+        return {
+            name: (x.sigmoid() if self.head_configs[name].kind == "tags" else x.softmax(dim=-1)) if name in self.head_configs else x
+            for name, x in logits.items()
+        }
+
+
+def num_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

@@ -1,0 +1,190 @@
+"""MAE-AST masking and losses, the SSAST baseline, and short pretraining runs."""
+
+import warnings
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import DATA, data_path, sine_sweep, white_noise
+from edgetag import load_model
+from edgetag.model import EncoderConfig, patchify
+from train.mae import MAEAST, chunk_noise, info_nce, num_masked, random_masking
+from train.pretrain import PretrainConfig, pretrain
+from train.ssast import SSAST
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75, 0.9])
+def test_random_masking_masks_exactly_and_ids_restore_restores(ratio):
+    torch.manual_seed(0)
+    x = torch.randn(4, 48, 8)
+    visible, mask, ids_restore = random_masking(x, ratio)
+    keep = max(1, int(48 * (1 - ratio)))
+    assert visible.shape == (4, keep, 8)
+    assert (mask.sum(dim=1) == 48 - keep).all() and ((mask == 0) | (mask == 1)).all()
+    # the visible tokens are the unmasked ones, in shuffled order; ids_restore undoes the shuffle
+    for b in range(4):
+        kept = x[b][mask[b] == 0]
+        assert sorted(map(tuple, visible[b].tolist())) == sorted(map(tuple, kept.tolist()))
+    full = torch.cat([visible, torch.zeros(4, 48 - keep, 8)], dim=1)
+    restored = torch.gather(full, 1, ids_restore[:, :, None].expand(-1, -1, 8))
+    torch.testing.assert_close(restored[mask == 0], x[mask == 0])
+
+
+def test_masks_differ_per_clip():
+    _, mask, _ = random_masking(torch.randn(2, 64, 4), 0.75)
+    assert not torch.equal(mask[0], mask[1])
+    chunks = chunk_noise(2, 16, 8, 96) >= 1
+    assert not torch.equal(chunks[0], chunks[1])
+
+
+def isolated_cells(grid: torch.Tensor) -> int:
+    """Masked cells with no masked neighbour along time or frequency."""
+    padded = torch.nn.functional.pad(grid.float()[None, None], (1, 1, 1, 1))[0, 0]
+    neighbours = padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]
+    return int((grid & (neighbours == 0)).sum())
+
+
+@pytest.mark.parametrize("time_patches, freq_patches", [(64, 8), (200, 1)])
+def test_chunk_masks_form_contiguous_blocks(time_patches, freq_patches):
+    torch.manual_seed(0)
+    n = time_patches * freq_patches
+    count = n // 4  # sparse, so blocks are told apart from scattered cells
+    noise = chunk_noise(8, time_patches, freq_patches, count)
+    masks = noise >= 1
+    assert (masks.sum(dim=1) == count).all()
+    for m in masks:
+        # only the trimmed last chunk may leave a lone cell; a random mask leaves dozens
+        assert isolated_cells(m.view(time_patches, freq_patches)) <= 1
+    scattered = torch.zeros(n, dtype=torch.bool)
+    scattered[torch.randperm(n)[:count]] = True
+    assert isolated_cells(scattered.view(time_patches, freq_patches)) > 10
+    # the noise hands the same machinery the masked tokens last
+    _, mask, _ = random_masking(torch.randn(8, n, 2), 1 - (n - count) / n, noise)
+    assert torch.equal(mask.bool(), masks)
+
+
+def test_num_masked_matches_mae_ast_keep_rule():
+    assert num_masked(512, 0.75) == 384 and num_masked(3, 0.75) == 2 and num_masked(1, 0.75) == 0
+
+
+def test_info_nce_rewards_matching_pairs():
+    target = torch.randn(2, 6, 16)
+    good, accuracy = info_nce(target * 5, target)
+    bad, _ = info_nce(torch.randn(2, 6, 16), target)
+    assert good < bad and accuracy == 1.0
+
+
+@pytest.mark.parametrize("masking", ["random", "chunk"])
+@pytest.mark.parametrize("tokens", ["patch", "frame"])
+def test_mae_encoder_sees_only_visible_tokens(masking, tokens):
+    config = EncoderConfig.named("nano", tokens=tokens)
+    model = MAEAST(config, masking=masking)
+    features = torch.randn(2, 96, 128)
+    n = config.num_tokens(96)
+    seen = []
+    model.encoder.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    latent, mask, ids_restore = model.forward_encoder(features)
+    assert seen == [n - num_masked(n, 0.75)] and latent.shape == (2, seen[0], config.width)
+    reconstruction, contrastive = model.forward_decoder(latent, ids_restore)
+    assert reconstruction.shape == contrastive.shape == (2, n, config.patch_dim)
+
+
+def test_mae_loss_only_counts_masked_tokens():
+    config = EncoderConfig.named("nano")
+    model = MAEAST(config, contrastive_weight=0.0)
+    features = torch.randn(2, 64, 128)
+    target = patchify(features, config)
+    _, mask, _ = model.forward_encoder(features)
+    perfect_where_masked = torch.where(mask[:, :, None].bool(), target, torch.randn_like(target) * 100)
+    loss, metrics = model.forward_loss(features, perfect_where_masked, perfect_where_masked, mask)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6) and set(metrics) == {"mse"}
+
+
+def test_mae_every_parameter_gets_a_gradient():
+    model = MAEAST(EncoderConfig.named("nano"))
+    loss, metrics, _ = model(torch.randn(2, 64, 128))
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing and set(metrics) == {"mse", "nce", "nce_acc"}
+
+
+def test_ssast_runs_the_full_encoder_twice_per_step():
+    config = EncoderConfig.named("nano")
+    model = SSAST(config)
+    calls = []
+    model.encoder.blocks[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    loss, metrics, mask = model(torch.randn(2, 64, 128))
+    assert calls == [config.num_tokens(64)] * 2  # all tokens, two passes
+    assert (mask.sum(dim=1) == num_masked(config.num_tokens(64), 0.75)).all()
+    loss.backward()
+    assert model.mask_embed.grad.abs().sum() > 0 and set(metrics) == {"mse", "nce", "nce_acc"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Short runs
+
+
+def synthetic_corpus(folder, n=24):
+    """Tones, chirps and noise bursts: structure a masked model can learn to fill in."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            t = np.arange(16000) / 16000
+            x = 0.3 * np.sin(2 * np.pi * rng.uniform(200, 3000) * t)
+        elif kind == 1:
+            x = sine_sweep(1.0) * 0.5
+        else:
+            x = white_noise(1.0, seed=i) * np.repeat(rng.uniform(0, 1, 10) > 0.5, 1600)
+        sf.write(folder / f"clip{i}.wav", x.astype(np.float32), 16000)
+    return folder
+
+
+def run(tmp_path, data, steps, **overrides):
+    settings = dict(size="nano", frames=64, batch_size=8, lr=1e-3, warmup_steps=5, checkpoint_every=10, num_workers=0, seed=0)
+    config = PretrainConfig(data=[str(d) for d in data], out=str(tmp_path / "run"), steps=steps, **{**settings, **overrides})
+    return config, pretrain(config, device="cpu")
+
+
+def loss_fell(rows, window=5):
+    first = np.mean([r["loss"] for r in rows[:window]])
+    last = np.mean([r["loss"] for r in rows[-window:]])
+    return last < 0.8 * first
+
+
+@pytest.mark.parametrize("method", ["mae-ast", "ssast"])
+def test_short_pretraining_on_synthetic_audio_lowers_the_loss(tmp_path, method):
+    torch.manual_seed(0)
+    corpus = synthetic_corpus(tmp_path / "corpus")
+    (corpus / "broken.wav").write_text("not audio")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config, rows = run(tmp_path, [corpus], steps=40, method=method)
+    assert len(rows) == 40 and loss_fell(rows)
+    assert any("broken.wav" in str(w.message) for w in caught)  # skipped with a warning, not a crash
+    out = tmp_path / "run"
+    assert {p.name for p in out.iterdir()} >= {"last.pt", "encoder.safetensors", "loss.csv", "loss.png"}
+    encoder = load_model(out / "encoder.safetensors")
+    assert encoder.config["provenance"]["step"] == 40
+    assert encoder(torch.randn(1, 64, 128))["embedding"].shape == (1, 64)
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    corpus = synthetic_corpus(tmp_path / "corpus", n=12)
+    config, rows = run(tmp_path, [corpus], steps=10)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["step"] == 10
+    config.steps = 20
+    rows = pretrain(config, resume=True, device="cpu")
+    assert [r["step"] for r in rows] == list(range(1, 21))
+
+
+@pytest.mark.slow
+def test_short_pretraining_on_real_clips_lowers_the_loss(tmp_path):
+    data_path("speech_commands/manifest.csv")
+    torch.manual_seed(0)
+    _, rows = run(tmp_path, [DATA / "speech_commands" / "yes", DATA / "esc50" / "audio"], steps=60, frames=96)
+    assert loss_fell(rows)
