@@ -262,10 +262,9 @@ class AudioTransformer(nn.Module):
     def probabilities(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Sigmoid for tag heads, softmax for keyword heads."""
         logits = self.forward(features)
-        return {
-            name: (x.sigmoid() if self.head_configs[name].kind == "tags" else x.softmax(dim=-1)) if name in self.head_configs else x
-            for name, x in logits.items()
-        }
+        if not self.heads:
+            return logits
+        return {name: x.sigmoid() if self.head_configs[name].kind == "tags" else x.softmax(dim=-1) for name, x in logits.items()}
 
 
 def num_parameters(module: nn.Module) -> int:

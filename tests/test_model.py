@@ -140,3 +140,13 @@ def test_bad_checkpoints_raise_checkpoint_error(tmp_path):
     save_file(load_file(path), tmp_path / "bad.safetensors", metadata={"edgetag": __import__("json").dumps(config)})
     with pytest.raises(checkpoint.CheckpointError, match="do not fit"):
         load_model(tmp_path / "bad.safetensors")
+
+
+def test_runtime_never_imports_training_or_deploy_code():
+    import ast
+    from pathlib import Path
+
+    for path in (Path(__file__).resolve().parents[1] / "edgetag").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] in ("train", "deploy") for n in names), f"{path.name} imports {names}"

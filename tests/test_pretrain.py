@@ -188,3 +188,12 @@ def test_short_pretraining_on_real_clips_lowers_the_loss(tmp_path):
     torch.manual_seed(0)
     _, rows = run(tmp_path, [DATA / "speech_commands" / "yes", DATA / "esc50" / "audio"], steps=60, frames=96)
     assert loss_fell(rows)
+
+
+def test_pretraining_benchmark_measures_both_methods():
+    from train.bench_pretrain import measure
+
+    results = {m: measure(m, size="nano", tokens="patch", frames=64, batch_size=2, steps=1, device="cpu") for m in ("mae-ast", "ssast")}
+    for r in results.values():
+        assert r["step_s"] > 0 and r["peak_bytes"] >= 0 and r["tokens"] == 32
+    assert results["mae-ast"]["params"] != results["ssast"]["params"]  # decoder vs two MLP heads

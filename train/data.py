@@ -30,7 +30,7 @@ def read_manifest(path: Path) -> list[dict]:
     if rows and "path" not in rows[0]:
         raise ValueError(f"{path}: manifest has no 'path' column")
     for row in rows:
-        row["path"] = str((path.parent / row["path"]).resolve()) if not Path(row["path"]).is_absolute() else row["path"]
+        row["path"] = str(path.parent / row["path"])  # an absolute path stays as it is
     return rows
 
 
