@@ -226,7 +226,8 @@ def main(
         checkpoint_every=checkpoint_every, num_workers=num_workers, seed=seed, compile=compile,
     )
     rows = pretrain(config, resume=resume)
-    print(f"{out}: {len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{out}: {len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
 
 
 if __name__ == "__main__":
