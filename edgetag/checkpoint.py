@@ -18,7 +18,6 @@ from edgetag.model import AudioTransformer, EncoderConfig, HeadConfig
 
 FORMAT = "edgetag/1"
 METADATA_KEY = "edgetag"
-SUFFIX = ".safetensors"
 
 
 class CheckpointError(Exception):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -114,13 +115,18 @@ def unpatchify(patches: torch.Tensor, config: EncoderConfig) -> torch.Tensor:
     return x.reshape(B, N // f * pt, f * pf)
 
 
+@lru_cache(maxsize=16)
 def sincos_positions(n: int, width: int) -> torch.Tensor:
-    """MAE-AST's 1-D sinusoids: sin on even channels, cos on odd, base 10000. [n, width]"""
-    position = torch.arange(n, dtype=torch.float32)[:, None]
-    div = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(10000.0) / width))
-    pe = torch.zeros(n, width)
-    pe[:, 0::2] = torch.sin(position * div)
-    pe[:, 1::2] = torch.cos(position * div)
+    """MAE-AST's 1-D sinusoids: sin on even channels, cos on odd, base 10000. [n, width]
+
+    Cached: every forward pass (every streaming hop) asks for the same table; callers only read it.
+    """
+    with torch.inference_mode(False):  # a table first made under inference_mode must serve training too
+        position = torch.arange(n, dtype=torch.float32)[:, None]
+        div = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(10000.0) / width))
+        pe = torch.zeros(n, width)
+        pe[:, 0::2] = torch.sin(position * div)
+        pe[:, 1::2] = torch.cos(position * div)
     return pe
 
 

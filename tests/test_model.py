@@ -150,3 +150,12 @@ def test_runtime_never_imports_training_or_deploy_code():
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.split(".")[0] in ("train", "deploy") for n in names), f"{path.name} imports {names}"
+
+
+def test_cached_positions_serve_inference_then_training():
+    model = AudioTransformer(EncoderConfig.named("nano"))
+    x = torch.randn(1, 48, 128)
+    with torch.inference_mode():
+        model(x)
+    model(x)["embedding"].sum().backward()  # the table made under inference_mode works with autograd
+    assert model.encoder.patch_embed.weight.grad is not None

@@ -168,8 +168,9 @@ def pretrain(c: PretrainConfig, resume: bool = False, device: str | None = None)
                     if len(batch) == 0:
                         continue
                     start = time.perf_counter()
+                    lr = lr_at(step, c)
                     for group in optimizer.param_groups:
-                        group["lr"] = lr_at(step, c)
+                        group["lr"] = lr
                     with autocast:
                         loss, metrics, _ = forward(batch.to(device, non_blocking=True))
                     optimizer.zero_grad(set_to_none=True)
@@ -177,7 +178,7 @@ def pretrain(c: PretrainConfig, resume: bool = False, device: str | None = None)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
                     optimizer.step()
                     step += 1
-                    row = {"step": step, "loss": loss.item(), **{k: float(v) for k, v in metrics.items()}, "lr": lr_at(step - 1, c)}
+                    row = {"step": step, "loss": loss.item(), **{k: float(v) for k, v in metrics.items()}, "lr": lr}
                     rows.append(row)
                     clips_per_s = len(batch) / (time.perf_counter() - start)
                     progress.update(task, completed=step, stats=f"loss {row['loss']:.3f}  {clips_per_s:.0f} clips/s  skipped {skipped}")
