@@ -295,6 +295,26 @@ def normalize(features: torch.Tensor, config: FbankConfig) -> torch.Tensor:
     return (features - config.norm_mean) / (config.norm_scale * config.norm_std)
 
 
+def window_frames(seconds: float, config: FbankConfig) -> int:
+    """Frames in a window of this many seconds of audio."""
+    return config.num_frames(round(seconds * config.sample_rate))
+
+
+def hop_frames(seconds: float, config: FbankConfig) -> int:
+    """Frames in a hop of this many seconds (at least one)."""
+    return max(1, round(seconds * 1000 / config.frame_shift_ms))
+
+
+def windows(features: torch.Tensor, frames: int, hop: int) -> torch.Tensor:
+    """[T, F] -> [n, frames, F]: windows starting every `hop` frames until one reaches the end.
+    A short tail is padded with the fbank of silence (the log floor), never with the mean,
+    which would read as sound once normalised."""
+    T = features.shape[0]
+    n = 1 + max(0, -(-(T - frames) // hop))  # ceil division
+    padded = torch.nn.functional.pad(features, (0, 0, 0, (n - 1) * hop + frames - T), value=math.log(LOG_FLOOR))
+    return padded.unfold(0, frames, hop).transpose(1, 2)  # [n, F, frames] -> [n, frames, F]
+
+
 class StreamingFbank:
     """Features of audio that arrives in pieces, equal to `fbank()` on the whole signal.
 

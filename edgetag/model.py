@@ -1,9 +1,10 @@
 """The Audio Spectrogram Transformer encoder that runs on the device, and its heads.
 
-Features [B, T, n_mels] are cut into tokens (16x16 patches or 128x2 frames), ordered time-major
-as MAE-AST does (all frequency patches of one time step, then the next), so a longer input only
-appends tokens. Positions are 1-D sinusoids over the token index (MAE-AST; any length) or a
-learned table cropped to the input (SSAST). Heads read the mean of the token outputs.
+Features [B, T, n_mels] are cut into tokens (16x16 patches or 128x2 frames, overlapping for
+imported AST teachers), ordered time-major as MAE-AST does (all frequency patches of one time
+step, then the next), so a longer input only appends tokens. Positions are 1-D sinusoids over
+the token index (MAE-AST; any length) or a learned table cropped to the input (SSAST, AST).
+Heads read the mean of the token outputs, or of the cls tokens of an imported AST.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 TOKENS = ("patch", "frame")
 POSITIONS = ("sincos", "learned")
+POOLS = ("mean", "cls")
 
 # Named sizes: SSAST's tiny/small/base, plus smaller students for the edge.
 SIZES = {
@@ -41,15 +43,24 @@ class EncoderConfig:
     max_tokens: int = 4096  # rows of a learned position table
     norm_first: bool = True  # pre-LN; False is the post-LN stack of MAE-AST's released weights
     norm_eps: float = 1e-6
+    # What imported AST/SSAST teachers need: overlapping patches (stride < patch size, e.g. 10) and
+    # cls/distillation tokens. Their frequency-major token order becomes time-major on import
+    # (position rows permuted alike), which leaves every output unchanged.
+    stride_freq: int = 0  # 0: the patch height (no overlap)
+    stride_time: int = 0  # 0: the patch width
+    cls_tokens: int = 0
+    pool: str = "mean"  # "mean" of the patch tokens, or of the "cls" tokens
+    adapter_dim: int = 0  # bottleneck adapters beside each MLP (0: none)
 
     def __post_init__(self):
-        if self.tokens not in TOKENS:
-            raise ValueError(f"tokens must be one of {', '.join(TOKENS)}, not {self.tokens!r}")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
+        for name, value, allowed in (("tokens", self.tokens, TOKENS), ("positions", self.positions, POSITIONS), ("pool", self.pool, POOLS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+        if self.pool == "cls" and not self.cls_tokens:
+            raise ValueError("pool='cls' needs cls_tokens > 0")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
-        if self.n_mels % self.patch_freq:
+        if not self.overlapping and self.n_mels % self.patch_freq:
             raise ValueError(f"n_mels {self.n_mels} is not a multiple of the patch height {self.patch_freq}")
 
     @property
@@ -65,11 +76,27 @@ class EncoderConfig:
         return self.patch_freq * self.patch_time
 
     @property
+    def step_freq(self) -> int:
+        return self.stride_freq or self.patch_freq
+
+    @property
+    def step_time(self) -> int:
+        return self.stride_time or self.patch_time
+
+    @property
+    def overlapping(self) -> bool:
+        return (self.step_freq, self.step_time) != (self.patch_freq, self.patch_time)
+
+    @property
     def freq_patches(self) -> int:
-        return self.n_mels // self.patch_freq
+        return (self.n_mels - self.patch_freq) // self.step_freq + 1
+
+    def time_patches(self, frames: int) -> int:
+        return max(0, (frames - self.patch_time) // self.step_time + 1)
 
     def num_tokens(self, frames: int) -> int:
-        return frames // self.patch_time * self.freq_patches
+        """Patch tokens for `frames` input frames (cls tokens not counted)."""
+        return self.time_patches(frames) * self.freq_patches
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,18 +124,23 @@ def _known(cls, d: dict) -> dict:
 
 
 def patchify(features: torch.Tensor, config: EncoderConfig) -> torch.Tensor:
-    """[B, T, F] -> [B, N, patch_time * patch_freq], time-major; trailing frames that fill no
-    whole patch are dropped (as MAE-AST's Unfold does)."""
+    """[B, T, F] -> [B, N, patch_time * patch_freq], time-major: all frequency patches of one
+    time step, then the next, so a longer input only appends tokens; values inside a patch are
+    time-major too. Trailing frames that fill no whole patch are dropped (as MAE-AST's Unfold
+    does)."""
     B, T, Fr = features.shape
     pt, pf = config.patch_time, config.patch_freq
-    t, f = T // pt, Fr // pf
-    x = features[:, : t * pt].reshape(B, t, pt, f, pf)  # [B, t, pt, f, pf]
-    x = x.permute(0, 1, 3, 2, 4)  # [B, t, f, pt, pf]: patches time-major, values time-major inside
+    t, f = config.time_patches(T), config.freq_patches
+    if config.overlapping:
+        x = features.unfold(1, pt, config.step_time).unfold(2, pf, config.step_freq)  # [B, t, f, pt, pf]
+    else:  # plain reshapes: cheaper, and every exporter handles them
+        x = features[:, : t * pt].reshape(B, t, pt, f, pf).permute(0, 1, 3, 2, 4)  # [B, t, f, pt, pf]
     return x.reshape(B, t * f, pt * pf)
 
 
 def unpatchify(patches: torch.Tensor, config: EncoderConfig) -> torch.Tensor:
-    """[B, N, patch_dim] -> [B, T, F], the inverse of `patchify` on whole patches."""
+    """[B, N, patch_dim] -> [B, T, F], the inverse of `patchify` for time-major, non-overlapping
+    patches (the layout MAE pretraining reconstructs)."""
     B, N, _ = patches.shape
     pt, pf, f = config.patch_time, config.patch_freq, config.freq_patches
     x = patches.reshape(B, N // f, f, pt, pf).permute(0, 1, 3, 2, 4)  # [B, t, pt, f, pf]
@@ -159,21 +191,40 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+class Adapter(nn.Module):
+    """A bottleneck beside the MLP (AAT): trained while the encoder stays frozen. The up
+    projection starts at zero, so an untrained adapter leaves the encoder unchanged."""
+
+    def __init__(self, width: int, bottleneck: int):
+        super().__init__()
+        self.down = nn.Linear(width, bottleneck)
+        self.up = nn.Linear(bottleneck, width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(F.gelu(self.down(x)))
+
+
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, norm_first: bool = True, norm_eps: float = 1e-6):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, norm_first: bool = True, norm_eps: float = 1e-6, adapter_dim: int = 0):
         super().__init__()
         self.norm_first = norm_first
         self.norm1 = nn.LayerNorm(width, eps=norm_eps)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width, eps=norm_eps)
         self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.adapter = Adapter(width, adapter_dim) if adapter_dim else None
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x) if self.adapter is None else self.mlp(x) + self.adapter(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_first:
             x = x + self.attn(self.norm1(x))
-            return x + self.mlp(self.norm2(x))
+            return x + self.feed_forward(self.norm2(x))
         x = self.norm1(x + self.attn(x))
-        return self.norm2(x + self.mlp(x))
+        return self.norm2(x + self.feed_forward(x))
 
 
 class Encoder(nn.Module):
@@ -183,24 +234,29 @@ class Encoder(nn.Module):
         super().__init__()
         self.config = c = config
         self.patch_embed = nn.Linear(c.patch_dim, c.width)
+        if c.cls_tokens:
+            self.cls_token = nn.Parameter(torch.randn(1, c.cls_tokens, c.width) * 0.02)
         if c.positions == "learned":
             self.pos_embed = nn.Parameter(torch.randn(1, c.max_tokens, c.width) * 0.02)
         # A post-LN stack normalises its input (fairseq); a pre-LN stack its output.
         self.norm_pre = nn.Identity() if c.norm_first else nn.LayerNorm(c.width, eps=c.norm_eps)
-        self.blocks = nn.ModuleList(Block(c.width, c.heads, c.mlp_ratio, c.norm_first, c.norm_eps) for _ in range(c.depth))
+        self.blocks = nn.ModuleList(Block(c.width, c.heads, c.mlp_ratio, c.norm_first, c.norm_eps, c.adapter_dim) for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.width, eps=c.norm_eps) if c.norm_first else nn.Identity()
 
     def positions(self, n: int) -> torch.Tensor:
-        """[1, n, width] position embeddings for the first n tokens."""
-        if self.config.positions == "learned":
-            if n > self.config.max_tokens:
-                raise ValueError(f"{n} tokens exceed the learned position table ({self.config.max_tokens})")
+        """[1, n, width] position embeddings for the first n tokens (cls tokens included)."""
+        c = self.config
+        if c.positions == "learned":
+            if n > c.max_tokens:  # tokens are time-major: a shorter input uses the first rows
+                raise ValueError(f"{n} tokens do not fit the learned position table ({c.max_tokens})")
             return self.pos_embed[:, :n]
-        return sincos_positions(n, self.config.width).to(self.patch_embed.weight)[None]
+        return sincos_positions(n, c.width).to(self.patch_embed.weight)[None]
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
-        """Tokens with positions: [B, T, n_mels] -> [B, N, width]."""
+        """Tokens with positions: [B, T, n_mels] -> [B, cls_tokens + N, width]."""
         x = self.patch_embed(patchify(features, self.config))
+        if self.config.cls_tokens:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + self.positions(x.shape[1])
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,9 +291,9 @@ class HeadConfig:
 class Head(nn.Module):
     """SSAST's mlp_head: LayerNorm, then a linear layer, on the mean-pooled tokens."""
 
-    def __init__(self, width: int, classes: int):
+    def __init__(self, width: int, classes: int, eps: float = 1e-6):
         super().__init__()
-        self.norm = nn.LayerNorm(width)
+        self.norm = nn.LayerNorm(width, eps=eps)
         self.fc = nn.Linear(width, classes)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -254,10 +310,13 @@ class AudioTransformer(nn.Module):
         super().__init__()
         self.encoder = Encoder(encoder)
         self.head_configs = dict(heads or {})
-        self.heads = nn.ModuleDict({name: Head(encoder.width, len(h.labels)) for name, h in self.head_configs.items()})
+        self.heads = nn.ModuleDict({name: Head(encoder.width, len(h.labels), encoder.norm_eps) for name, h in self.head_configs.items()})
 
     def embedding(self, features: torch.Tensor) -> torch.Tensor:
-        return self.encoder(features).mean(dim=1)  # [B, width]
+        """Pooled token outputs [B, width]."""
+        c = self.encoder.config
+        x = self.encoder(features)
+        return x[:, : c.cls_tokens].mean(dim=1) if c.pool == "cls" else x[:, c.cls_tokens :].mean(dim=1)
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled = self.embedding(features)

@@ -50,7 +50,7 @@ def test_learned_positions_are_cropped_and_bounded():
     config = EncoderConfig.named("nano", positions="learned", max_tokens=64)
     encoder = AudioTransformer(config).encoder
     assert encoder(torch.randn(1, 128, 128)).shape[1] == 64
-    with pytest.raises(ValueError, match="exceed the learned position table"):
+    with pytest.raises(ValueError, match="do not fit the learned position table"):
         encoder(torch.randn(1, 144, 128))
 
 
@@ -159,3 +159,34 @@ def test_cached_positions_serve_inference_then_training():
         model(x)
     model(x)["embedding"].sum().backward()  # the table made under inference_mode works with autograd
     assert model.encoder.patch_embed.weight.grad is not None
+
+
+def test_untrained_adapters_leave_the_encoder_unchanged():
+    torch.manual_seed(0)
+    plain = AudioTransformer(EncoderConfig.named("nano"))
+    adapted = AudioTransformer(EncoderConfig.named("nano", adapter_dim=8))
+    missing, unexpected = adapted.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(".adapter." in k for k in missing)
+    x = torch.randn(2, 64, 128)
+    torch.testing.assert_close(adapted(x)["embedding"], plain(x)["embedding"])
+
+
+def test_cls_pooling_reads_the_cls_tokens_only():
+    torch.manual_seed(0)
+    model = AudioTransformer(EncoderConfig.named("nano", cls_tokens=2, pool="cls")).eval()
+    x = torch.randn(1, 64, 128)
+    tokens = model.encoder(x)
+    assert tokens.shape[1] == 2 + model.encoder.config.num_tokens(64)
+    torch.testing.assert_close(model(x)["embedding"], tokens[:, :2].mean(1))
+    with pytest.raises(ValueError, match="cls_tokens"):
+        EncoderConfig(pool="cls")
+
+
+def test_overlapping_patches_count_and_values():
+    config = EncoderConfig(stride_freq=10, stride_time=10)
+    assert (config.freq_patches, config.time_patches(1024)) == (12, 101)  # AST's 1212 patches
+    x = torch.randn(1, 40, 128)
+    patches = patchify(x, config)  # time-major: the second token is the next frequency patch
+    assert patches.shape == (1, config.num_tokens(40), 256)
+    torch.testing.assert_close(patches[0, 1].reshape(16, 16), x[0, :16, 10:26])
+    torch.testing.assert_close(patches[0, 12].reshape(16, 16), x[0, 10:26, :16])

@@ -1,13 +1,18 @@
 """Audio sources for training: manifests, folder trees and the layouts of ../shared/data.
 
-Pretraining needs only paths; labelled readers come with fine-tuning.
+Pretraining needs only paths (`find_audio`, `CropDataset`). Fine-tuning reads labelled
+`Example`s (`read_examples` on a source spec), splits them by speaker or source recording, and
+computes each clip's fbank once (`load_features`): augmentation then works on log-mel features,
+which keeps a CPU epoch cheap.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +20,7 @@ import torch
 
 from edgetag import audio
 from edgetag.features import FbankConfig, fbank, normalize
+from train.labels import SILENCE, audioset_display_names, keyword_label, tag_name
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif"}
 
@@ -82,3 +88,203 @@ def collate(items) -> tuple[torch.Tensor, int]:
     good = [x for x in items if x is not None]
     batch = torch.stack(good) if good else torch.zeros(0)
     return batch, len(items) - len(good)
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelled examples
+
+
+@dataclass(frozen=True)
+class Example:
+    path: str
+    labels: tuple[str, ...]
+    start: float | None = None  # seconds into the file
+    end: float | None = None
+    group: str = ""  # speaker or source recording: a split never separates a group
+    split: str = ""  # the dataset's own split (train / validation / test), when it has one
+
+
+def _labels(row: dict) -> tuple[str, ...]:
+    if row.get("labels"):
+        return tuple(x.strip() for x in row["labels"].split(";") if x.strip())
+    if row.get("label"):
+        return (row["label"].strip(),)
+    raise ValueError(f"{row['path']}: manifest row has neither 'label' nor 'labels'")
+
+
+def _seconds(value) -> float | None:
+    return None if value in (None, "") else float(value)
+
+
+def read_labelled_manifest(path: Path) -> list[Example]:
+    """CSV/JSONL with `path`, `label` or `labels` (';'-separated), optional `start`/`end`
+    seconds, and a `speaker`/`group`/`src_file` column used to keep splits disjoint."""
+    return [
+        Example(row["path"], _labels(row), _seconds(row.get("start")), _seconds(row.get("end")),
+                group=str(row.get("group") or row.get("speaker") or row.get("src_file") or Path(row["path"]).stem),
+                split=row.get("split") or "")
+        for row in read_manifest(path)
+    ]
+
+
+def read_folders(root: Path) -> list[Example]:
+    """A folder per class: root/<label>/**/<clip>."""
+    root = Path(root)
+    return [Example(str(p), (p.relative_to(root).parts[0],), group=p.stem) for p in find_audio([root]) if p.parent != root]
+
+
+def read_esc50(root: Path, folds: str = "") -> list[Example]:
+    """ESC-50: root/meta/esc50.csv and root/audio/, optionally only some folds ("4", "1;2").
+    A group is a source recording (`src_file`, else the clip); the folds keep sources together,
+    so train on some folds and validate on another."""
+    root = Path(root)
+    with open(root / "meta" / "esc50.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if folds:
+        rows = [r for r in rows if r["fold"] in folds.split(";")]
+    return [Example(str(root / "audio" / r["filename"]), (r["category"],), group=r.get("src_file") or r["filename"], split=f"fold{r['fold']}") for r in rows]
+
+
+def read_speech_commands(root: Path) -> list[Example]:
+    """Speech Commands as the 12-class task. The original layout (a folder per word, files
+    <speaker>_nohash_<n>.wav, validation_list.txt/testing_list.txt) or a manifest.csv with
+    path,label,speaker (../shared/data). Without the lists, splits hash the speaker."""
+    root = Path(root)
+    if (root / "manifest.csv").is_file():
+        return [Example(e.path, (keyword_label(e.labels[0]),), group=e.group, split=e.split) for e in read_labelled_manifest(root / "manifest.csv")]
+    lists = {}
+    for name, split in (("validation_list.txt", "validation"), ("testing_list.txt", "test")):
+        if (root / name).is_file():
+            lists.update({line.strip(): split for line in (root / name).read_text().splitlines() if line.strip()})
+    examples = []
+    for p in find_audio([root]):
+        word = p.relative_to(root).parts[0]
+        if p.parent == root or word == "_background_noise_":
+            continue
+        relative = p.relative_to(root).as_posix()
+        split = lists.get(relative, "train") if lists else ""
+        examples.append(Example(str(p), (keyword_label(word),), group=p.stem.split("_nohash_")[0], split=split))
+    return examples
+
+
+def read_audioset(segments: Path, audio_dir: Path | None = None, labels_csv: Path | None = None) -> list[Example]:
+    """AudioSet segment CSV (`YTID, start_seconds, end_seconds, positive_labels`, '#' comments)
+    with the clips in a local folder (default: audio/ beside the CSV), named by YTID (optionally
+    prefixed 'Y' or suffixed with the start time). Labels become display names via
+    class_labels_indices.csv (default: beside the CSV). Segments without a local file are
+    counted and reported once."""
+    segments = Path(segments)
+    audio_dir = Path(audio_dir or segments.parent / "audio")
+    names = audioset_display_names(labels_csv or segments.parent / "class_labels_indices.csv")
+    by_id: dict[str, Path] = {}
+    for p in find_audio([audio_dir]):
+        by_id.setdefault(p.stem.removeprefix("Y").split("_")[0] if len(p.stem) > 11 else p.stem, p)
+    examples, missing = [], 0
+    with open(segments, newline="") as f:
+        for row in csv.reader(line for line in f if not line.startswith("#")):
+            if len(row) < 4:
+                continue
+            ytid, start, end = row[0].strip(), float(row[1]), float(row[2])
+            mids = ",".join(row[3:]).strip().strip('"').split(",")
+            path = by_id.get(ytid) or by_id.get(ytid[:11])
+            if path is None:
+                missing += 1
+                continue
+            # a file holding only the segment starts at 0; a whole video keeps the CSV's times
+            whole = audio.info(path).duration > end - start + 1
+            examples.append(Example(str(path), tuple(names.get(m.strip(), m.strip()) for m in mids if m.strip()),
+                                    start if whole else None, end if whole else None, group=ytid))
+    if missing:
+        warnings.warn(f"{segments}: {missing} segment(s) have no audio file in {audio_dir}", stacklevel=2)
+    return examples
+
+
+def read_fsdd(root: Path) -> list[Example]:
+    """Free Spoken Digit Dataset: manifest.csv, or recordings/<digit>_<speaker>_<take>.wav."""
+    root = Path(root)
+    if (root / "manifest.csv").is_file():
+        return read_labelled_manifest(root / "manifest.csv")
+    return [Example(str(p), (p.stem.split("_")[0],), group=p.stem.split("_")[1]) for p in find_audio([root])]
+
+
+READERS = {
+    "manifest": read_labelled_manifest,
+    "folders": read_folders,
+    "esc50": read_esc50,
+    "speech_commands": read_speech_commands,
+    "audioset": read_audioset,
+    "fsdd": read_fsdd,
+}
+
+
+def detect_reader(path: Path) -> str:
+    path = Path(path)
+    if path.is_file():
+        head = path.read_text(errors="replace")[:2000]
+        return "audioset" if "positive_labels" in head or head.startswith("#") else "manifest"
+    if (path / "meta" / "esc50.csv").is_file():
+        return "esc50"
+    if (path / "validation_list.txt").is_file() or (path / "yes").is_dir():
+        return "speech_commands"
+    if (path / "manifest.csv").is_file():
+        return "manifest"
+    return "folders"
+
+
+def read_examples(spec: str, kind: str = "tags") -> list[Example]:
+    """Examples from a source spec, `[READER:]PATH[,key=value...]`: READER one of READERS
+    (detected from the path when left out), options passed to it (audioset: audio=, labels_csv=).
+    For a tag head, class names become AudioSet display names where they map (`tag_name`)."""
+    reader, _, rest = spec.partition(":") if spec.split(":", 1)[0] in READERS else ("", "", spec)
+    path, *options = rest.split(",")
+    kwargs = dict(option.split("=", 1) for option in options)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    reader = reader or detect_reader(path)
+    if path.is_dir() and reader == "manifest":
+        path = path / "manifest.csv"
+    examples = READERS[reader](path, **kwargs)
+    if kind == "tags":
+        examples = [Example(e.path, tuple(map(tag_name, e.labels)), e.start, e.end, e.group, e.split) for e in examples]
+    return examples
+
+
+def in_validation(group: str, percent: float) -> bool:
+    """Stable across runs and machines: the group's SHA-1 decides (as Speech Commands does)."""
+    return int(hashlib.sha1(group.encode()).hexdigest(), 16) % 10000 < percent * 100
+
+
+def split_examples(examples: list[Example], percent: float = 10.0) -> tuple[list[Example], list[Example]]:
+    """(train, validation): the dataset's own split when it has one, else by hashing the group."""
+    if any(e.split in ("train", "validation") for e in examples):
+        return [e for e in examples if e.split == "train"], [e for e in examples if e.split == "validation"]
+    val = [in_validation(e.group, percent) for e in examples]
+    return [e for e, v in zip(examples, val) if not v], [e for e, v in zip(examples, val) if v]
+
+
+def labels_of(examples: list[Example]) -> list[str]:
+    """Sorted class names; Speech Commands' _unknown_ and _silence_ come last."""
+    labels = {label for e in examples for label in e.labels}
+    return sorted(labels, key=lambda x: (x.startswith("_"), x == SILENCE, x))
+
+
+def load_features(examples: list[Example], config: FbankConfig, description: str = "fbank") -> list[torch.Tensor | None]:
+    """Each example's log-mel fbank [T, n_mels] (not normalised), computed once; None, with one
+    warning, for a file that cannot be read."""
+    from rich.progress import track
+
+    out = []
+    for e in track(examples, description=description, transient=True):
+        try:
+            waveform = audio.load(e.path, config.sample_rate)
+        except audio.AudioError as error:
+            warnings.warn(f"skipping {error}", stacklevel=2)
+            out.append(None)
+            continue
+        if e.start is not None or e.end is not None:
+            start = round((e.start or 0.0) * config.sample_rate)
+            end = len(waveform) if e.end is None else round(e.end * config.sample_rate)
+            waveform = waveform[start:end]
+        out.append(fbank(waveform, config) if len(waveform) >= config.frame_length else None)
+    return out
