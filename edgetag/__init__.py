@@ -8,8 +8,9 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 
-def load_model(path, device="cpu"):
-    """Load an edgetag checkpoint (.safetensors); see `edgetag.checkpoint.load_model`."""
+def load_model(path=None, device="cpu"):
+    """Load an edgetag checkpoint (.safetensors), by default the bundled model; see
+    `edgetag.checkpoint.load_model`."""
     from edgetag.checkpoint import load_model as _load_model
 
     return _load_model(path, device)

@@ -110,7 +110,150 @@ def stream(path, rate: int = SAMPLE_RATE, block_seconds: float = BLOCK_SECONDS) 
             raise AudioError(path, "no audio samples")
 
 
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif")
+
+
+def expand(inputs: list[str]) -> tuple[list[str], list[AudioError]]:
+    """Files from files, folders (searched recursively for audio) and glob patterns, in the
+    order given, each once; an input that matches nothing becomes an AudioError instead."""
+    import glob
+
+    files, errors = [], []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(root, name) for root, _, names in os.walk(item) for name in names if name.lower().endswith(AUDIO_SUFFIXES))
+            files.extend(found) if found else errors.append(AudioError(item, "folder holds no audio files"))
+        elif os.path.exists(item) or not glob.has_magic(item):
+            files.append(item)  # a missing file fails when it is read, with its own reason
+        else:
+            found = sorted(glob.glob(item, recursive=True))
+            files.extend(found) if found else errors.append(AudioError(item, "no file matches this pattern"))
+    return list(dict.fromkeys(files)), errors
+
+
 def load(path, rate: int = SAMPLE_RATE) -> np.ndarray:
     """The whole file as float32 mono samples in [-1, 1] at `rate`."""
     blocks = list(stream(path, rate))
     return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Live input
+
+
+class MicrophoneError(Exception):
+    """No usable input: PortAudio missing, no input device, or a device that will not open."""
+
+
+def _sounddevice():
+    try:
+        import sounddevice
+    except ImportError as e:
+        raise MicrophoneError("the microphone needs sounddevice: pip install 'edgetag[mic]'") from e
+    except OSError as e:  # sounddevice imports, but cannot load the PortAudio library
+        raise MicrophoneError("PortAudio library not found: install libportaudio2 (apt-get install libportaudio2)") from e
+    return sounddevice
+
+
+@dataclass(frozen=True)
+class InputDevice:
+    index: int
+    name: str
+    channels: int
+    sample_rate: float
+    default: bool
+
+
+def input_devices() -> list[InputDevice]:
+    sd = _sounddevice()
+    default = sd.default.device[0]
+    return [InputDevice(i, d["name"], d["max_input_channels"], d["default_samplerate"], i == default)
+            for i, d in enumerate(sd.query_devices()) if d["max_input_channels"] > 0]
+
+
+def find_device(spec: str | None) -> InputDevice:
+    """The input device by index or by a case-insensitive name substring; None: the default."""
+    devices = input_devices()
+    if not devices:
+        raise MicrophoneError("no audio input device found")
+    if spec is None:
+        return next((d for d in devices if d.default), devices[0])
+    if spec.isdigit():
+        match = [d for d in devices if d.index == int(spec)]
+    else:
+        match = [d for d in devices if spec.lower() in d.name.lower()]
+    if not match:
+        raise MicrophoneError(f"no input device matches {spec!r} (see `edgetag devices`)")
+    return match[0]
+
+
+class Microphone:
+    """Blocks from an input device at its native rate, resampled to `rate` with soxr.
+
+    The PortAudio callback only copies into a bounded queue, so it never blocks; input
+    overflows (reported by PortAudio) and blocks dropped because the consumer fell behind are
+    counted, never raised.
+    """
+
+    def __init__(self, device: str | None = None, rate: int = SAMPLE_RATE, block_seconds: float = 0.1, queue_seconds: float = 10.0):
+        import queue
+
+        import soxr
+
+        self.sd = _sounddevice()
+        self.device = find_device(device)
+        self.native_rate = int(self.device.sample_rate)
+        self.blocksize = max(1, int(block_seconds * self.native_rate))
+        self.queue = queue.Queue(maxsize=max(1, int(queue_seconds / block_seconds)))
+        self.resampler = None if self.native_rate == rate else soxr.ResampleStream(self.native_rate, rate, 1, dtype="float32")
+        self.overflows = 0
+        self.dropped = 0
+        self.stream = None
+
+    def _callback(self, data, frames, time_info, status) -> None:
+        if status.input_overflow:
+            self.overflows += 1
+        try:
+            self.queue.put_nowait(data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0].copy())
+        except Exception:  # queue.Full: the consumer is behind; drop rather than block PortAudio
+            self.dropped += 1
+
+    def __enter__(self) -> Microphone:
+        try:
+            self.stream = self.sd.InputStream(device=self.device.index, samplerate=self.native_rate, channels=1,
+                                              dtype="float32", blocksize=self.blocksize, callback=self._callback)
+            self.stream.start()
+        except Exception as e:
+            raise MicrophoneError(f"cannot open input device {self.device.name!r} ({e})") from e
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.stream is not None:
+            self.stream.stop()
+            self.stream.close()
+
+    def read(self, timeout: float = 1.0) -> np.ndarray | None:
+        """The next block at `rate` (possibly empty while the resampler fills), or None after
+        `timeout` seconds without input."""
+        import queue
+
+        try:
+            block = self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        return self.resampler.resample_chunk(block) if self.resampler is not None else block
+
+
+def realtime(path, rate: int = SAMPLE_RATE, block_seconds: float = 0.1) -> Iterator[np.ndarray]:
+    """A file's blocks, released no faster than real time (the live path, fed from a file)."""
+    import time
+
+    start, sent = time.perf_counter(), 0
+    for big in stream(path, rate):
+        for i in range(0, len(big), int(block_seconds * rate)):
+            block = big[i : i + int(block_seconds * rate)]
+            sent += len(block)
+            delay = start + sent / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            yield block

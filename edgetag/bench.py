@@ -81,3 +81,73 @@ def print_fbank_benchmark(r: dict) -> None:
     if r["knf_80_s"] is not None:
         print(f"throughput edgetag/kaldi-native-fbank (80 bins): {r['knf_80_s'] / r['edgetag_80_s']:.2f}x")
     print(f"streaming hop vs window recompute: {r['window_recompute_s'] / r['hop_push_s']:.1f}x cheaper")
+
+
+def stream_benchmark(model=None, seconds: float = 30.0, repeats: int = 3, listen_seconds: float = 5.0) -> dict:
+    """The streaming engine on real-time hops (1 thread) and on a file (2 threads), and the
+    peak memory of `edgetag listen --input` on the bundled example."""
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from edgetag import audio
+    from edgetag.runtime import load_backend
+    from edgetag.stream import Engine, PostConfig, process_file
+
+    example = Path(__file__).parent / "assets" / "example.flac"
+    clip = audio.load(example)
+    x = np.tile(clip, int(np.ceil(seconds * 16000 / len(clip))))[: int(seconds * 16000)]
+    backend = load_backend(model)
+    engine = Engine(backend, PostConfig())
+    hop = int(round(engine.hop_seconds * 16000))
+    r: dict = {"model": backend.model_id, "window_s": engine.window_seconds, "hop_s": engine.hop_seconds, "audio_s": seconds}
+
+    torch.set_num_threads(1)
+    stages = {"fbank": [], "encoder": [], "post": [], "total": []}
+    for _ in range(repeats):
+        engine.reset()
+        for i in range(0, len(x) - hop + 1, hop):  # one hop of audio per push, as live audio arrives
+            before = (engine.timings.fbank, engine.timings.encoder, engine.timings.post)
+            engine.push(x[i : i + hop])
+            after = (engine.timings.fbank, engine.timings.encoder, engine.timings.post)
+            if engine.timings.hops and i >= engine.window_frames * 160:  # skip the first window's fill
+                deltas = [b - a for a, b in zip(before, after)]
+                for name, d in zip(("fbank", "encoder", "post"), deltas):
+                    stages[name].append(d)
+                stages["total"].append(sum(deltas))
+    for name, values in stages.items():
+        r[f"{name}_median_s"] = float(np.median(values))
+        r[f"{name}_p95_s"] = float(np.percentile(values, 95))
+    r["hop_share"] = r["total_median_s"] / engine.hop_seconds  # of the audio duration a hop covers
+    r["rtf_1_thread"] = float(np.sum(stages["total"]) / (len(stages["total"]) * engine.hop_seconds))
+
+    torch.set_num_threads(2)
+    path = Path(__import__("tempfile").mkdtemp()) / "bench.wav"
+    import soundfile as sf
+
+    sf.write(path, x, 16000)
+    r["file_s"] = median_seconds(lambda: process_file(engine, path), repeats=repeats, warmup=1)
+    r["file_x_realtime"] = seconds / r["file_s"]
+
+    command = [sys.executable, "-m", "edgetag", "listen", "--input", str(example), "--duration", str(listen_seconds), "--json"]
+    if model is not None:
+        command += ["--model", str(model)]
+    subprocess.run(command, check=True, capture_output=True)
+    r["listen_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return r
+
+
+def print_stream_benchmark(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"streaming engine, {r['model']}: {r['window_s']:.3f} s windows every {r['hop_s']:.2f} s")
+    for column in ("per hop, 1 thread", "median", "p95"):
+        table.add_column(column, justify="left" if column.startswith("per") else "right")
+    for name in ("fbank", "encoder", "post", "total"):
+        table.add_row(name if name != "fbank" else "fbank increment", f"{r[f'{name}_median_s'] * 1000:.2f} ms", f"{r[f'{name}_p95_s'] * 1000:.2f} ms")
+    Console().print(table)
+    print(f"a hop costs {100 * r['hop_share']:.2f}% of its {r['hop_s']:.2f} s of audio (real-time factor {r['rtf_1_thread']:.4f}, 1 thread)")
+    print(f"file: {r['audio_s']:.0f} s of audio in {r['file_s']:.2f} s = {r['file_x_realtime']:.0f}x real time (2 threads)")
+    print(f"listen --input: peak RSS {r['listen_peak_rss_mib']:.0f} MiB")

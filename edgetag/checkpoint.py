@@ -18,6 +18,7 @@ from edgetag.model import AudioTransformer, EncoderConfig, HeadConfig
 
 FORMAT = "edgetag/1"
 METADATA_KEY = "edgetag"
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "model.safetensors"
 
 
 class CheckpointError(Exception):
@@ -55,10 +56,13 @@ def save(path, model: AudioTransformer, fbank: FbankConfig, **extra) -> Path:
     return path
 
 
-def read_config(path) -> dict:
+def read_config(path=None) -> dict:
+    """The config in a checkpoint's header; `None` is the bundled default model."""
     from safetensors import safe_open
 
-    path = Path(path)
+    if path is None and not DEFAULT_MODEL.is_file():
+        raise CheckpointError(DEFAULT_MODEL, "no default model is bundled with this install; pass a checkpoint (--model PATH)")
+    path = Path(path or DEFAULT_MODEL)
     if not path.is_file():
         raise CheckpointError(path, "no such checkpoint file")
     try:
@@ -79,12 +83,13 @@ def build(config: dict) -> AudioTransformer:
     return AudioTransformer(EncoderConfig.from_dict(config["encoder"]), heads)
 
 
-def load_model(path, device: str | torch.device = "cpu") -> AudioTransformer:
-    """The model in eval mode; `model.config` is the checkpoint's config dict and
-    `model.fbank` the FbankConfig its inputs must be computed with."""
+def load_model(path=None, device: str | torch.device = "cpu") -> AudioTransformer:
+    """The model in eval mode (`None`: the bundled default model); `model.config` is the
+    checkpoint's config dict and `model.fbank` the FbankConfig its inputs must be computed with."""
     from safetensors.torch import load_file
 
     config = read_config(path)
+    path = path or DEFAULT_MODEL
     try:
         model = build(config)
         model.load_state_dict(load_file(str(path), device=str(device)), strict=True)

@@ -76,6 +76,177 @@ def fbank(
     print(f"{out}: {feats.shape[0]} frames x {feats.shape[1]} {'ceps' if mfcc else 'bins'}", file=sys.stderr)
 
 
+# ---------------------------------------------------------------------------------------------
+# Tagging and keyword spotting: options shared by `file` and `listen`
+
+
+class BackendName(str, Enum):
+    auto = "auto"
+    torch = "torch"
+
+
+MODEL = typer.Option(None, "--model", "-m", help="An edgetag checkpoint (.safetensors); default: the bundled model.")
+BACKEND = typer.Option(BackendName.auto, help="Inference backend.")
+WINDOW = typer.Option(None, help="Seconds per window (default: the model's).")
+HOP = typer.Option(None, help="Seconds between windows (default: the model's).")
+TAG_ON = typer.Option(0.5, help="A tag starts at this probability...")
+TAG_OFF = typer.Option(0.35, help="...and ends below this one.")
+KEYWORD_ON = typer.Option(0.7, help="A keyword is spotted at this probability.")
+SMOOTHING = typer.Option(0.0, help="Average probabilities over this many seconds of hops.")
+MIN_DURATION = typer.Option(0.0, help="Drop tag events shorter than this (seconds).")
+REFRACTORY = typer.Option(1.0, help="Seconds after a keyword spot before the next.")
+JSON = typer.Option(False, "--json", help="JSON lines, one event per line.")
+
+
+def _engine(model, backend, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory):
+    from edgetag.checkpoint import CheckpointError
+    from edgetag.runtime import load_backend
+    from edgetag.stream import Engine, PostConfig
+
+    try:
+        runtime = load_backend(model, backend.value)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    post = PostConfig(tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, thresholds=runtime.thresholds)
+    return Engine(runtime, post, window, hop)
+
+
+@app.command("file")
+def file_(
+    paths: list[str] = typer.Argument(..., help="Audio files, folders (searched recursively) or glob patterns."),
+    model: Path = MODEL,
+    backend: BackendName = BACKEND,
+    window: float = WINDOW,
+    hop: float = HOP,
+    tag_on: float = TAG_ON,
+    tag_off: float = TAG_OFF,
+    keyword_on: float = KEYWORD_ON,
+    smoothing: float = SMOOTHING,
+    min_duration: float = MIN_DURATION,
+    refractory: float = REFRACTORY,
+    json_out: bool = JSON,
+    csv_out: bool = typer.Option(False, "--csv", help="CSV with a header row."),
+    plot: Path = typer.Option(None, help="PNG: spectrogram and probability timelines with the events (one per file: NAME_<file>.png when several)."),
+    threads: int = typer.Option(2, help="torch threads."),
+) -> None:
+    """Tag sound events and spot keywords in files. Exit 0 when every file was processed, 2 when
+    any failed (the others are still processed)."""
+    import torch
+
+    from edgetag import audio, output
+    from edgetag.stream import events_of, process_file
+
+    torch.set_num_threads(threads)
+    engine = _engine(model, backend, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory)
+    files, errors = audio.expand(paths)
+    for error in errors:
+        print(f"edgetag: error: {error}", file=sys.stderr)
+    sink = output.CsvOut() if csv_out else None
+    model_id = engine.backend.model_id
+    for path in files:
+        try:
+            hops = process_file(engine, path)
+        except audio.AudioError as e:
+            print(f"edgetag: error: {e}", file=sys.stderr)
+            errors.append(e)
+            continue
+        events = events_of(hops)
+        rows = [output.record(e, path, model_id) for e in events]
+        if json_out:
+            for row in rows:
+                output.json_line(row)
+        elif sink:
+            for row in rows:
+                sink.write(row)
+        else:
+            output.print_table(rows, f"{path} ({engine.seconds:.1f} s)")
+        if plot:
+            from edgetag.features import fbank
+
+            waveform = audio.load(path, engine.fbank_config.sample_rate)
+            target = plot if len(files) == 1 else plot.with_name(f"{plot.stem}_{Path(path).stem}{plot.suffix}")
+            output.plot(waveform, fbank(waveform, engine.fbank_config).numpy(), hops, engine.backend.heads, events, target, Path(path).name)
+    if errors:
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+@app.command()
+def listen(
+    model: Path = MODEL,
+    backend: BackendName = BACKEND,
+    device: str = typer.Option(None, help="Input device: index or part of its name (see `edgetag devices`)."),
+    input_file: Path = typer.Option(None, "--input", help="Play this file through the live path in real time instead of a microphone."),
+    duration: float = typer.Option(None, help="Stop after this many seconds of audio."),
+    window: float = WINDOW,
+    hop: float = HOP,
+    tag_on: float = TAG_ON,
+    tag_off: float = TAG_OFF,
+    keyword_on: float = KEYWORD_ON,
+    smoothing: float = SMOOTHING,
+    min_duration: float = MIN_DURATION,
+    refractory: float = REFRACTORY,
+    json_out: bool = JSON,
+    block: float = typer.Option(0.1, help="Seconds of audio per block read from the device."),
+    threads: int = typer.Option(1, help="torch threads."),
+) -> None:
+    """Live tags and keyword spots from a microphone. Ctrl-C stops with a summary."""
+    import contextlib
+
+    import torch
+
+    from edgetag import audio, live, output
+
+    torch.set_num_threads(threads)
+    engine = _engine(model, backend, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory)
+    rate = engine.fbank_config.sample_rate
+    with contextlib.ExitStack() as stack:
+        if input_file is not None:
+            try:
+                audio.info(input_file)
+            except audio.AudioError as e:
+                fail(str(e))
+            blocks, source, counters = audio.realtime(input_file, rate, block), str(input_file), lambda: (0, 0)
+        else:
+            try:
+                mic = stack.enter_context(audio.Microphone(device, rate, block))
+            except audio.MicrophoneError as e:
+                fail(str(e))
+            blocks, source, counters = live.microphone_blocks(mic), f"mic:{mic.device.name}", lambda: (mic.overflows, mic.dropped)
+        model_id = engine.backend.model_id
+        if json_out:
+            session = live.run(engine, blocks, duration, lambda e, extra: output.json_line(output.record(e, source, model_id, **extra)))
+        else:
+            from rich.console import Console
+            from rich.live import Live
+
+            console = Console()
+            view = live.View(engine.backend.heads, source, counters)
+            with Live(view(live.Session()), console=console, refresh_per_second=10, transient=False) as screen:
+                session = live.run(engine, blocks, duration, lambda e, extra: None, lambda s: screen.update(view(s)))
+        overflows, dropped = counters()
+    summary = session.summary(overflows, dropped)
+    if json_out:
+        output.json_line(summary)
+    else:
+        output.print_table([output.record(e, source, model_id) for e in session.events], "events")
+        print(" ".join(f"{k} {v}" for k, v in summary.items() if k != "kind"))
+
+
+@app.command()
+def devices() -> None:
+    """List the audio input devices (for `listen --device`)."""
+    from edgetag import audio
+
+    try:
+        found = audio.input_devices()
+    except audio.MicrophoneError as e:
+        fail(str(e))
+    if not found:
+        fail("no audio input device found")
+    for d in found:
+        print(f"{'*' if d.default else ' '} {d.index:3d}  {d.name}  ({d.channels} ch, {d.sample_rate:.0f} Hz)")
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print their figures.")
 app.add_typer(bench_app, name="bench")
 
@@ -91,6 +262,23 @@ def bench_fbank(
     from edgetag import bench
 
     bench.print_fbank_benchmark(bench.fbank_benchmark(seconds, hop_ms, window_s, threads))
+
+
+@bench_app.command("stream")
+def bench_stream(
+    model: Path = MODEL,
+    seconds: float = typer.Option(30.0, help="Audio per measurement (the bundled example, repeated)."),
+    repeats: int = typer.Option(3),
+    listen_seconds: float = typer.Option(5.0, help="Real-time seconds of `listen --input` for the memory figure."),
+) -> None:
+    """Per-hop latency by stage (median, p95, 1 thread), file throughput (2 threads), listen's peak RSS."""
+    from edgetag import bench
+    from edgetag.checkpoint import CheckpointError
+
+    try:
+        bench.print_stream_benchmark(bench.stream_benchmark(model, seconds, repeats, listen_seconds))
+    except CheckpointError as e:
+        fail(str(e))
 
 
 def main() -> None:

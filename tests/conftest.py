@@ -47,3 +47,19 @@ SIGNALS = {
     "sweep": sine_sweep,
     "silence": lambda seconds, rate=16000: np.zeros(int(seconds * rate), np.float32),
 }
+
+
+def make_dataset(root: Path, clips: int = 16, seconds: float = 0.6, silence: bool = False) -> Path:
+    """Easy classes in a folder per class: a steady tone, white noise, and optionally near-silence."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    t = np.arange(int(seconds * 16000)) / 16000
+    for i in range(clips):
+        kinds = {"tone": 0.3 * np.sin(2 * np.pi * rng.uniform(400, 3000) * t), "noise": 0.1 * rng.standard_normal(len(t))}
+        if silence:
+            kinds["silence"] = 1e-4 * rng.standard_normal(len(t))
+        for label, x in kinds.items():
+            (root / label).mkdir(parents=True, exist_ok=True)
+            sf.write(root / label / f"{i:02d}.wav", x.astype(np.float32), 16000)
+    return root

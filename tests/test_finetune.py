@@ -4,12 +4,10 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
-from conftest import REPO
+from conftest import REPO, make_dataset
 from edgetag import load_model
 from edgetag.checkpoint import save
 from edgetag.features import preset
@@ -19,22 +17,6 @@ from train.distill import Teacher
 from train.evaluate import evaluate
 from train.finetune import FinetuneConfig, finetune, parse_source, random_crops, set_trainable
 from train.data import read_examples
-
-RATE = 16000
-
-
-def make_dataset(root, clips: int = 16, seconds: float = 0.6):
-    """Two easy classes: a steady tone and white noise; a speaker-like group per clip."""
-    rng = np.random.default_rng(0)
-    t = np.arange(int(seconds * RATE)) / RATE
-    for i in range(clips):
-        tone = 0.3 * np.sin(2 * np.pi * rng.uniform(400, 3000) * t)
-        noise = 0.1 * rng.standard_normal(len(t))
-        for label, x in (("tone", tone), ("noise", noise)):
-            (root / label).mkdir(parents=True, exist_ok=True)
-            sf.write(root / label / f"{i:02d}.wav", x.astype(np.float32), RATE)
-    return root
-
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from edgetag import audio
+from edgetag.audio import AUDIO_SUFFIXES
 from edgetag.features import FbankConfig, fbank, normalize
 from train.labels import SILENCE, audioset_display_names, keyword_label, tag_name
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif"}
 
 
 def read_manifest(path: Path) -> list[dict]:

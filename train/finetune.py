@@ -280,7 +280,7 @@ def finetune(c: FinetuneConfig, device: str | None = None, teacher=None) -> dict
             row = {"epoch": epoch, **{f"{h}_loss": v for h, v in losses.items()}, **{f"val_{h}": primary(r) for h, r in results.items()}, "seconds": time.perf_counter() - start}
             rows.append(row)
             progress.console.print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-            if score > best:
+            if score >= best:  # on a tie the later, longer-trained epoch wins
                 best, best_results = score, results
                 checkpoint.save(out / "best.safetensors", model, fbank, stream={"window": c.window, "hop": c.hop},
                                 provenance={"stage": "distill" if teacher else "finetune", "epoch": epoch, "config": asdict(c),

@@ -1,0 +1,91 @@
+"""How events leave edgetag: a rich table for people, JSON lines and CSV for machines, a plot.
+
+One event record, the same for `file` and `listen`: file, kind (tag or keyword), label, start,
+end, score (seconds from the start of the file or stream), model; `listen` adds `time`, the
+wall-clock time (ISO 8601) the event was emitted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edgetag.stream import Event, Hop
+
+FIELDS = ("file", "kind", "label", "start", "end", "score", "model")
+
+
+def record(event: Event, file: str, model: str, **extra) -> dict:
+    return {"file": file, **event.to_dict(), "model": model, **extra}
+
+
+def json_line(row: dict, out=None) -> None:
+    print(json.dumps(row), file=out or sys.stdout, flush=True)
+
+
+class CsvOut:
+    def __init__(self, out=None):
+        self.writer = csv.DictWriter(out or sys.stdout, fieldnames=FIELDS, extrasaction="ignore")
+        self.writer.writeheader()
+
+    def write(self, row: dict) -> None:
+        self.writer.writerow(row)
+
+
+def print_table(rows: list[dict], title: str, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    console.print(f"[bold]{title}[/]", soft_wrap=True)
+    table = Table()
+    for column, justify in (("kind", "left"), ("label", "left"), ("start", "right"), ("end", "right"), ("score", "right")):
+        table.add_column(column, justify=justify)
+    for r in rows:
+        table.add_row(r["kind"], r["label"], f"{r['start']:.2f}", f"{r['end']:.2f}", f"{r['score']:.2f}")
+    if not rows:
+        table.add_row("-", "nothing above threshold", "", "", "")
+    console.print(table)
+
+
+def plot(waveform: np.ndarray, features: np.ndarray, hops: list[Hop], heads: dict, events: list[Event], path: Path, title: str, top: int = 8) -> None:
+    """Spectrogram, then for each head the probability timeline of its most active classes,
+    with the events shaded (tags) or marked (keywords)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hops = [h for h in hops if h.probabilities]
+    names = [n for n in heads if hops]
+    fig, axes = plt.subplots(1 + len(names), 1, figsize=(11, 2.6 * (1 + len(names))), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    duration = len(waveform) / 16000
+    axes[0].imshow(features.T, origin="lower", aspect="auto", extent=(0, duration, 0, features.shape[1]), cmap="magma")
+    axes[0].set_ylabel("mel bin")
+    axes[0].set_title(title)
+    centres = np.array([(h.start + h.end) / 2 for h in hops])
+    for ax, name in zip(axes[1:], names):
+        probs = np.stack([h.probabilities[name] for h in hops])  # [hops, classes]
+        labels = heads[name].labels
+        shown = [c for c in np.argsort(-probs.max(0))[:top] if not labels[c].startswith("_")]
+        for c in shown:
+            line, = ax.plot(centres, probs[:, c], label=labels[c])
+            for e in events:
+                if e.label == labels[c] and e.kind == ("tag" if heads[name].kind == "tags" else "keyword"):
+                    if e.kind == "tag":
+                        ax.axvspan(e.start, e.end, color=line.get_color(), alpha=0.15)
+                    else:
+                        ax.axvline((e.start + e.end) / 2, color=line.get_color(), linestyle="--")
+                        ax.annotate(e.label, ((e.start + e.end) / 2, 1.02), color=line.get_color(), fontsize=8)
+        ax.set_ylim(0, 1.1)
+        ax.set_ylabel(f"{name} p")
+        ax.legend(loc="upper left", fontsize=7, ncol=2)
+    axes[-1].set_xlabel("seconds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

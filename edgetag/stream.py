@@ -1,0 +1,230 @@
+"""The streaming core shared by files and the microphone.
+
+audio chunks of any size -> StreamingFbank -> frames kept until no window needs them -> every
+hop, one encoder pass over the last `window` frames serving every head -> post-processing ->
+events. Windows start every hop at frame 0, hop, 2 hop, ...; at the end of the stream, one last
+window padded with silence covers the tail (exactly `features.windows()` over the whole file).
+Windows that are ready together run as one batch, so a file pushed in 10 s blocks is batched
+and a microphone pushed in 100 ms blocks runs hop by hop, through the same code: results do
+not depend on the block size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from edgetag.features import StreamingFbank, hop_frames, normalize, window_frames, windows
+from edgetag.model import HeadConfig
+
+SPECIAL_KEYWORDS = ("_unknown_", "_silence_")  # keyword classes that are never spotted
+
+
+@dataclass
+class PostConfig:
+    """Post-processing, in seconds and probabilities; converted to hops once (`PostProcessor`)."""
+
+    tag_on: float = 0.5  # a tag starts when its smoothed probability reaches this
+    tag_off: float = 0.35  # and ends when it falls below this (hysteresis)
+    keyword_on: float = 0.7
+    smoothing: float = 0.0  # mean over the hops of this many seconds (causal); 0: none
+    min_duration: float = 0.0  # shorter tag events are dropped
+    refractory: float = 1.0  # after a keyword spot, no other spot for this long
+    thresholds: dict[str, float] = field(default_factory=dict)  # per-class `on` thresholds (calibrated ones from the checkpoint)
+
+
+@dataclass
+class Event:
+    kind: str  # "tag" or "keyword"
+    label: str
+    start: float  # seconds from the start of the stream
+    end: float
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "label": self.label, "start": round(self.start, 3), "end": round(self.end, 3), "score": round(self.score, 4)}
+
+
+@dataclass
+class Hop:
+    """One window's result: where it lies, what the heads said, what events ended in it."""
+
+    index: int
+    start: float
+    end: float
+    probabilities: dict[str, np.ndarray]
+    events: list[Event]
+
+
+class PostProcessor:
+    """Smoothing, per-class thresholds with hysteresis and minimum duration for tags, and a
+    refractory period for keywords. Causal: a hop's events depend on that hop and earlier ones."""
+
+    def __init__(self, heads: dict[str, HeadConfig], post: PostConfig, hop: float, window: float):
+        self.heads, self.post, self.hop, self.window = heads, post, hop, window
+        self.smooth = max(1, round(post.smoothing / hop))
+        self.min_hops = math.ceil(max(0.0, post.min_duration - window) / hop - 1e-9) + 1  # events last (hops - 1) * hop + window
+        self.refractory = math.ceil(post.refractory / hop - 1e-9)
+        self.on = {name: np.array([post.thresholds.get(label, post.tag_on if h.kind == "tags" else post.keyword_on) for label in h.labels]) for name, h in heads.items()}
+        self.off = {name: np.minimum(on, post.tag_off) for name, on in self.on.items()}
+        self.spottable = {name: np.array([label not in SPECIAL_KEYWORDS for label in h.labels]) for name, h in heads.items()}
+        self.reset()
+
+    def reset(self) -> None:
+        self.history = {name: deque(maxlen=self.smooth) for name in self.heads}
+        self.active = {name: {} for name in self.heads}  # class -> (first hop, peak score)
+        self.last_spot = -(10**9)
+
+    def _tag_event(self, label: str, first: int, last: int, peak: float) -> Event | None:
+        if last - first + 1 < self.min_hops:
+            return None
+        return Event("tag", label, first * self.hop, last * self.hop + self.window, peak)
+
+    def update(self, k: int, probabilities: dict[str, np.ndarray]) -> list[Event]:
+        events = []
+        for name, head in self.heads.items():
+            self.history[name].append(probabilities[name])
+            p = np.mean(self.history[name], axis=0)
+            if head.kind == "tags":
+                active = self.active[name]
+                for c in np.flatnonzero(p >= self.on[name]):
+                    active.setdefault(int(c), (k, 0.0))
+                for c in list(active):
+                    first, peak = active[c]
+                    if p[c] >= self.off[name][c]:
+                        active[c] = (first, max(peak, float(p[c])))
+                    elif (event := self._tag_event(head.labels[c], first, k - 1, active.pop(c)[1])) is not None:
+                        events.append(event)
+            else:
+                scores = np.where(self.spottable[name], p, -1.0)
+                c = int(scores.argmax())
+                if scores[c] >= self.on[name][c] and k - self.last_spot >= self.refractory:
+                    self.last_spot = k
+                    events.append(Event("keyword", head.labels[c], k * self.hop, k * self.hop + self.window, float(scores[c])))
+        return events
+
+    def flush(self, last_hop: int, duration: float) -> list[Event]:
+        """Close the tags still on at the end of the stream (their end clipped to the audio)."""
+        events = []
+        for name, head in self.heads.items():
+            for c, (first, peak) in sorted(self.active[name].items()):
+                if (event := self._tag_event(head.labels[c], first, last_hop, peak)) is not None:
+                    event.end = min(event.end, duration)
+                    events.append(event)
+            self.active[name] = {}
+        return events
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage since the last reset, and the hops they served."""
+
+    fbank: float = 0.0
+    encoder: float = 0.0
+    post: float = 0.0
+    hops: int = 0
+    per_hop: list[float] = field(default_factory=list)  # latency of each hop (its share of a batch)
+
+
+class Engine:
+    """The streaming state: push audio (at the model's sample rate), get the hops it completed."""
+
+    def __init__(self, backend, post: PostConfig | None = None, window: float | None = None, hop: float | None = None, batch_size: int = 64):
+        self.backend = backend
+        self.fbank_config = backend.fbank
+        self.window_frames = window_frames(window or backend.window, self.fbank_config)
+        self.hop_frames = hop_frames(hop or backend.hop, self.fbank_config)
+        shift = self.fbank_config.frame_shift_ms / 1000
+        self.hop_seconds = self.hop_frames * shift
+        self.window_seconds = (self.window_frames - 1) * shift + self.fbank_config.frame_length_ms / 1000
+        post = post or PostConfig(thresholds=getattr(backend, "thresholds", {}))
+        self.post = PostProcessor(backend.heads, post, self.hop_seconds, self.window_seconds)
+        self.batch_size = batch_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.fbank = StreamingFbank(self.fbank_config)
+        self.frames = torch.zeros(0, self.fbank_config.n_features)  # frames from index self.offset on
+        self.offset = 0
+        self.next_hop = 0
+        self.post.reset()
+        self.timings = Timings()
+
+    @property
+    def seconds(self) -> float:
+        return self.fbank.num_samples / self.fbank_config.sample_rate
+
+    def _run(self, starts: list[int], batch: torch.Tensor, fbank_seconds: float) -> list[Hop]:
+        t0 = time.perf_counter()
+        probs = {}
+        for i in range(0, len(batch), self.batch_size):
+            for name, p in self.backend(normalize(batch[i : i + self.batch_size], self.fbank_config)).items():
+                probs.setdefault(name, []).append(p)
+        probs = {name: np.concatenate(ps) for name, ps in probs.items()}
+        t1 = time.perf_counter()
+        hops = []
+        for j, k in enumerate(starts):
+            p = {name: x[j] for name, x in probs.items()}
+            hops.append(Hop(k, k * self.hop_seconds, k * self.hop_seconds + self.window_seconds, p, self.post.update(k, p)))
+        t2 = time.perf_counter()
+        t = self.timings
+        t.fbank, t.encoder, t.post, t.hops = t.fbank + fbank_seconds, t.encoder + t1 - t0, t.post + t2 - t1, t.hops + len(starts)
+        t.per_hop.extend([(fbank_seconds + t2 - t0) / len(starts)] * len(starts))
+        return hops
+
+    def push(self, samples) -> list[Hop]:
+        t0 = time.perf_counter()
+        new = self.fbank.push(samples)
+        self.frames = torch.cat([self.frames, new]) if len(new) else self.frames
+        fbank_seconds = time.perf_counter() - t0
+        total = self.offset + len(self.frames)
+        starts = []
+        while self.next_hop * self.hop_frames + self.window_frames <= total:
+            starts.append(self.next_hop)
+            self.next_hop += 1
+        if not starts:
+            self.timings.fbank += fbank_seconds
+            return []
+        batch = torch.stack([self.frames[k * self.hop_frames - self.offset :][: self.window_frames] for k in starts])
+        drop = self.next_hop * self.hop_frames - self.offset  # no later window needs these frames
+        self.frames, self.offset = self.frames[drop:], self.offset + drop
+        return self._run(starts, batch, fbank_seconds)
+
+    def flush(self) -> list[Hop]:
+        """End of stream: the padded window over the tail (when the last one missed it), then
+        the tags still on. The engine is then reset for the next stream."""
+        total = self.offset + len(self.frames)
+        hops = []
+        if total and (self.next_hop == 0 or (self.next_hop - 1) * self.hop_frames + self.window_frames < total):
+            k = self.next_hop
+            tail = self.frames[k * self.hop_frames - self.offset :]
+            hops = self._run([k], windows(tail, self.window_frames, self.window_frames)[:1], 0.0)
+            self.next_hop += 1
+        closing = self.post.flush(self.next_hop - 1, self.seconds)
+        if closing:
+            if hops:
+                hops[-1].events.extend(closing)
+            else:
+                hops = [Hop(self.next_hop - 1, 0.0, 0.0, {}, closing)]
+        return hops
+
+
+def events_of(hops: list[Hop]) -> list[Event]:
+    return [e for hop in hops for e in hop.events]
+
+
+def process_file(engine: Engine, path, block_seconds: float = 10.0) -> list[Hop]:
+    """Stream a file through the engine block by block (memory stays bounded for long files)."""
+    from edgetag import audio
+
+    engine.reset()
+    hops = []
+    for block in audio.stream(path, engine.fbank_config.sample_rate, block_seconds):
+        hops.extend(engine.push(block))
+    hops.extend(engine.flush())
+    return hops

@@ -1,0 +1,72 @@
+"""`edgetag listen` end to end through a real microphone stack: a private PulseAudio server with a
+null sink (../shared/vmic), audio played into it with paplay, recorded by sounddevice/PortAudio."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DATA, REPO, data_path
+from test_stream import detector, scene  # noqa: F401  (fixtures)
+
+VMIC = REPO.parent / "shared" / "vmic"
+pytestmark = [
+    pytest.mark.mic,
+    pytest.mark.skipif(not (VMIC / "up.sh").is_file(), reason=f"no virtual microphone scripts at {VMIC}"),
+    pytest.mark.skipif(not all(shutil.which(tool) for tool in ("pulseaudio", "paplay", "pactl")),
+                       reason="needs pulseaudio, pulseaudio-utils (apt-get install pulseaudio pulseaudio-utils libasound2-plugins)"),
+]
+
+
+def listen_while_playing(model, clip, seconds: float, tmp_path) -> list[dict]:
+    """Start the virtual microphone, run `listen --json` on it, play `clip` into it once the
+    capture stream exists, and stop only what this test started."""
+    script = f"""
+    export VMIC_DIR={tmp_path / 'vmic'}
+    . {VMIC / 'up.sh'}
+    {sys.executable} -m edgetag listen --model {model} --duration {seconds} --json > {tmp_path / 'out.jsonl'} 2> {tmp_path / 'err.txt'} &
+    P=$!
+    i=0
+    until [ "$(pactl list short source-outputs | wc -l)" -ge 2 ]; do
+        i=$((i+1)); if [ $i -gt 600 ]; then echo "listen never opened the microphone" >&2; kill $P; break; fi; sleep 0.05
+    done
+    paplay --device=vmic_sink {clip}
+    wait $P
+    rc=$?
+    . {VMIC / 'down.sh'}
+    exit $rc
+    """
+    run = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=seconds + 60,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("PULSE")})
+    err = (tmp_path / "err.txt").read_text() if (tmp_path / "err.txt").exists() else ""
+    assert run.returncode == 0, run.stderr + err
+    return [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+
+
+def test_real_clip_reaches_the_engine(detector, tmp_path):  # noqa: F811
+    clip = data_path("esc50/audio/4-183992-A-0.flac")  # a barking dog, 5 s
+    rows = listen_while_playing(detector, clip, 7.0, tmp_path)
+    summary = rows[-1]
+    assert summary["kind"] == "summary" and summary["seconds"] == pytest.approx(7.0, abs=0.05)
+    assert summary["peak_dbfs"] > -30  # the dog came through, not just the null sink's silence
+    assert summary["hops"] == 1 + int((7.0 - 0.495) / 0.25 + 1e-9) and summary["overflows"] == 0  # 0.495 s windows every 0.25 s
+    for row in rows[:-1]:
+        assert set(row) == {"file", "kind", "label", "start", "end", "score", "model", "time"} and row["file"].startswith("mic:")
+
+
+def test_live_events_equal_file_events_within_one_hop(detector, scene, tmp_path):  # noqa: F811
+    live = [r for r in listen_while_playing(detector, scene, 9.0, tmp_path)[:-1] if r["label"] in ("tone", "noise")]
+    run = subprocess.run([sys.executable, "-m", "edgetag", "file", str(scene), "--model", str(detector), "--json"], cwd=REPO, capture_output=True, text=True)
+    offline = [json.loads(line) for line in run.stdout.splitlines()]
+    offline = [r for r in offline if r["label"] in ("tone", "noise")]
+    long = lambda rows: [r for r in rows if r["end"] - r["start"] > 0.75]  # noqa: E731
+    live, offline = long(live), long(offline)
+    assert [r["label"] for r in live] == [r["label"] for r in offline] == ["tone", "noise"]
+    lead_in = live[0]["start"] - offline[0]["start"]  # the microphone was open before the clip began
+    assert 0 <= lead_in < 3
+    for a, b in zip(live, offline):
+        assert abs(a["start"] - lead_in - b["start"]) <= 0.25 + 1e-6
+        assert abs(a["end"] - lead_in - b["end"]) <= 0.25 + 1e-6

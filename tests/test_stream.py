@@ -1,0 +1,211 @@
+"""The streaming engine, post-processing and the `file`/`listen` commands: streaming equals
+batched file processing for any block size, and live (from a file) equals `file`."""
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import REPO, make_dataset
+from edgetag.checkpoint import save
+from edgetag.features import fbank, preset, windows
+from edgetag.model import AudioTransformer, EncoderConfig, HeadConfig
+from edgetag.runtime import load_backend
+from edgetag.stream import Engine, PostConfig, PostProcessor, events_of, process_file
+
+HEADS = {"tags": HeadConfig("tags", ["a", "b", "c"]), "keywords": HeadConfig("keywords", ["yes", "no", "_unknown_", "_silence_"])}
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("m") / "random.safetensors"
+    save(path, AudioTransformer(EncoderConfig.named("nano"), HEADS), preset("ast"), stream={"window": 1.0, "hop": 0.25})
+    return path
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory):
+    """A nano model trained in seconds to tell a tone, noise and near-silence apart."""
+    from train.augment import AugmentConfig
+    from train.finetune import FinetuneConfig, finetune
+
+    root = tmp_path_factory.mktemp("detector")
+    data = make_dataset(root / "data", clips=12, seconds=1.0, silence=True)
+    finetune(FinetuneConfig(train=[str(data)], out=str(root), size="nano", epochs=20, batch_size=8, lr=3e-3, window=0.5, hop=0.25,
+                            val_percent=25, augment=AugmentConfig.off().__dict__), device="cpu")
+    return root / "best.safetensors"
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    """1 s near-silence, 2 s tone, 1 s near-silence, 2 s noise, 1 s near-silence."""
+    rng = np.random.default_rng(5)
+    quiet = lambda s: 1e-4 * rng.standard_normal(int(s * 16000))  # noqa: E731
+    t = np.arange(32000) / 16000
+    x = np.concatenate([quiet(1), 0.3 * np.sin(2 * np.pi * 1000 * t), quiet(1), 0.1 * rng.standard_normal(32000), quiet(1)])
+    path = tmp_path_factory.mktemp("scene") / "scene.wav"
+    sf.write(path, x.astype(np.float32), 16000)
+    return path
+
+
+def test_windows_match_the_offline_windows_exactly(random_model, real_clip):
+    backend = load_backend(random_model)
+    engine = Engine(backend)
+    hops = [h for h in process_file(engine, real_clip) if h.probabilities]
+    from edgetag import audio
+
+    feats = fbank(audio.load(real_clip), backend.fbank)
+    offline = windows(feats, engine.window_frames, engine.hop_frames)
+    assert len(hops) == len(offline)
+    from edgetag.features import normalize
+
+    expected = backend(normalize(offline, backend.fbank))
+    for name in HEADS:
+        np.testing.assert_allclose(np.stack([h.probabilities[name] for h in hops]), expected[name], atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_results_do_not_depend_on_the_block_size(random_model, seed):
+    from edgetag import audio
+
+    x = audio.load(REPO / "edgetag" / "assets" / "example.flac")
+    engine = Engine(load_backend(random_model), PostConfig(tag_on=0.4, keyword_on=0.3, smoothing=0.5))
+    reference = process_file(engine, REPO / "edgetag" / "assets" / "example.flac")
+    rng = np.random.default_rng(seed)
+    for sizes in ([1600] * 1000, [int(s) for s in rng.integers(1, 5000, 1000)], [len(x)]):
+        engine.reset()
+        hops, i = [], 0
+        for n in sizes:
+            hops += engine.push(x[i : i + n])
+            i += n
+            if i >= len(x):
+                break
+        hops += engine.flush()
+        got, want = events_of(hops), events_of(reference)
+        assert [(e.kind, e.label, e.start, e.end) for e in got] == [(e.kind, e.label, e.start, e.end) for e in want]
+        np.testing.assert_allclose([e.score for e in got], [e.score for e in want], atol=1e-5)
+
+
+def test_short_input_gets_one_padded_window(random_model):
+    engine = Engine(load_backend(random_model))
+    assert engine.push(np.zeros(4000, np.float32)) == []
+    hops = engine.flush()
+    assert len([h for h in hops if h.probabilities]) == 1 and hops[0].start == 0.0
+
+
+def post(**kw):
+    return PostProcessor({"tags": HeadConfig("tags", ["a", "b"]), "keywords": HeadConfig("keywords", ["yes", "_unknown_"])}, PostConfig(**kw), hop=0.5, window=1.0)
+
+
+def feed(p: PostProcessor, tags: list, keywords: list | None = None):
+    events = []
+    for k, t in enumerate(tags):
+        events += p.update(k, {"tags": np.array(t, float), "keywords": np.array((keywords or [[0.0, 1.0]] * len(tags))[k], float)})
+    return events, p.flush(len(tags) - 1, 100.0)
+
+
+def test_hysteresis_onset_offset_and_peak():
+    events, closing = feed(post(tag_on=0.5, tag_off=0.3), [[0.1, 0], [0.6, 0], [0.4, 0], [0.9, 0], [0.2, 0], [0.0, 0.7]])
+    assert [(e.label, e.start, e.end, e.score) for e in events] == [("a", 0.5, 0.5 * 3 + 1.0, 0.9)]
+    assert [(e.label, e.start, e.end) for e in closing] == [("b", 2.5, 3.5)]
+
+
+def test_minimum_duration_and_per_class_thresholds():
+    events, _ = feed(post(tag_on=0.5, min_duration=2.0), [[0.6, 0], [0.0, 0], [0.6, 0], [0.6, 0], [0.6, 0], [0.0, 0]])
+    assert [(e.start, e.end) for e in events] == [(1.0, 3.0)]  # the one-hop blip (1.0 s long) is dropped
+    events, _ = feed(post(tag_on=0.5, thresholds={"a": 0.9}), [[0.8, 0.8], [0.0, 0.0]])
+    assert [e.label for e in events] == ["b"]
+
+
+def test_smoothing_averages_hops():
+    events, _ = feed(post(tag_on=0.5, smoothing=1.0), [[0.9, 0], [0.0, 0], [0.9, 0], [0.0, 0]])
+    assert events == []  # each spike averages with its neighbour to 0.45
+    events, _ = feed(post(tag_on=0.5, smoothing=0.0), [[0.9, 0], [0.0, 0]])
+    assert len(events) == 1
+
+
+def test_keywords_refractory_and_specials_never_spotted():
+    kws = [[0.9, 0.1], [0.95, 0.05], [0.1, 0.9], [0.9, 0.1], [0.0, 1.0], [0.0, 1.0], [0.9, 0.1]]
+    events, _ = feed(post(keyword_on=0.8, refractory=1.5), [[0, 0]] * len(kws), kws)
+    assert [(e.label, e.start) for e in events] == [("yes", 0.0), ("yes", 1.5), ("yes", 3.0)]
+    assert all(e.label != "_unknown_" for e in events)
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "edgetag", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=120, **kw)
+
+
+def test_file_json_csv_and_a_bad_file_in_the_batch(detector, scene, tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF....WAVEfmt garbage")
+    copy = tmp_path / "copy.wav"
+    copy.write_bytes(scene.read_bytes())
+    run = cli("file", scene, bad, copy, "--model", detector, "--json", "--min-duration", "0.75")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [f"edgetag: error: {bad}: " + run.stderr.split(f"{bad}: ")[1].strip()]
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert rows and all(set(r) == {"file", "kind", "label", "start", "end", "score", "model"} for r in rows)
+    per_file = len(rows) // 2
+    # both copies processed: the bad file in between did not stop the batch
+    assert [{**r, "file": ""} for r in rows[:per_file]] == [{**r, "file": ""} for r in rows[per_file:]]
+    tone = [r for r in rows[:per_file] if r["label"] == "tone"]
+    assert len(tone) == 1 and abs(tone[0]["start"] - 1.0) <= 0.5 and abs(tone[0]["end"] - 3.0) <= 0.5
+    noise = [r for r in rows[:per_file] if r["label"] == "noise"]
+    assert len(noise) == 1 and abs(noise[0]["start"] - 4.0) <= 0.5 and abs(noise[0]["end"] - 6.0) <= 0.5
+    run = cli("file", scene, "--model", detector, "--csv", "--min-duration", "0.75")
+    table = list(csv.DictReader(io.StringIO(run.stdout)))
+    assert run.returncode == 0 and [r["label"] for r in table] == [r["label"] for r in rows[:per_file]]
+
+
+def test_file_folders_globs_table_and_plot(detector, scene, tmp_path):
+    run = cli("file", scene.parent, str(scene.parent / "*.wav"), "--model", detector, "--plot", tmp_path / "p.png")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("scene.wav") == 1 and "tone" in run.stdout  # found twice, processed once
+    assert (tmp_path / "p.png").stat().st_size > 10000
+    run = cli("file", tmp_path / "*.nothing", "--model", detector)
+    assert run.returncode == 2 and "no file matches" in run.stderr
+
+
+def test_listen_from_a_file_equals_file(detector, scene):
+    """The live path (real-time pacing, 100 ms blocks) gives the events `file` gives."""
+    live = cli("listen", "--input", scene, "--model", detector, "--json")
+    offline = cli("file", scene, "--model", detector, "--json")
+    assert live.returncode == 0 and offline.returncode == 0, live.stderr
+    lines = [json.loads(line) for line in live.stdout.splitlines()]
+    summary = lines.pop()
+    assert summary["kind"] == "summary" and summary["seconds"] == pytest.approx(7.0) and summary["hops"] == 27
+    assert summary["peak_dbfs"] > -25 and summary["overflows"] == 0
+    assert all("time" in r for r in lines)
+    strip = lambda rows: [(r["kind"], r["label"], r["start"], r["end"], round(r["score"], 3)) for r in rows]  # noqa: E731
+    assert strip(lines) == strip(json.loads(line) for line in offline.stdout.splitlines())
+
+
+def test_listen_without_a_microphone_says_what_is_missing(detector):
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PULSE")}
+    env["PULSE_SERVER"] = "unix:/nonexistent"
+    run = cli("listen", "--model", detector, "--duration", "1", env=env)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
+    assert "input device" in run.stderr or "libportaudio2" in run.stderr
+
+
+def test_missing_default_model_is_one_line(tmp_path):
+    from edgetag.checkpoint import DEFAULT_MODEL
+
+    if DEFAULT_MODEL.exists():
+        pytest.skip("a default model is bundled")
+    run = cli("file", REPO / "edgetag" / "assets" / "example.flac")
+    assert run.returncode == 2 and "--model" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_bench_stream_prints_its_figures(random_model):
+    run = cli("bench", "stream", "--model", random_model, "--seconds", "4", "--repeats", "1", "--listen-seconds", "1")
+    assert run.returncode == 0, run.stderr
+    for text in ("fbank increment", "encoder", "real-time factor", "x real time (2 threads)", "peak RSS"):
+        assert text in run.stdout
