@@ -83,10 +83,13 @@ def fbank(
 class BackendName(str, Enum):
     auto = "auto"
     torch = "torch"
+    torch_int8 = "torch-int8"
+    onnx = "onnx"
+    tensorrt = "tensorrt"
 
 
-MODEL = typer.Option(None, "--model", "-m", help="An edgetag checkpoint (.safetensors); default: the bundled model.")
-BACKEND = typer.Option(BackendName.auto, help="Inference backend.")
+MODEL = typer.Option(None, "--model", "-m", help="A checkpoint (.safetensors), an export folder or .onnx file, or a TensorRT .plan; default: the bundled model.")
+BACKEND = typer.Option(BackendName.auto, help="Inference backend; auto: tensorrt for .plan, onnx for exports, torch for checkpoints.")
 WINDOW = typer.Option(None, help="Seconds per window (default: the model's).")
 HOP = typer.Option(None, help="Seconds between windows (default: the model's).")
 TAG_ON = typer.Option(0.5, help="A tag starts at this probability...")
@@ -100,15 +103,15 @@ JSON = typer.Option(False, "--json", help="JSON lines, one event per line.")
 
 def _engine(model, backend, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory):
     from edgetag.checkpoint import CheckpointError
-    from edgetag.runtime import load_backend
+    from edgetag.runtime import BackendError, load_backend
     from edgetag.stream import Engine, PostConfig
 
     try:
         runtime = load_backend(model, backend.value)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        post = PostConfig(tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, thresholds=runtime.thresholds)
+        return Engine(runtime, post, window, hop)
+    except (CheckpointError, BackendError, ValueError) as e:
         fail(str(e))
-    post = PostConfig(tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, thresholds=runtime.thresholds)
-    return Engine(runtime, post, window, hop)
 
 
 @app.command("file")

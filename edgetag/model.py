@@ -147,18 +147,30 @@ def unpatchify(patches: torch.Tensor, config: EncoderConfig) -> torch.Tensor:
     return x.reshape(B, N // f * pt, f * pf)
 
 
-@lru_cache(maxsize=16)
 def sincos_positions(n: int, width: int) -> torch.Tensor:
     """MAE-AST's 1-D sinusoids: sin on even channels, cos on odd, base 10000. [n, width]
 
-    Cached: every forward pass (every streaming hop) asks for the same table; callers only read it.
+    Cached in eager mode: every forward pass (every streaming hop) asks for the same table;
+    callers only read it. While tracing (torch.compile, export) it is built afresh, so no
+    traced tensor ever lands in the cache.
     """
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return _sincos(n, width)
+    return _cached_sincos(n, width)
+
+
+@lru_cache(maxsize=16)
+def _cached_sincos(n: int, width: int) -> torch.Tensor:
     with torch.inference_mode(False):  # a table first made under inference_mode must serve training too
-        position = torch.arange(n, dtype=torch.float32)[:, None]
-        div = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(10000.0) / width))
-        pe = torch.zeros(n, width)
-        pe[:, 0::2] = torch.sin(position * div)
-        pe[:, 1::2] = torch.cos(position * div)
+        return _sincos(n, width)
+
+
+def _sincos(n: int, width: int) -> torch.Tensor:
+    position = torch.arange(n, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(10000.0) / width))
+    pe = torch.zeros(n, width)
+    pe[:, 0::2] = torch.sin(position * div)
+    pe[:, 1::2] = torch.cos(position * div)
     return pe
 
 

@@ -137,6 +137,8 @@ class Engine:
     def __init__(self, backend, post: PostConfig | None = None, window: float | None = None, hop: float | None = None, batch_size: int = 64):
         self.backend = backend
         self.fbank_config = backend.fbank
+        if window and backend.fixed_window and window_frames(window, backend.fbank) != window_frames(backend.window, backend.fbank):
+            raise ValueError(f"the {backend.name} model takes {backend.window} s windows only (its input length is fixed)")
         self.window_frames = window_frames(window or backend.window, self.fbank_config)
         self.hop_frames = hop_frames(hop or backend.hop, self.fbank_config)
         shift = self.fbank_config.frame_shift_ms / 1000

@@ -1,0 +1,286 @@
+"""Deployment: ONNX export and its self-checks, the ONNX Runtime and torchao backends against
+torch, and the TensorRT engine builder (its logic with a stand-in tensorrt module; real builds
+need TensorRT and a GPU and skip here)."""
+
+import hashlib
+import json
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from edgetag.checkpoint import save
+from edgetag.features import preset
+from edgetag.model import AudioTransformer, EncoderConfig, HeadConfig
+from edgetag.runtime import BackendError, TorchBackend, l4t_release, load_backend, mismatch, resolve
+from edgetag.stream import Engine, events_of, process_file
+
+pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'edgetag[deploy]')")
+pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
+
+EXAMPLE = REPO / "edgetag" / "assets" / "example.flac"
+HEADS = {"tags": HeadConfig("tags", [f"t{i}" for i in range(6)]), "keywords": HeadConfig("keywords", ["yes", "no", "_unknown_", "_silence_"])}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from deploy.export import export
+
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    ckpt = save(root / "model.safetensors", AudioTransformer(EncoderConfig.named("nano"), HEADS), preset("ast"), stream={"window": 1.0, "hop": 0.25})
+    report = export(ckpt, root / "out", [str(EXAMPLE)], 64)
+    return ckpt, root / "out", report
+
+
+def test_export_writes_checked_files(exported):
+    import onnx
+
+    ckpt, out, report = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["sha256"]
+    assert manifest["opset"] == 20 and manifest["window_frames"] == 98 and manifest["outputs"] == ["tags", "keywords"]
+    model = onnx.load(str(out / "model.onnx"))
+    assert not (out / "model.onnx.data").exists() and model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    qdq = onnx.load(str(out / "model.int8.qdq.onnx"))
+    assert sum(n.op_type == "QuantizeLinear" for n in qdq.graph.node) >= 10
+    assert all(a["max_abs"] <= 1e-4 for a in report["fp32"].values())
+    assert all(a["top1"] >= 0.8 for kind in ("int8", "int8-qdq") for a in report[kind].values())
+    reference = np.load(out / "reference.npz")
+    with torch.no_grad():
+        probs = AudioTransformer(EncoderConfig.named("nano"), HEADS)
+        probs.load_state_dict(__import__("edgetag").load_model(ckpt).state_dict())
+        expected = probs.probabilities(torch.from_numpy(reference["fbank"]))
+    np.testing.assert_allclose(reference["tags"], expected["tags"].numpy(), atol=1e-6)
+
+
+def test_onnx_backend_matches_torch_through_the_engine(exported):
+    ckpt, out, _ = exported
+    torch_hops = process_file(Engine(TorchBackend(ckpt)), EXAMPLE)
+    onnx_hops = process_file(Engine(load_backend(out / "model.onnx")), EXAMPLE)
+    for a, b in zip(torch_hops, onnx_hops):
+        for head in a.probabilities:
+            np.testing.assert_allclose(a.probabilities[head], b.probabilities[head], atol=1e-4)
+    int8 = process_file(Engine(load_backend(out)), EXAMPLE)  # a folder: the int8 model
+    assert load_backend(out).session._model_path.endswith("model.int8.onnx")
+    diff = max(np.abs(a.probabilities[h] - b.probabilities[h]).max() for a, b in zip(torch_hops, int8) if a.probabilities for h in a.probabilities)
+    assert diff < 0.05
+    onnx_events = [(e.kind, e.label, e.start, e.end) for e in events_of(onnx_hops)]
+    assert onnx_events == [(e.kind, e.label, e.start, e.end) for e in events_of(torch_hops)]
+
+
+def test_torch_int8_backend_stays_close_to_fp32(exported):
+    pytest.importorskip("torchao")
+    from edgetag.runtime import TorchInt8Backend
+
+    ckpt, _, _ = exported
+    x = torch.randn(4, 98, 128)
+    fp32, int8 = TorchBackend(ckpt)(x), TorchInt8Backend(ckpt, compile=False)(x)
+    for head in fp32:
+        assert np.abs(fp32[head] - int8[head]).max() < 0.05
+
+
+def test_resolve_and_fixed_windows(exported, tmp_path):
+    ckpt, out, _ = exported
+    assert resolve(ckpt) == "torch" and resolve(out) == "onnx" and resolve(out / "model.onnx") == "onnx" and resolve(tmp_path / "m.plan") == "tensorrt"
+    with pytest.raises(BackendError, match="unknown backend"):
+        resolve(ckpt, "tflite")
+    with pytest.raises(ValueError, match="windows only"):
+        Engine(load_backend(out), window=2.0)
+    (tmp_path / "x.onnx").write_bytes(b"")
+    with pytest.raises(BackendError, match="manifest.json"):
+        load_backend(tmp_path / "x.onnx")
+
+
+def test_check_onnx_refuses_non_zero_zero_points(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from deploy.export import ExportError, check_onnx
+
+    x = helper.make_tensor_value_info("fbank", TensorProto.FLOAT, ["batch", 4, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 2])
+    scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])
+    zero = helper.make_tensor("z", TensorProto.INT8, [], [3])
+    graph = helper.make_graph([helper.make_node("QuantizeLinear", ["fbank", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+                              "g", [x], [y], [scale, zero])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), tmp_path / "m.onnx")
+    with pytest.raises(ExportError, match="non-zero zero point"):
+        check_onnx(tmp_path / "m.onnx", 4, 2)
+    with pytest.raises(ExportError, match="input shape"):
+        check_onnx(tmp_path / "m.onnx", 5, 2)
+
+
+def test_export_cli_refuses_an_encoder_without_heads(tmp_path):
+    save(tmp_path / "enc.safetensors", AudioTransformer(EncoderConfig.named("nano")), preset("ast"))
+    run = subprocess.run([sys.executable, "-m", "deploy.export", "--ckpt", str(tmp_path / "enc.safetensors"), "--out", str(tmp_path / "o")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 2 and "no heads" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT
+
+
+class FakeTensorRT(types.SimpleNamespace):
+    """Just enough of the tensorrt module to follow build()'s calls and record them."""
+
+    def __init__(self, version="10.3.0", fp16=True, parse_ok=True):
+        calls = {}
+        self.calls = calls
+        self.__version__ = version
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, level):
+                pass
+
+        class Parser:
+            num_errors = 0 if parse_ok else 1
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                calls["parsed"] = path
+                return parse_ok
+
+            def get_error(self, i):
+                return "In node 7 (Attention): unsupported op"
+
+        class Profile:
+            def set_shape(self, name, lo, opt, hi):
+                calls["profile"] = (name, lo, opt, hi)
+
+        class Cache:
+            def __init__(self, data):
+                self.data = data
+
+            def serialize(self):
+                return self.data + b"+"
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                calls["workspace"] = size
+
+            def set_flag(self, flag):
+                calls.setdefault("flags", []).append(flag)
+
+            def add_optimization_profile(self, profile):
+                calls["profiles"] = calls.get("profiles", 0) + 1
+
+            def create_timing_cache(self, data):
+                calls["cache_in"] = data
+                return Cache(data)
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                self.cache = cache
+
+            def get_timing_cache(self):
+                return self.cache
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                return object()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return b"PLAN"
+
+        self.Logger, self.OnnxParser, self.Builder = Logger, Parser, Builder
+        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+        self.BuilderFlag = types.SimpleNamespace(**({"FP16": "fp16", "INT8": "int8"} if fp16 else {}))
+
+
+DEVICE = {"tensorrt": "10.3.0", "gpu": "Orin", "compute_capability": "8.7", "l4t": "36.4.3", "machine": "aarch64"}
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    monkeypatch.setattr("deploy.build_engine.device_description", lambda trt: {**DEVICE, "tensorrt": trt.__version__})
+
+
+def test_build_follows_the_tensorrt_api_and_writes_the_sidecar(exported, tmp_path, fake_device):
+    from deploy.build_engine import build
+
+    _, out, _ = exported
+    trt = FakeTensorRT()
+    sidecar = build(out / "model.int8.qdq.onnx", "int8", tmp_path / "m.plan", workspace_mib=256, max_batch=32, trt=trt)
+    assert (tmp_path / "m.plan").read_bytes() == b"PLAN"
+    assert trt.calls["profile"] == ("fbank", (1, 98, 128), (1, 98, 128), (32, 98, 128)) and trt.calls["workspace"] == 256 << 20
+    assert trt.calls["flags"] == ["fp16", "int8"]
+    assert json.loads((tmp_path / "m.json").read_text()) == sidecar and sidecar["l4t"] == "36.4.3" and sidecar["precision"] == "int8"
+    assert (tmp_path / "timing.cache").read_bytes() == b"+"
+    build(out / "model.onnx", "fp16", tmp_path / "m.plan", trt=trt)
+    assert trt.calls["cache_in"] == b"+"  # the timing cache is reused, then extended
+
+
+def test_build_errors(exported, tmp_path, fake_device):
+    from deploy.build_engine import BuildError, build
+
+    _, out, _ = exported
+    with pytest.raises(BuildError, match="Attention"):
+        build(out / "model.onnx", "fp16", tmp_path / "m.plan", trt=FakeTensorRT(parse_ok=False))
+    with pytest.raises(BuildError, match="no FP16 builder flag"):
+        build(out / "model.onnx", "fp16", tmp_path / "m.plan", trt=FakeTensorRT(version="11.4.1", fp16=False))
+    with pytest.raises(BuildError, match="Q/DQ"):
+        build(out / "model.onnx", "int8", tmp_path / "m.plan", trt=FakeTensorRT())
+    with pytest.raises(BuildError, match="precision"):
+        build(out / "model.onnx", "int4", tmp_path / "m.plan", trt=FakeTensorRT())
+
+
+def test_verify_refuses_a_disagreeing_engine():
+    from deploy.build_engine import verify
+
+    reference = {"tags": np.array([[0.9, 0.1], [0.2, 0.8]])}
+    assert verify(reference, {"tags": reference["tags"] + 1e-4}, "fp32") == []
+    assert verify(reference, {"tags": reference["tags"] + 0.01}, "fp16") == []
+    assert verify(reference, {"tags": reference["tags"][:, ::-1]}, "int8")  # fused-attention-bug-like garbage
+
+
+def test_engines_only_run_where_they_were_built():
+    assert mismatch(DEVICE, DEVICE) == []
+    problems = mismatch(DEVICE, {**DEVICE, "tensorrt": "10.7.0", "gpu": "RTX 4090"})
+    assert len(problems) == 2 and "10.7.0" in problems[0]
+
+
+def test_l4t_release_parsing(tmp_path):
+    (tmp_path / "r").write_text("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64\n")
+    assert l4t_release(str(tmp_path / "r")) == "36.4.3" and l4t_release(str(tmp_path / "none")) is None
+
+
+def test_build_engine_without_tensorrt_exits_2(exported, tmp_path):
+    _, out, _ = exported
+    run = subprocess.run([sys.executable, "-m", "deploy.build_engine", "--onnx", str(out / "model.onnx"), "--out", str(tmp_path / "m.plan")],
+                         cwd=REPO, capture_output=True, text=True)
+    if run.returncode == 0:
+        pytest.skip("TensorRT and a GPU are present: the real build ran")
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and ("TensorRT" in run.stderr or "GPU" in run.stderr)
+
+
+def test_real_tensorrt_engine(exported, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+    except (ImportError, OSError):
+        pytest.skip("TensorRT is not installed (it comes with JetPack on a Jetson)")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs an NVIDIA GPU")
+    from deploy.build_engine import build, self_test
+
+    _, out, _ = exported
+    build(out / "model.onnx", "fp32", tmp_path / "m.plan")
+    assert self_test(tmp_path / "m.plan", "fp32") == []
