@@ -20,11 +20,9 @@ import typer
 
 import edgetag
 from edgetag.features import FbankConfig, hop_frames, normalize, window_frames, windows
+from edgetag.runtime import DEFAULT_HOP, DEFAULT_WINDOW
 from train import metrics
 from train.data import Example, load_features, read_examples
-
-DEFAULT_WINDOW, DEFAULT_HOP = 1.0, 0.5  # seconds, when a checkpoint has no "stream" settings
-
 
 def stream_settings(config: dict) -> tuple[float, float]:
     stream = config.get("stream", {})
