@@ -106,6 +106,8 @@ def build_tasks(c: FinetuneConfig, fbank: FbankConfig, labels: dict[str, list[st
             subset = [e for e in subset if any(label in head_labels for label in e.labels)]
             feats = load_features(subset, fbank, description=f"{head} {name}")
             kept = [(e, f) for e, f in zip(subset, feats) if f is not None]
+            if len(kept) < len(subset):
+                print(f"{head} {name}: skipped {len(subset) - len(kept)} unreadable clip(s)")
             sets.append(([f for _, f in kept], targets([e for e, _ in kept], head_labels)))
         tasks.append(Task(head, head_labels, *sets[0], *sets[1]))
     return tasks
@@ -220,9 +222,10 @@ def finetune(c: FinetuneConfig, device: str | None = None, teacher=None) -> dict
     # the heads' classes must be known before the model: read the data with the init's fbank
     if teacher is not None:
         data_fbank = teacher.fbank
+    elif c.init:
+        data_fbank = FbankConfig.from_dict(checkpoint.read_config(c.init)["fbank"])
     else:
-        data_fbank = checkpoint.read_config(c.init)["fbank"] if c.init else preset(c.preset)
-        data_fbank = FbankConfig.from_dict(data_fbank) if isinstance(data_fbank, dict) else data_fbank
+        data_fbank = preset(c.preset)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         tasks = build_tasks(c, data_fbank, labels=teacher.labels if teacher else None)
@@ -277,7 +280,8 @@ def finetune(c: FinetuneConfig, device: str | None = None, teacher=None) -> dict
                 progress.update(bar, completed=step, epoch=epoch, stats=" ".join(f"{h} {v * steps_per_epoch / (i + 1):.3f}" for h, v in losses.items()))
             results = validate(model, tasks, fbank, frames, hop)
             score = sum(primary(r) for r in results.values()) / len(results)
-            row = {"epoch": epoch, **{f"{h}_loss": v for h, v in losses.items()}, **{f"val_{h}": primary(r) for h, r in results.items()}, "seconds": time.perf_counter() - start}
+            figures = {f"val_{h}_{k}": r[k] for h, r in results.items() for k in ("accuracy", "macro_f1", "mAP") if k in r}
+            row = {"epoch": epoch, **{f"{h}_loss": v for h, v in losses.items()}, **figures, "seconds": time.perf_counter() - start}
             rows.append(row)
             progress.console.print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
             if score >= best:  # on a tie the later, longer-trained epoch wins
