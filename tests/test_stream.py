@@ -209,3 +209,19 @@ def test_bench_stream_prints_its_figures(random_model):
     assert run.returncode == 0, run.stderr
     for text in ("fbank increment", "encoder", "real-time factor", "x real time (2 threads)", "peak RSS"):
         assert text in run.stdout
+
+
+def test_listen_ctrl_c_ends_cleanly_with_a_summary(random_model):
+    import signal
+    import time
+
+    run = subprocess.Popen([sys.executable, "-m", "edgetag", "listen", "--model", str(random_model), "--input", str(REPO / "edgetag" / "assets" / "example.flac"),
+                            "--json", "--keyword-on", "0"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = run.stdout.readline()  # a keyword spot at the first hop: audio is flowing
+    time.sleep(0.5)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=30)
+    out = first + out
+    assert run.returncode == 0, err
+    summary = json.loads(out.splitlines()[-1])
+    assert summary["kind"] == "summary" and 0 < summary["seconds"] < 7.0
