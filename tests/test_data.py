@@ -107,6 +107,17 @@ def test_fsdd_recordings_without_manifest(tmp_path):
     assert read_examples(f"fsdd:{tmp_path}", "keywords") == [Example(str(tmp_path / "recordings" / "3_jackson_7.wav"), ("3",), group="jackson")]
 
 
+def test_split_option_gives_disjoint_sides_of_one_source(tmp_path):
+    for label in ("a", "b"):
+        for i in range(20):
+            write(tmp_path / label / f"{label}{i}.wav", seconds=0.1)
+    train = read_examples(f"{tmp_path},split=train,percent=30")
+    val = read_examples(f"{tmp_path},split=val,percent=30")
+    assert len(train) + len(val) == 40 and val and not {e.path for e in train} & {e.path for e in val}
+    with pytest.raises(ValueError, match="split must be"):
+        read_examples(f"{tmp_path},split=test")
+
+
 def test_hash_split_is_stable_and_near_the_percentage():
     groups = [f"speaker{i}" for i in range(4000)]
     share = sum(in_validation(g, 20) for g in groups) / len(groups)

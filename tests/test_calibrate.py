@@ -1,0 +1,50 @@
+"""Threshold calibration: false alarms counted as the engine counts spots; thresholds land in the checkpoint."""
+
+import numpy as np
+
+from edgetag import load_model
+from edgetag.stream import PostConfig
+from train.calibrate import calibrate, calibrate_keywords, count_spots, smooth
+
+
+def test_count_spots_respects_the_refractory_period():
+    p = np.array([0.9, 0.9, 0.1, 0.9, 0.1, 0.1, 0.9])
+    assert count_spots(p, 0.5, 1) == 4 and count_spots(p, 0.5, 3) == 3 and count_spots(p, 0.95, 1) == 0
+
+
+def test_smooth_is_the_engines_causal_mean():
+    p = np.array([[1.0], [0.0], [1.0], [1.0]])
+    np.testing.assert_allclose(smooth(p, 2)[:, 0], [1.0, 0.5, 0.5, 1.0])
+    np.testing.assert_allclose(smooth(p, 1), p)
+
+
+def test_keyword_thresholds_keep_false_alarms_under_the_target():
+    rng = np.random.default_rng(0)
+    labels = ["yes", "no", "_unknown_", "_silence_"]
+    negatives = [np.abs(rng.normal(0, 0.2, (14400, 4))).clip(0, 1)]  # one hour of 0.25 s hops
+    negatives[0][::1000, 0] = 0.8  # 15 loud "yes" false alarms an hour at 0.8
+    positives = {0: [np.array([[0.95, 0.0, 0.05, 0.0]])], 1: [np.array([[0.1, 0.6, 0.3, 0.0]])]}
+    result = calibrate_keywords(negatives, positives, labels, 0.25, PostConfig(refractory=1.0), target_per_hour=1.0)
+    assert result["negative_hours"] == 1.0
+    yes = result["classes"]["yes"]
+    assert yes["threshold"] > 0.8 and yes["false_alarms_per_hour"] <= 1.0 and yes["recall"] == 1.0
+    assert set(result["classes"]) == {"yes", "no"}
+
+
+def test_tag_thresholds_are_written_into_a_checkpoint_the_engine_reads(tmp_path):
+    from conftest import make_dataset
+    from train.augment import AugmentConfig
+    from train.finetune import FinetuneConfig, finetune
+
+    data = make_dataset(tmp_path / "data", clips=8, seconds=1.0)
+    finetune(FinetuneConfig(train=[str(data)], out=str(tmp_path / "ft"), size="nano", epochs=3, batch_size=8, lr=3e-3, window=0.5, hop=0.25,
+                            val_percent=25, augment=AugmentConfig.off().__dict__), device="cpu")
+    report = calibrate(tmp_path / "ft" / "best.safetensors", tmp_path / "cal.safetensors", [], [], [str(data)])
+    model = load_model(tmp_path / "cal.safetensors")
+    assert set(model.config["thresholds"]) == {"noise", "tone"} == set(report["tags"])
+    assert all(0.3 <= t < 1.0 for t in model.config["thresholds"].values())
+    from edgetag.runtime import load_backend
+    from edgetag.stream import Engine
+
+    engine = Engine(load_backend(tmp_path / "cal.safetensors"))
+    assert list(engine.post.on["tags"]) == [model.config["thresholds"][label] for label in ("noise", "tone")]
