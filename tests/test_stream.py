@@ -216,7 +216,9 @@ def test_listen_ctrl_c_ends_cleanly_with_a_summary(random_model):
     import time
 
     run = subprocess.Popen([sys.executable, "-m", "edgetag", "listen", "--model", str(random_model), "--input", str(REPO / "edgetag" / "assets" / "example.flac"),
-                            "--json", "--keyword-on", "0"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            "--json", "--keyword-on", "0"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           # a runner started in the background ignores SIGINT, and children inherit that
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = run.stdout.readline()  # a keyword spot at the first hop: audio is flowing
     time.sleep(0.5)
     run.send_signal(signal.SIGINT)
