@@ -60,10 +60,10 @@ def run(engine: Engine, blocks: Iterator[np.ndarray | None], duration: float | N
                 session.seconds += len(block) / rate
                 session.level = dbfs(block)
                 session.peak = max(session.peak, session.level)
-                done = len(engine.timings.per_hop)
                 for hop in engine.push(block):
                     _hop(session, hop, on_event)
-                session.latencies.extend(engine.timings.per_hop[done:])
+                session.latencies.extend(engine.timings.per_hop)
+                engine.timings.per_hop.clear()  # a session may run for days: keep only the recent window
             on_update(session)
             if duration is not None and session.seconds >= duration - 1e-9:
                 break
