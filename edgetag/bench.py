@@ -89,7 +89,10 @@ def stream_benchmark(model=None, seconds: float = 30.0, repeats: int = 3, listen
     import resource
     import subprocess
     import sys
+    import tempfile
     from pathlib import Path
+
+    import soundfile as sf
 
     from edgetag import audio
     from edgetag.runtime import load_backend
@@ -98,10 +101,10 @@ def stream_benchmark(model=None, seconds: float = 30.0, repeats: int = 3, listen
     example = Path(__file__).parent / "assets" / "example.flac"
     clip = audio.load(example)
     x = np.tile(clip, int(np.ceil(seconds * 16000 / len(clip))))[: int(seconds * 16000)]
-    backend = load_backend(model)
+    backend = load_backend(model, threads=1)
     engine = Engine(backend, PostConfig())
     hop = int(round(engine.hop_seconds * 16000))
-    r: dict = {"model": backend.model_id, "window_s": engine.window_seconds, "hop_s": engine.hop_seconds, "audio_s": seconds}
+    r: dict = {"model": backend.model_id, "backend": backend.name, "window_s": engine.window_seconds, "hop_s": engine.hop_seconds, "audio_s": seconds}
 
     torch.set_num_threads(1)
     stages = {"fbank": [], "encoder": [], "post": [], "total": []}
@@ -123,9 +126,8 @@ def stream_benchmark(model=None, seconds: float = 30.0, repeats: int = 3, listen
     r["rtf_1_thread"] = float(np.sum(stages["total"]) / (len(stages["total"]) * engine.hop_seconds))
 
     torch.set_num_threads(2)
-    path = Path(__import__("tempfile").mkdtemp()) / "bench.wav"
-    import soundfile as sf
-
+    engine = Engine(load_backend(model, threads=2), PostConfig())
+    path = Path(tempfile.mkdtemp()) / "bench.wav"
     sf.write(path, x, 16000)
     r["file_s"] = median_seconds(lambda: process_file(engine, path), repeats=repeats, warmup=1)
     r["file_x_realtime"] = seconds / r["file_s"]
@@ -142,7 +144,7 @@ def print_stream_benchmark(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"streaming engine, {r['model']}: {r['window_s']:.3f} s windows every {r['hop_s']:.2f} s")
+    table = Table(title=f"streaming engine, {r['model']} ({r['backend']}): {r['window_s']:.3f} s windows every {r['hop_s']:.2f} s")
     for column in ("per hop, 1 thread", "median", "p95"):
         table.add_column(column, justify="left" if column.startswith("per") else "right")
     for name in ("fbank", "encoder", "post", "total"):

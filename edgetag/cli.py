@@ -101,13 +101,13 @@ REFRACTORY = typer.Option(1.0, help="Seconds after a keyword spot before the nex
 JSON = typer.Option(False, "--json", help="JSON lines, one event per line.")
 
 
-def _engine(model, backend, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory):
+def _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory):
     from edgetag.checkpoint import CheckpointError
     from edgetag.runtime import BackendError, load_backend
     from edgetag.stream import Engine, PostConfig
 
     try:
-        runtime = load_backend(model, backend.value)
+        runtime = load_backend(model, backend.value, threads=threads)
         post = PostConfig(tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, thresholds=runtime.thresholds)
         return Engine(runtime, post, window, hop)
     except (CheckpointError, BackendError, ValueError) as e:
@@ -130,7 +130,7 @@ def file_(
     json_out: bool = JSON,
     csv_out: bool = typer.Option(False, "--csv", help="CSV with a header row."),
     plot: Path = typer.Option(None, help="PNG: spectrogram and probability timelines with the events (one per file: NAME_<file>.png when several)."),
-    threads: int = typer.Option(2, help="torch threads."),
+    threads: int = typer.Option(2, help="Inference threads (torch, ONNX Runtime)."),
 ) -> None:
     """Tag sound events and spot keywords in files. Exit 0 when every file was processed, 2 when
     any failed (the others are still processed)."""
@@ -140,7 +140,7 @@ def file_(
     from edgetag.stream import events_of, process_file
 
     torch.set_num_threads(threads)
-    engine = _engine(model, backend, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory)
+    engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory)
     files, errors = audio.expand(paths)
     for error in errors:
         print(f"edgetag: error: {error}", file=sys.stderr)
@@ -190,7 +190,7 @@ def listen(
     refractory: float = REFRACTORY,
     json_out: bool = JSON,
     block: float = typer.Option(0.1, help="Seconds of audio per block read from the device."),
-    threads: int = typer.Option(1, help="torch threads."),
+    threads: int = typer.Option(1, help="Inference threads (torch, ONNX Runtime)."),
 ) -> None:
     """Live tags and keyword spots from a microphone. Ctrl-C stops with a summary."""
     import contextlib
@@ -200,7 +200,7 @@ def listen(
     from edgetag import audio, live, output
 
     torch.set_num_threads(threads)
-    engine = _engine(model, backend, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory)
+    engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory)
     rate = engine.fbank_config.sample_rate
     with contextlib.ExitStack() as stack:
         if input_file is not None:
@@ -259,7 +259,7 @@ def bench_fbank(
     seconds: float = typer.Option(60.0, help="Length of the audio for the throughput figures."),
     hop_ms: float = typer.Option(100.0, help="Streaming hop."),
     window_s: float = typer.Option(1.0, help="Window recomputed by the non-streaming baseline."),
-    threads: int = typer.Option(1, help="torch threads."),
+    threads: int = typer.Option(1, help="Inference threads (torch, ONNX Runtime)."),
 ) -> None:
     """fbank throughput against kaldi-native-fbank, and a streaming hop against a recompute."""
     from edgetag import bench

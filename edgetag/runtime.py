@@ -206,9 +206,10 @@ def resolve(model, backend: str = "auto") -> str:
     return "torch"
 
 
-def load_backend(model=None, backend: str = "auto", device: str = "cpu") -> Backend:
+def load_backend(model=None, backend: str = "auto", device: str = "cpu", threads: int = 0) -> Backend:
     """A backend for `model` (a checkpoint, an export folder or .onnx file, or a .plan engine;
-    None: the bundled model)."""
+    None: the bundled model). `threads` sizes ONNX Runtime's pool (torch's is process-wide:
+    torch.set_num_threads); 0 leaves the library's default."""
     kind = resolve(model, backend)
     if model is not None and not os.path.exists(model):
         raise BackendError(f"{model}: no such file or folder")
@@ -217,5 +218,5 @@ def load_backend(model=None, backend: str = "auto", device: str = "cpu") -> Back
     if kind == "torch-int8":
         return TorchInt8Backend(model)
     if kind == "onnx":
-        return OnnxBackend(model)
+        return OnnxBackend(model, threads)
     return TensorRTBackend(model)
