@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,6 +112,16 @@ def test_multitask_training_builds_both_heads(dataset, tmp_path):
     assert model.head_configs["keywords"].kind == "keywords"
     probs = model.probabilities(torch.zeros(2, 50, 128))
     torch.testing.assert_close(probs["keywords"].sum(-1), torch.ones(2))
+
+
+def test_loud_crops_prefer_the_sound():
+    quiet, loud = torch.full((100, 4), -15.0), torch.full((30, 4), 5.0)
+    clip = torch.cat([quiet, loud, quiet])  # the sound sits at frames 100-130
+    g = torch.Generator().manual_seed(0)
+    _, uniform = random_crops([clip] * 200, list(range(200)), 40, g)
+    _, biased = random_crops([clip] * 200, list(range(200)), 40, g, loudness=1.0)
+    covers = lambda starts: np.mean([min(s + 40, 130) - max(s, 100) >= 20 for s in starts])  # noqa: E731  most of the sound inside
+    assert covers(biased) > 0.9 and covers(uniform) < 0.3
 
 
 def test_random_crops_land_on_the_grid():

@@ -107,6 +107,7 @@ def main(
     cache: str = typer.Option("", help="Teacher-logit cache (default: OUT/teacher_logits.safetensors)."),
     window: float = typer.Option(1.0),
     hop: float = typer.Option(0.5, help="Seconds between windows: the crop grid the teacher is cached on."),
+    loudness: float = typer.Option(1.0, help="Bias training crops towards loud windows (0: uniform)."),
     val_percent: float = typer.Option(10.0),
     noise: list[str] = typer.Option([]),
     epochs: int = typer.Option(30),
@@ -122,7 +123,7 @@ def main(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cache_path = Path(cache) if cache else Path(out) / "teacher_logits.safetensors"
     t = Teacher(teacher, temperature, alpha, cache_path, device)
-    c = config_from_cli(train=train, val=val, out=out, size=size, tokens=tokens, init=init, window=window, hop=hop, val_percent=val_percent,
+    c = config_from_cli(train=train, val=val, out=out, size=size, tokens=tokens, init=init, window=window, hop=hop, loudness=loudness, val_percent=val_percent,
                         noise=noise, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, mixup=mixup,
                         freq_mask=freq_mask, time_mask=time_mask, no_augment=no_augment, seed=seed)
     finetune(c, device, teacher=t)
