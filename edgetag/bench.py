@@ -83,7 +83,7 @@ def print_fbank_benchmark(r: dict) -> None:
     print(f"streaming hop vs window recompute: {r['window_recompute_s'] / r['hop_push_s']:.1f}x cheaper")
 
 
-def stream_benchmark(model=None, seconds: float = 30.0, repeats: int = 3, listen_seconds: float = 5.0) -> dict:
+def stream_benchmark(model=None, seconds: float = 30.0, repeats: int = 3, listen_seconds: float = 5.0, hop: float | None = None) -> dict:
     """The streaming engine on real-time hops (1 thread) and on a file (2 threads), and the
     peak memory of `edgetag listen --input` on the bundled example."""
     import resource
@@ -102,7 +102,7 @@ def stream_benchmark(model=None, seconds: float = 30.0, repeats: int = 3, listen
     clip = audio.load(example)
     x = np.tile(clip, int(np.ceil(seconds * 16000 / len(clip))))[: int(seconds * 16000)]
     backend = load_backend(model, threads=1)
-    engine = Engine(backend, PostConfig())
+    engine = Engine(backend, PostConfig(), hop=hop)
     hop = int(round(engine.hop_seconds * 16000))
     r: dict = {"model": backend.model_id, "backend": backend.name, "window_s": engine.window_seconds, "hop_s": engine.hop_seconds, "audio_s": seconds}
 
@@ -126,7 +126,7 @@ def stream_benchmark(model=None, seconds: float = 30.0, repeats: int = 3, listen
     r["rtf_1_thread"] = float(np.sum(stages["total"]) / (len(stages["total"]) * engine.hop_seconds))
 
     torch.set_num_threads(2)
-    engine = Engine(load_backend(model, threads=2), PostConfig())
+    engine = Engine(load_backend(model, threads=2), PostConfig(), hop=hop)
     path = Path(tempfile.mkdtemp()) / "bench.wav"
     sf.write(path, x, 16000)
     r["file_s"] = median_seconds(lambda: process_file(engine, path), repeats=repeats, warmup=1)

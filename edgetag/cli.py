@@ -273,13 +273,14 @@ def bench_stream(
     seconds: float = typer.Option(30.0, help="Audio per measurement (the bundled example, repeated)."),
     repeats: int = typer.Option(3),
     listen_seconds: float = typer.Option(5.0, help="Real-time seconds of `listen --input` for the memory figure."),
+    hop: float = HOP,
 ) -> None:
     """Per-hop latency by stage (median, p95, 1 thread), file throughput (2 threads), listen's peak RSS."""
     from edgetag import bench
     from edgetag.checkpoint import CheckpointError
 
     try:
-        bench.print_stream_benchmark(bench.stream_benchmark(model, seconds, repeats, listen_seconds))
+        bench.print_stream_benchmark(bench.stream_benchmark(model, seconds, repeats, listen_seconds, hop))
     except CheckpointError as e:
         fail(str(e))
 
