@@ -4,7 +4,6 @@ rich live view or JSON lines, until the duration is up or Ctrl-C."""
 from __future__ import annotations
 
 import statistics
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field

@@ -199,7 +199,8 @@ class Engine:
 
     def flush(self) -> list[Hop]:
         """End of stream: the padded window over the tail (when the last one missed it), then
-        the tags still on. The engine is then reset for the next stream."""
+        the tags still on, attached to that last hop, or to an extra hop without probabilities
+        when no window was left to run. Call `reset()` before the next stream."""
         total = self.offset + len(self.frames)
         hops = []
         if total and (self.next_hop == 0 or (self.next_hop - 1) * self.hop_frames + self.window_frames < total):

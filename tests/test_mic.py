@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import DATA, REPO, data_path
+from conftest import REPO, data_path
 from test_stream import detector, scene  # noqa: F401  (fixtures)
 
 VMIC = REPO.parent / "shared" / "vmic"

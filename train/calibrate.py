@@ -131,7 +131,7 @@ def calibrate(ckpt, out: Path, keywords: list[str], negatives: list[str], tags: 
             truth = np.array([[label in e.labels for label in labels] for e in examples])
             report[name] = calibrate_tags(streams, truth, labels)
             thresholds.update({label: r["threshold"] for label, r in report[name].items()})
-    model = checkpoint.load_model(ckpt)
+    model = backend.model
     extra = {k: v for k, v in model.config.items() if k not in ("format", "encoder", "fbank", "heads")}
     extra.update(thresholds=thresholds, calibration={"false_alarms_per_hour_target": target_per_hour, "post": vars(post) | {"thresholds": {}}, **report})
     checkpoint.save(out, model, model.fbank, **extra)
