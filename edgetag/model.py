@@ -323,6 +323,12 @@ class AudioTransformer(nn.Module):
         self.encoder = Encoder(encoder)
         self.head_configs = dict(heads or {})
         self.heads = nn.ModuleDict({name: Head(encoder.width, len(h.labels), encoder.norm_eps) for name, h in self.head_configs.items()})
+        for name, h in self.head_configs.items():
+            if h.kind == "tags" and len(h.labels) > 1:
+                # Start each sigmoid at the prior of one active class in len(labels): otherwise
+                # the first stretch of training only learns to say "no" to every class, and a
+                # short budget never gets past it (measured on ESC-50).
+                nn.init.constant_(self.heads[name].fc.bias, -math.log(len(h.labels) - 1))
 
     def embedding(self, features: torch.Tensor) -> torch.Tensor:
         """Pooled token outputs [B, width]."""

@@ -190,3 +190,10 @@ def test_overlapping_patches_count_and_values():
     assert patches.shape == (1, config.num_tokens(40), 256)
     torch.testing.assert_close(patches[0, 1].reshape(16, 16), x[0, :16, 10:26])
     torch.testing.assert_close(patches[0, 12].reshape(16, 16), x[0, 10:26, :16])
+
+
+def test_fresh_tag_heads_start_at_the_one_class_prior():
+    torch.manual_seed(0)
+    model = AudioTransformer(EncoderConfig.named("nano"), {"tags": HeadConfig("tags", list("abcdefghij"))})
+    probs = model.probabilities(torch.randn(8, 64, 128))["tags"]
+    assert abs(probs.mean().item() - 0.1) < 0.05  # 1 in 10, not 0.5
