@@ -113,8 +113,7 @@ def self_test(plan: Path, precision: str) -> list[str]:
     import torch
 
     backend = TensorRTBackend(plan)
-    export_dir = Path(json.loads(plan.with_suffix(".json").read_text())["export_dir"])
-    reference = np.load(export_dir / "reference.npz")
+    reference = np.load(backend.export_dir / "reference.npz")
     got = backend(torch.from_numpy(reference[backend.input]))
     return verify({head: reference[head] for head in backend.outputs}, got, precision)
 

@@ -32,7 +32,7 @@ import typer
 
 from edgetag import audio, checkpoint
 from edgetag.features import fbank, hop_frames, normalize, window_frames, windows
-from edgetag.runtime import DEFAULT_HOP, DEFAULT_WINDOW
+from edgetag.runtime import stream_settings
 
 OPSET = 20
 INPUT = "fbank"
@@ -163,8 +163,7 @@ def export(ckpt, out: Path, calibration: list[str], calibration_windows_count: i
     out.mkdir(parents=True, exist_ok=True)
     model = checkpoint.load_model(ckpt)
     config = model.config
-    stream = config.get("stream", {})
-    window, hop = stream.get("window", DEFAULT_WINDOW), stream.get("hop", DEFAULT_HOP)
+    window, hop = stream_settings(config)
     frames = window_frames(window, model.fbank)
     heads = list(model.head_configs)
     if not heads:

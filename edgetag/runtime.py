@@ -31,6 +31,12 @@ DEFAULT_WINDOW, DEFAULT_HOP = 1.0, 0.5  # seconds, for checkpoints without "stre
 BACKENDS = ("auto", "torch", "torch-int8", "onnx", "tensorrt")
 
 
+def stream_settings(config: dict) -> tuple[float, float]:
+    """(window, hop) in seconds from a checkpoint config, with the defaults when it has none."""
+    stream = config.get("stream", {})
+    return stream.get("window", DEFAULT_WINDOW), stream.get("hop", DEFAULT_HOP)
+
+
 class BackendError(Exception):
     """A backend that cannot run here; `str()` says why and what to do."""
 
@@ -43,8 +49,7 @@ class Backend:
         self.config = config
         self.heads = {name: HeadConfig(h["kind"], h["labels"]) for name, h in config.get("heads", {}).items()}
         self.fbank = FbankConfig.from_dict(config["fbank"])
-        stream = config.get("stream", {})
-        self.window, self.hop = stream.get("window", DEFAULT_WINDOW), stream.get("hop", DEFAULT_HOP)
+        self.window, self.hop = stream_settings(config)
         self.thresholds = config.get("thresholds", {})
         self.model_id = config.get("provenance", {}).get("id") or Path(str(source)).stem
 
@@ -167,7 +172,8 @@ class TensorRTBackend(Backend):
         problems = mismatch(sidecar, device_description(trt))
         if problems:
             raise BackendError(f"{plan}: built for another device or TensorRT ({'; '.join(problems)}); rebuild it here")
-        manifest = read_manifest(Path(sidecar.get("export_dir", plan.parent)))
+        self.export_dir = Path(sidecar.get("export_dir", plan.parent))
+        manifest = read_manifest(self.export_dir)
         self.describe(manifest["config"], manifest["model_id"])
         self.input, self.outputs = manifest["input"]["name"], manifest["outputs"]
         self.logger = trt.Logger(trt.Logger.WARNING)

@@ -23,8 +23,8 @@ import typer
 
 from edgetag import checkpoint
 from edgetag.features import normalize, window_frames, windows
+from edgetag.runtime import stream_settings
 from train.finetune import Task, config_from_cli, finetune, head_loss
-from train.evaluate import stream_settings
 
 
 class Teacher:

@@ -20,14 +20,9 @@ import typer
 
 import edgetag
 from edgetag.features import FbankConfig, hop_frames, normalize, window_frames, windows
-from edgetag.runtime import DEFAULT_HOP, DEFAULT_WINDOW
+from edgetag.runtime import stream_settings
 from train import metrics
 from train.data import Example, load_features, read_examples
-
-def stream_settings(config: dict) -> tuple[float, float]:
-    stream = config.get("stream", {})
-    return stream.get("window", DEFAULT_WINDOW), stream.get("hop", DEFAULT_HOP)
-
 
 def targets(examples: list[Example], labels: list[str]) -> torch.Tensor:
     """Multi-hot [N, C]; labels outside the head are ignored (the caller filters such clips)."""
