@@ -1,6 +1,7 @@
 """Build a TensorRT engine on the device it will run on (a Jetson), and refuse it unless it
 reproduces the export's reference outputs.
 
+    python -m deploy.build_engine                                  # the bundled model, fp16 -> ./model.fp16.plan
     python -m deploy.build_engine --onnx export/model.onnx --precision fp16 --out export/model.fp16.plan
     python -m deploy.build_engine --onnx export/model.int8.qdq.onnx --precision int8 --out export/model.int8.plan
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from edgetag.checkpoint import DEFAULT_EXPORT
 from edgetag.runtime import BackendError, TensorRTBackend, device_description, import_tensorrt, read_manifest
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -118,14 +120,21 @@ def self_test(plan: Path, precision: str) -> list[str]:
     return verify({head: reference[head] for head in backend.outputs}, got, precision)
 
 
+def default_onnx(precision: str) -> Path:
+    """The bundled export's input for this precision (INT8 comes from the Q/DQ model)."""
+    return DEFAULT_EXPORT / ("model.int8.qdq.onnx" if precision == "int8" else "model.onnx")
+
+
 def main(
-    onnx_file: Path = typer.Option(..., "--onnx", help="model.onnx (fp32/fp16) or model.int8.qdq.onnx (int8) from deploy.export."),
+    onnx_file: Path = typer.Option(None, "--onnx", help="model.onnx (fp32/fp16) or model.int8.qdq.onnx (int8) from deploy.export; default: the bundled model's."),
     precision: str = typer.Option("fp16", help="fp32, fp16 or int8."),
-    out: Path = typer.Option(..., help="The engine to write (.plan); its sidecar .json goes beside it."),
+    out: Path = typer.Option(None, help="The engine to write (.plan); its sidecar .json goes beside it. Default: model.PRECISION.plan here."),
     workspace_mib: int = typer.Option(1024, help="Builder workspace limit."),
     max_batch: int = typer.Option(64, help="Largest batch the engine accepts (file mode batches windows)."),
     timing_cache: Path = typer.Option(None, help="Timing cache to reuse and update (default: timing.cache beside --out)."),
 ) -> None:
+    onnx_file = onnx_file or default_onnx(precision)
+    out = out or Path(f"model.{precision}.plan")
     try:
         sidecar = build(onnx_file, precision, out, workspace_mib, max_batch, timing_cache=timing_cache)
         problems = self_test(out, precision)

@@ -19,6 +19,7 @@ from edgetag.model import AudioTransformer, EncoderConfig, HeadConfig
 FORMAT = "edgetag/1"
 METADATA_KEY = "edgetag"
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "model.safetensors"
+DEFAULT_EXPORT = DEFAULT_MODEL.parent / "export"  # its ONNX export (deploy.export), for --backend onnx
 
 
 class CheckpointError(Exception):

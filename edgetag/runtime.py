@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgetag.checkpoint import DEFAULT_MODEL, load_model
+from edgetag.checkpoint import DEFAULT_EXPORT, DEFAULT_MODEL, load_model
 from edgetag.features import FbankConfig
 from edgetag.model import HeadConfig
 
@@ -214,7 +214,7 @@ def resolve(model, backend: str = "auto") -> str:
 
 def load_backend(model=None, backend: str = "auto", device: str = "cpu", threads: int = 0) -> Backend:
     """A backend for `model` (a checkpoint, an export folder or .onnx file, or a .plan engine;
-    None: the bundled model). `threads` sizes ONNX Runtime's pool (torch's is process-wide:
+    None: the bundled model, or its bundled export for `onnx`). `threads` sizes ONNX Runtime's pool (torch's is process-wide:
     torch.set_num_threads); 0 leaves the library's default."""
     kind = resolve(model, backend)
     if model is not None and not os.path.exists(model):
@@ -224,5 +224,7 @@ def load_backend(model=None, backend: str = "auto", device: str = "cpu", threads
     if kind == "torch-int8":
         return TorchInt8Backend(model)
     if kind == "onnx":
-        return OnnxBackend(model, threads)
+        return OnnxBackend(model or DEFAULT_EXPORT, threads)
+    if model is None:
+        raise BackendError("the tensorrt backend needs an engine built on this device: python -m deploy.build_engine, then --model ENGINE.plan")
     return TensorRTBackend(model)

@@ -13,6 +13,7 @@ from edgetag import load_model
 from edgetag.checkpoint import save
 from edgetag.features import preset
 from edgetag.model import AudioTransformer, EncoderConfig, HeadConfig
+from edgetag.runtime import TorchBackend
 from train.augment import AugmentConfig
 from train.distill import Teacher
 from train.evaluate import evaluate
@@ -72,11 +73,10 @@ def test_evaluate_cli_writes_json_and_confusion(trained, dataset, tmp_path):
 
 def test_evaluate_matches_the_validation_figure(trained, dataset):
     out, results = trained
-    model = load_model(out / "best.safetensors")
     from train.data import split_examples
 
     _, val = split_examples(read_examples(str(dataset)), 25)
-    again = evaluate(model, val, "tags")
+    again = evaluate(TorchBackend(out / "best.safetensors"), val, "tags")
     assert again["accuracy"] == results["tags"]["accuracy"] and again["n"] == results["tags"]["n"]
 
 

@@ -139,11 +139,11 @@ def calibrate(ckpt, out: Path, keywords: list[str], negatives: list[str], tags: 
 
 
 def negative_audio(spec: str) -> list[Example]:
-    """Audio without keywords: a source spec with a reader (`esc50:PATH,folds=4`), or plain
-    folders and files of audio."""
+    """Audio without keywords: every audio file under a folder (or a file), or, for a source spec
+    with a reader or options (`esc50:PATH,folds=4`, `PATH,split=val`), the clips it selects."""
     from train.data import READERS, find_audio
 
-    if spec.split(":", 1)[0] in READERS:
+    if "," in spec or spec.split(":", 1)[0] in READERS:
         return read_examples(spec, "tags")
     return [Example(str(p), ()) for p in find_audio([spec])]
 

@@ -39,6 +39,10 @@ class Teacher:
         self.frames = window_frames(stream_settings(self.model.config)[0], self.fbank)
         self.logits: dict[str, list[torch.Tensor]] = {}
 
+    def settings(self) -> dict:
+        """What the student's checkpoint records about its teacher."""
+        return {"path": self.path, "temperature": self.temperature, "alpha": self.alpha}
+
     @torch.no_grad()
     def window_logits(self, head: str, x: torch.Tensor) -> torch.Tensor:
         """Logits of log-mel windows x [n, frames, F]. A window shorter than the teacher's is

@@ -1,16 +1,21 @@
-"""Evaluate a checkpoint's head on labelled clips: clip scores are the mean of the window
-probabilities over the clip (windows and hop as the streaming engine uses them).
+"""Evaluate a model's head on labelled clips: clip scores are the mean of the window
+probabilities over the clip (windows and hop as the streaming engine uses them). Any backend
+serves: a checkpoint (torch), an export folder or .onnx file (ONNX Runtime, int8 included).
 
     python -m train.evaluate --ckpt runs/ft/best.safetensors --data ../shared/data/esc50 --head tags --json report.json
+    python -m train.evaluate --data esc50:../shared/data/esc50,folds=4 --head tags \\
+        --classes-from esc50:../shared/data/esc50_other_folds        # the bundled model, 50-way ESC-50
 
 Prints the overall figures and a per-class table, writes a confusion-matrix PNG (single-label
 data) beside --json (or --plot). The JSON report has `n`, `accuracy` and `macro_f1`
-(single-label data) or `mAP` (multi-label data), and `per_class`.
+(single-label data) or `mAP` (multi-label data), and `per_class`. `spotting()` measures what
+`edgetag file` reports: keyword spots and false alarms per hour, through the streaming engine.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -18,11 +23,12 @@ import numpy as np
 import torch
 import typer
 
-import edgetag
+from edgetag.checkpoint import CheckpointError
 from edgetag.features import FbankConfig, hop_frames, normalize, window_frames, windows
-from edgetag.runtime import stream_settings
+from edgetag.runtime import BACKENDS, BackendError, load_backend
 from train import metrics
 from train.data import Example, load_features, read_examples
+
 
 def targets(examples: list[Example], labels: list[str]) -> torch.Tensor:
     """Multi-hot [N, C]; labels outside the head are ignored (the caller filters such clips)."""
@@ -36,17 +42,20 @@ def targets(examples: list[Example], labels: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_scores(model, feats: list[torch.Tensor], head: str, fbank: FbankConfig, frames: int, hop: int, batch_size: int = 256) -> np.ndarray:
-    """[N, C] mean window probabilities per clip."""
-    device = next(model.parameters()).device
+def clip_scores(predict, feats: list[torch.Tensor], head: str, fbank: FbankConfig, frames: int, hop: int, batch_size: int = 256) -> np.ndarray:
+    """[N, C] mean window probabilities per clip. `predict` maps normalised windows
+    [B, frames, n_mels] to per-head probabilities: a runtime backend, or `model_predict(model)`."""
     per_clip = [windows(f, frames, hop) for f in feats]
     flat = torch.cat(per_clip)
-    probs = []
-    for i in range(0, len(flat), batch_size):
-        probs.append(model.probabilities(normalize(flat[i : i + batch_size], fbank).to(device))[head].float().cpu())
-    probs = torch.cat(probs)
+    probs = np.concatenate([np.asarray(predict(normalize(flat[i : i + batch_size], fbank))[head], dtype=np.float32) for i in range(0, len(flat), batch_size)])
     bounds = np.cumsum([0] + [len(w) for w in per_clip])
-    return torch.stack([probs[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])]).numpy()
+    return np.stack([probs[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def model_predict(model):
+    """A model in training as a `predict` function (on its device, results on the CPU)."""
+    device = next(model.parameters()).device
+    return lambda x: {name: p.float().cpu() for name, p in model.probabilities(x.to(device)).items()}
 
 
 def single_label(y: torch.Tensor) -> bool:
@@ -102,21 +111,62 @@ def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path, title: str
     plt.close(fig)
 
 
-def evaluate(model, examples: list[Example], head: str, batch_size: int = 256) -> dict:
-    """Score `examples` with one head of a loaded edgetag model. Clips whose labels are all
-    outside the head, and unreadable clips, are left out and counted."""
-    labels = list(model.head_configs[head].labels)
-    known = [e for e in examples if any(label in labels for label in e.labels)]
-    feats = load_features(known, model.fbank, description="features")
+def evaluate(backend, examples: list[Example], head: str, classes: list[str] | None = None, batch_size: int = 256) -> dict:
+    """Score `examples` with one head of a backend (`edgetag.runtime.load_backend`). `classes`
+    limits the classes that compete for a clip (ESC-50 is a 50-way task even when the head also
+    knows DCASE's classes). Clips whose labels are all outside them, and unreadable clips, are
+    left out and counted."""
+    labels = list(backend.heads[head].labels)
+    scored = [label for label in labels if classes is None or label in classes]
+    known = [e for e in examples if any(label in scored for label in e.labels)]
+    feats = load_features(known, backend.fbank, description="features")
     kept = [(e, f) for e, f in zip(known, feats) if f is not None]
     if not kept:
         raise ValueError(f"no readable clip has a label of the {head!r} head")
-    window, hop = stream_settings(model.config)
-    frames, hop = window_frames(window, model.fbank), hop_frames(hop, model.fbank)
-    scores = clip_scores(model, [f for _, f in kept], head, model.fbank, frames, hop, batch_size)
-    result = report(scores, targets([e for e, _ in kept], labels), labels)
-    result.update(labels=labels, skipped_unknown_label=len(examples) - len(known), skipped_unreadable=len(known) - len(kept))
+    frames, hop = window_frames(backend.window, backend.fbank), hop_frames(backend.hop, backend.fbank)
+    scores = clip_scores(backend, [f for _, f in kept], head, backend.fbank, frames, hop, batch_size)
+    scores = scores[:, [labels.index(label) for label in scored]]
+    result = report(scores, targets([e for e, _ in kept], scored), scored)
+    result.update(labels=scored, skipped_unknown_label=len(examples) - len(known), skipped_unreadable=len(known) - len(kept))
     return result
+
+
+def spotting(backend, positives: list[Example], negatives: list[Example], post=None) -> dict:
+    """Keyword spots as `edgetag file` makes them (the streaming engine with the backend's
+    calibrated thresholds): false alarms per hour of `negatives` (audio without keywords; any
+    spot counts), and per keyword the share of its `positives` clips spotted as that keyword."""
+    from rich.progress import track
+
+    from edgetag import audio
+    from edgetag.stream import SPECIAL_KEYWORDS, Engine, PostConfig, events_of, process_file
+
+    engine = Engine(backend, post or PostConfig(thresholds=backend.thresholds))
+    head = next(name for name, h in backend.heads.items() if h.kind == "keywords")
+
+    def spots(examples: list[Example], description: str):
+        for e in track(examples, description=description, transient=True):
+            try:
+                hops = process_file(engine, e.path)
+            except audio.AudioError:
+                continue
+            yield e, [event.label for event in events_of(hops) if event.kind == "keyword"], engine.seconds
+
+    alarms, seconds = 0, 0.0
+    for _, labels, duration in spots(negatives, "negatives"):
+        alarms, seconds = alarms + len(labels), seconds + duration
+    per_keyword: dict[str, list[int]] = {}  # label -> [clips, spotted as it, spotted as another]
+    for e, labels, _ in spots([e for e in positives if e.labels[0] not in SPECIAL_KEYWORDS], "keywords"):
+        counts = per_keyword.setdefault(e.labels[0], [0, 0, 0])
+        counts[0] += 1
+        counts[1] += e.labels[0] in labels
+        counts[2] += any(label != e.labels[0] for label in labels)
+    clips = sum(c[0] for c in per_keyword.values())
+    return {
+        "head": head, "negative_hours": seconds / 3600, "false_alarms": alarms, "false_alarms_per_hour": alarms / max(seconds / 3600, 1e-9),
+        "keyword_clips": clips, "recall": sum(c[1] for c in per_keyword.values()) / max(clips, 1),
+        "wrong_spots": sum(c[2] for c in per_keyword.values()) / max(clips, 1),
+        "per_keyword": {label: {"clips": c[0], "recall": c[1] / c[0], "wrong": c[2] / c[0]} for label, c in per_keyword.items()},
+    }
 
 
 def print_report(result: dict, head: str) -> None:
@@ -142,21 +192,29 @@ def print_report(result: dict, head: str) -> None:
 def main(
     data: str = typer.Option(..., help="Labelled clips: a manifest, a dataset folder, or READER:PATH[,key=value] (see train.data.read_examples)."),
     head: str = typer.Option(..., help="tags or keywords."),
-    ckpt: str = typer.Option(..., help="An edgetag checkpoint."),
+    ckpt: str = typer.Option(None, help="A checkpoint, an export folder or .onnx file; default: the bundled model."),
+    backend: str = typer.Option("auto", help=f"Inference backend: {', '.join(BACKENDS)}."),
+    classes_from: str = typer.Option(None, help="Score among the classes of this data source only (e.g. the 50 ESC-50 classes)."),
     json_out: Path = typer.Option(None, "--json", help="Write the report here; the confusion matrix goes beside it."),
     plot: Path = typer.Option(None, help="Confusion-matrix PNG (single-label data)."),
     batch_size: int = typer.Option(256),
 ) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        model = edgetag.load_model(ckpt)
-        if head not in model.head_configs:
-            raise typer.BadParameter(f"{ckpt} has no {head!r} head (it has: {', '.join(model.head_configs) or 'none'})")
-        result = evaluate(model, read_examples(data, model.head_configs[head].kind), head, batch_size)
+        try:
+            runtime = load_backend(ckpt, backend)
+        except (CheckpointError, BackendError) as e:
+            print(f"train.evaluate: error: {e}", file=sys.stderr)
+            raise typer.Exit(2) from e
+        if head not in runtime.heads:
+            raise typer.BadParameter(f"{ckpt or 'the bundled model'} has no {head!r} head (it has: {', '.join(runtime.heads) or 'none'})")
+        kind = runtime.heads[head].kind
+        classes = sorted({label for e in read_examples(classes_from, kind) for label in e.labels}) if classes_from else None
+        result = evaluate(runtime, read_examples(data, kind), head, classes, batch_size)
     print_report(result, head)
     plot = plot or (json_out.with_suffix(".confusion.png") if json_out else None)
     if plot and "confusion" in result:
-        plot_confusion(result["confusion"], result["labels"], plot, f"{Path(str(ckpt)).name}: {head}")
+        plot_confusion(result["confusion"], result["labels"], plot, f"{runtime.model_id}: {head}")
     if json_out:
         json_out.write_text(json.dumps(result, indent=1))
 

@@ -33,7 +33,7 @@ from edgetag.features import FbankConfig, hop_frames, normalize, preset, window_
 from edgetag.model import AudioTransformer, EncoderConfig, HeadConfig, num_parameters
 from train.augment import AugmentConfig, augment, spec_augment
 from train.data import Example, find_audio, labels_of, load_features, read_examples, split_examples
-from train.evaluate import clip_scores, primary, report, targets
+from train.evaluate import clip_scores, model_predict, primary, report, targets
 
 MODES = ("full", "linear", "adapter")
 
@@ -191,7 +191,7 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 def validate(model: AudioTransformer, tasks: list[Task], fbank: FbankConfig, frames: int, hop: int) -> dict[str, dict]:
     model.eval()
-    results = {t.head: report(clip_scores(model, t.val, t.head, fbank, frames, hop), t.val_y, t.labels) for t in tasks}
+    results = {t.head: report(clip_scores(model_predict(model), t.val, t.head, fbank, frames, hop), t.val_y, t.labels) for t in tasks}
     model.train()
     return results
 
@@ -302,7 +302,7 @@ def finetune(c: FinetuneConfig, device: str | None = None, teacher=None) -> dict
                 checkpoint.save(out / "best.safetensors", model, fbank, stream={"window": c.window, "hop": c.hop},
                                 provenance={"stage": "distill" if teacher else "finetune", "epoch": epoch, "config": asdict(c),
                                             "validation": {h: {k: r[k] for k in ("n", "accuracy", "macro_f1", "mAP") if k in r} for h, r in results.items()},
-                                            "init": provenance})
+                                            "init": provenance, **({"teacher": teacher.settings()} if teacher else {})})
 
     with open(out / "history.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -1,0 +1,138 @@
+"""The recipe end to end on synthetic data with nano models: every stage runs, a second run
+skips them all, a changed setting reruns only the stages that build on it, and install bundles a
+model that loads and agrees across backends."""
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import make_dataset
+from train.augment import AugmentConfig
+from train.finetune import FinetuneConfig
+from train.pretrain import PretrainConfig
+from train.recipe import Recipe, digest, run, stages_of
+
+RATE = 16000
+
+
+def make_commands(root: Path, speakers: int = 10) -> Path:
+    """Speech Commands' layout: a folder per word, <speaker>_nohash_<n>.wav. "yes" and "no" are
+    tones, "bed" (an unknown word) is noise, _silence_ is near silence."""
+    rng = np.random.default_rng(1)
+    t = np.arange(RATE) / RATE
+    words = {"yes": lambda: 0.3 * np.sin(2 * np.pi * 700 * t), "no": lambda: 0.3 * np.sin(2 * np.pi * 2500 * t),
+             "bed": lambda: 0.1 * rng.standard_normal(RATE), "_silence_": lambda: 1e-4 * rng.standard_normal(RATE)}
+    for word, make in words.items():
+        (root / word).mkdir(parents=True, exist_ok=True)
+        for s in range(speakers):
+            sf.write(root / word / f"spk{s:02d}_nohash_0.wav", make().astype(np.float32), RATE)
+    return root
+
+
+def small_recipe(data: Path, out: Path) -> Recipe:
+    commands, sounds, negatives = str(data / "commands"), str(data / "sounds"), str(data / "negatives")
+    common = dict(train=[f"tags={sounds}", f"keywords={commands}"], val_percent=25.0, epochs=2, batch_size=16,
+                  augment=asdict(AugmentConfig(mixup=0.0)))
+    return Recipe(
+        model_id="test-model",
+        pretrain=PretrainConfig(data=[str(data)], out=str(out / "pretrain"), size="nano", frames=96, batch_size=8, steps=3,
+                                warmup_steps=1, checkpoint_every=3, num_workers=0),
+        teacher=FinetuneConfig(**common, out=str(out / "teacher"), init=str(out / "pretrain" / "encoder.safetensors"), lr=1e-3),
+        student=FinetuneConfig(**common, out=str(out / "student"), size="nano", lr=1e-3),
+        distill={"temperature": 2.0, "alpha": 0.5},
+        baselines={"scratch": FinetuneConfig(**common, out=str(out / "scratch"), size="nano", lr=1e-3)},
+        calibrate={"keywords": [f"{commands},split=val,percent=25"], "negatives": [negatives], "tags": [f"{sounds},split=val,percent=25"],
+                   "target_per_hour": 1.0},
+        export_calibration=[commands],
+        evaluation={
+            "keywords": {"data": f"{commands},split=val,percent=25", "head": "keywords"},
+            "esc50": {"data": f"{sounds},split=val,percent=25", "head": "tags", "classes_from": sounds},
+            "dcase": {"data": f"{sounds},split=val,percent=25", "head": "tags", "classes_from": sounds},
+            "held_out_negatives": [negatives],
+            "latency": {"seconds": 2.0, "repeats": 1, "listen_seconds": 1.0},
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    data = root / "data"
+    make_commands(data / "commands")
+    make_dataset(data / "sounds", clips=12, seconds=1.0)
+    (data / "negatives").mkdir()
+    for i in range(3):
+        sf.write(data / "negatives" / f"noise{i}.wav", (0.05 * np.random.default_rng(i).standard_normal(4 * RATE)).astype(np.float32), RATE)
+    recipe, out = small_recipe(data, root / "runs"), root / "runs"
+    torch.manual_seed(0)
+    run(recipe, out, install_to=root / "assets")
+    return recipe, out, root / "assets"
+
+
+@pytest.mark.slow
+def test_every_stage_leaves_its_marker_and_the_card_quotes_the_report(recipe_run):
+    recipe, out, _ = recipe_run
+    for folder in ("pretrain", "teacher", "student", "scratch", "calibrate", "export", "evaluate"):
+        marker = json.loads((out / folder / "stage.json").read_text())
+        assert marker["seconds"] > 0 and "settings" in marker
+    report = json.loads((out / "evaluate" / "stage.json").read_text())["result"]
+    assert set(report["models"]) == {"teacher", "student", "student, ONNX Runtime int8", "baseline: scratch"}
+    card = (out / "MODEL_CARD.md").read_text()
+    student = report["models"]["student"]
+    assert f"{100 * student['keywords']['accuracy']:.1f}%" in card
+    assert f"{student['spotting']['false_alarms_per_hour']:.2f}" in card
+    assert "test-model" in card and "baseline: scratch" in card
+    # the student's spotting was measured on the held-out negatives: 3 files of 4 s
+    assert student["spotting"]["negative_hours"] == pytest.approx(12 / 3600, rel=0.01)
+
+
+@pytest.mark.slow
+def test_a_second_run_skips_every_stage(recipe_run, capsys):
+    recipe, out, _ = recipe_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    stages = [s for s in stages_of(recipe) if s != "card"]
+    run(recipe, out, stages)
+    assert capsys.readouterr().out.count(": done") == len(stages)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == before
+
+
+@pytest.mark.slow
+def test_a_changed_setting_reruns_what_builds_on_it(recipe_run, capsys):
+    recipe, out, _ = recipe_run
+    teacher = (out / "teacher" / "best.safetensors").stat().st_mtime_ns
+    export_digest = digest(out / "export")
+    changed = replace(recipe, calibrate={**recipe.calibrate, "target_per_hour": 1000.0})
+    run(changed, out, ["teacher", "student", "calibrate", "export"])
+    printed = capsys.readouterr().out
+    assert f"{out / 'teacher'}: done" in printed and f"{out / 'student'}: done" in printed
+    assert printed.count("running it again") == 2  # calibrate, then export (its input changed)
+    assert digest(out / "export") != export_digest
+    assert (out / "teacher" / "best.safetensors").stat().st_mtime_ns == teacher
+    run(recipe, out, ["calibrate", "export"])  # back, for the other tests
+
+
+@pytest.mark.slow
+def test_installed_model_loads_with_its_id_thresholds_and_onnx_parity(recipe_run):
+    from edgetag.checkpoint import load_model
+    from edgetag.runtime import OnnxBackend, TorchBackend
+
+    _, out, assets = recipe_run
+    model = load_model(assets / "model.safetensors")
+    assert model.config["provenance"]["id"] == "test-model"
+    assert set(model.config["thresholds"]) >= {"yes", "no"}
+    assert (assets / "MODEL_CARD.md").is_file()
+    torch_backend, onnx_backend = TorchBackend(assets / "model.safetensors"), OnnxBackend(assets / "export" / "model.onnx")
+    x = torch.randn(3, onnx_backend.window_frames, 128)
+    for head, p in torch_backend(x).items():
+        np.testing.assert_allclose(onnx_backend(x)[head], p, atol=1e-4)
+    assert onnx_backend.thresholds == torch_backend.thresholds
+
+
+def test_unknown_stage_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown stage"):
+        run(small_recipe(tmp_path, tmp_path), tmp_path, ["pretrain", "polish"])

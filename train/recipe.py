@@ -1,0 +1,317 @@
+"""The bundled default model, reproduced end to end from the shared data folder.
+
+    python -m train.recipe default                                  # ../shared/data -> runs/default
+    python -m train.recipe default --data D --out runs/default --install
+    python -m train.recipe default --stages scratch,nokd           # some stages (e.g. baselines in a second process)
+
+Stages, each in its own folder under --out:
+
+1. pretrain   MAE-AST on every clip under --data, labels unused (train.pretrain)
+2. teacher    the pretrained tiny encoder fine-tuned on both heads: tags (ESC-50 folds 1-3, 5 and
+              DCASE 2016, named by AudioSet) and keywords (Speech Commands, 12 classes)
+3. student    a mini model distilled from the teacher (train.distill)
+4. scratch    baseline: the teacher's settings without pretraining
+5. nokd       baseline: the student's settings without the teacher
+6. calibrate  per-keyword thresholds at <= 1 false alarm per hour on validation audio without
+              keywords, per-tag thresholds by F1 (train.calibrate)
+7. export     ONNX fp32, int8 Q/DQ (TensorRT), dynamic int8 (CPUs) (deploy.export)
+8. evaluate   every model on the validation sets, false alarms per hour on held-out audio,
+              sizes and per-hop latency -> report.json
+9. card       MODEL_CARD.md, written from report.json
+
+A finished stage leaves `stage.json` (its settings, its duration, what it returned); a stage
+whose folder holds one with the same settings is skipped, so an interrupted recipe continues
+where it stopped and a changed setting reruns only what it touches. `--install` copies the
+calibrated checkpoint, its export and the model card into edgetag/assets. Seeds are fixed; the
+same machine and library versions give the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import typer
+
+from edgetag import checkpoint
+from train.augment import AugmentConfig
+from train.finetune import FinetuneConfig
+from train.pretrain import PretrainConfig
+
+ASSETS = Path(checkpoint.__file__).parent / "assets"
+BUNDLE_LIMIT = 20 * 2**20  # bytes in edgetag/assets for the model, its export and card
+
+
+@dataclass
+class Recipe:
+    """Every setting of one bundled model. Paths are strings, as the stages record them."""
+
+    model_id: str
+    pretrain: PretrainConfig
+    teacher: FinetuneConfig
+    student: FinetuneConfig
+    distill: dict  # temperature, alpha (train.distill.Teacher)
+    baselines: dict[str, FinetuneConfig]
+    calibrate: dict  # train.calibrate.calibrate's keywords, negatives, tags, target_per_hour
+    export_calibration: list[str]  # audio for the int8 models' activation ranges
+    evaluation: dict = field(default_factory=dict)  # what the report measures; see `evaluate`
+
+
+def default(data: str = "../shared/data", out: str = "runs/default") -> Recipe:
+    d, o = Path(data), Path(out)
+    speech_commands, noise = str(d / "speech_commands"), [str(d / "background_noise")]
+    esc50_train, esc50_val = f"esc50:{d / 'esc50_other_folds'}", f"esc50:{d / 'esc50'},folds=4"  # source-disjoint
+    dcase = str(d / "dcase2016_task2")
+    # Audio without keywords for the false-alarm figures: digits and wake words, split in two by
+    # speaker (FSDD) or clip (wake words): one half sets the thresholds, the other measures them.
+    speech_without_keywords = [str(d / "fsdd"), str(d / "wake_words")]
+    common = dict(
+        train=[f"tags={esc50_train}", f"tags={dcase},split=train,percent=20", f"keywords={speech_commands}"],
+        val=[f"tags={esc50_val}", f"tags={dcase},split=val,percent=20"],
+        val_percent=20.0,  # of Speech Commands speakers: the keyword validation split
+        noise=noise, window=1.0, hop=0.5, epochs=40, batch_size=64,
+        # no mixup: two words mixed make no keyword, and 40 epochs are too few for it to pay off on tags
+        augment=asdict(AugmentConfig(mixup=0.0)),
+    )
+    teacher = FinetuneConfig(**common, out=str(o / "teacher"), init=str(o / "pretrain" / "encoder.safetensors"), lr=5e-4)
+    student = FinetuneConfig(**common, out=str(o / "student"), size="mini", lr=1e-3)
+    return Recipe(
+        model_id="edgetag-default-1",
+        pretrain=PretrainConfig(data=[str(d)], out=str(o / "pretrain"), size="tiny", frames=192, batch_size=64, steps=3000,
+                                lr=4e-4, warmup_steps=300, checkpoint_every=250, num_workers=1),
+        teacher=teacher,
+        student=student,
+        distill={"temperature": 2.0, "alpha": 0.5},
+        baselines={
+            "scratch": FinetuneConfig(**common, out=str(o / "scratch"), size="tiny", lr=5e-4),
+            "nokd": FinetuneConfig(**common, out=str(o / "nokd"), size="mini", lr=1e-3),
+        },
+        calibrate={
+            "keywords": [f"{speech_commands},split=val,percent=20"],
+            "negatives": [f"{esc50_val}", f"{dcase},split=val,percent=20", *(f"{p},split=val,percent=50" for p in speech_without_keywords)],
+            "tags": [esc50_val, f"{dcase},split=val,percent=20"],
+            "target_per_hour": 1.0,
+        },
+        export_calibration=[speech_commands, str(d / "esc50_other_folds")],
+        evaluation={
+            "keywords": {"data": f"{speech_commands},split=val,percent=20", "head": "keywords"},
+            "esc50": {"data": esc50_val, "head": "tags", "classes_from": esc50_train},
+            "dcase": {"data": f"{dcase},split=val,percent=20", "head": "tags", "classes_from": f"{dcase},split=train,percent=20"},
+            "held_out_negatives": [f"{p},split=train,percent=50" for p in speech_without_keywords],
+            "latency": {"seconds": 30.0, "listen_seconds": 5.0},  # edgetag bench stream
+        },
+    )
+
+
+RECIPES = {"default": default}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def plain(settings) -> dict:
+    """Settings as stage.json stores them (dataclasses as dicts, tuples as lists)."""
+    return json.loads(json.dumps(asdict(settings) if hasattr(settings, "__dataclass_fields__") else settings))
+
+
+def digest(folder: Path) -> str:
+    """A finished stage's settings, hashed: downstream stages record it, so they rerun when it changes."""
+    marker = folder / "stage.json"
+    if not marker.is_file():
+        raise ValueError(f"{folder}: not done yet; run its stage first")
+    return hashlib.sha256(json.dumps(json.loads(marker.read_text())["settings"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_stage(folder: Path, settings, work, after: tuple[Path, ...] = ()) -> dict:
+    """Run `work()` unless `folder/stage.json` records these settings (and the same settings of
+    the stages in `after`, which it builds on); returns what `work()` returned."""
+    marker, settings = folder / "stage.json", plain(settings)
+    if after:
+        settings = {**settings, "after": {str(f): digest(f) for f in after}}
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if done["settings"] == settings:
+            print(f"{folder}: done")
+            return done["result"]
+        print(f"{folder}: settings changed since the last run, running it again")
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = work()
+    marker.write_text(json.dumps({"settings": settings, "seconds": time.perf_counter() - start, "result": result,
+                                  "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu"}, indent=1))
+    return result
+
+
+def pretrain_stage(c: PretrainConfig) -> dict:
+    from train.pretrain import pretrain
+
+    state = Path(c.out) / "last.pt"
+    if state.is_file():  # continue an interrupted run, but only one with these very settings
+        saved = torch.load(state, map_location="cpu", weights_only=True)["config"]
+        if plain(saved) != plain(c):
+            raise ValueError(f"{state}: written with other settings; remove {c.out} to pretrain again")
+    rows = pretrain(c, resume=True)
+    return {"steps": len(rows), "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
+
+
+def finetune_stage(c: FinetuneConfig, teacher: dict | None = None) -> dict:
+    """train.finetune, or train.distill with `teacher` ({path, temperature, alpha})."""
+    from train.distill import Teacher
+    from train.finetune import finetune
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = Teacher(teacher["path"], teacher["temperature"], teacher["alpha"], Path(c.out) / "teacher_logits.safetensors", device) if teacher else None
+    results = finetune(c, device, teacher=t)
+    return {head: {k: r[k] for k in ("n", "accuracy", "macro_f1", "mAP") if k in r} for head, r in results.items()}
+
+
+def calibrate_stage(recipe: Recipe, ckpt: Path, out: Path) -> dict:
+    """Thresholds into a copy of the student, which also gets the model's id."""
+    from train.calibrate import calibrate
+
+    report = calibrate(ckpt, out, **recipe.calibrate)
+    model = checkpoint.load_model(out)
+    extra = {k: v for k, v in model.config.items() if k not in ("format", "encoder", "fbank", "heads")}
+    extra["provenance"] = {**extra.get("provenance", {}), "id": recipe.model_id}
+    checkpoint.save(out, model, model.fbank, **extra)
+    return {"thresholds": model.config["thresholds"], "negative_hours": report.get("keywords", {}).get("negative_hours")}
+
+
+def export_stage(recipe: Recipe, ckpt: Path, out: Path) -> dict:
+    from deploy.export import export
+
+    return export(ckpt, out, recipe.export_calibration)
+
+
+SHIPPED = ("student", "student, ONNX Runtime int8")  # the bundled checkpoint and its int8 export
+
+
+def evaluate_stage(recipe: Recipe, models: dict[str, str]) -> dict:
+    """Every model on every validation task; keyword spotting and latency of the shipped model."""
+    import warnings
+
+    from edgetag import bench
+    from edgetag.runtime import load_backend
+    from train.data import read_examples
+    from train.calibrate import negative_audio
+    from train.evaluate import evaluate, spotting
+
+    e = recipe.evaluation
+    tasks = {name: spec for name, spec in e.items() if isinstance(spec, dict) and "data" in spec}
+    report: dict = {"models": {}, "tasks": tasks}
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        for name, path in models.items():
+            backend = load_backend(path)
+            entry = report["models"][name] = {"path": str(path), "backend": backend.name, "size_bytes": size_of(path)}
+            entry["classes"] = {head: len(h.labels) for head, h in backend.heads.items()}
+            if backend.name == "torch":
+                entry["parameters"] = sum(p.numel() for p in backend.model.parameters())
+            for task, spec in tasks.items():
+                kind = backend.heads[spec["head"]].kind
+                classes = sorted({label for x in read_examples(spec["classes_from"], kind) for label in x.labels}) if "classes_from" in spec else None
+                r = evaluate(backend, read_examples(spec["data"], kind), spec["head"], classes)
+                entry[task] = {k: r[k] for k in ("n", "accuracy", "macro_f1", "mAP")} | {"classes": len(r["labels"])}
+        positives = read_examples(tasks["keywords"]["data"], "keywords")
+        negatives = [x for spec in e["held_out_negatives"] for x in negative_audio(spec)]
+        for name in SHIPPED:
+            report["models"][name]["spotting"] = spotting(load_backend(models[name]), positives, negatives)
+    report["latency"] = {name: bench.stream_benchmark(models[name], **e["latency"]) for name in SHIPPED}
+    return report
+
+
+def size_of(path) -> int:
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
+
+
+def install(calibrated: Path, export_dir: Path, card: Path, assets: Path = ASSETS) -> list[Path]:
+    """Copy the shipped model into `assets` (edgetag/assets: the checkpoint, its export, the card)."""
+    target = assets / checkpoint.DEFAULT_EXPORT.name
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    copies = [shutil.copy2(calibrated, assets / checkpoint.DEFAULT_MODEL.name), shutil.copy2(card, assets / "MODEL_CARD.md")]
+    copies += [shutil.copy2(p, target / p.name) for p in sorted(export_dir.iterdir()) if p.is_file() and p.name != "stage.json"]
+    total = sum(Path(p).stat().st_size for p in copies)
+    if total > BUNDLE_LIMIT:
+        raise ValueError(f"the bundle is {total / 2**20:.1f} MiB, over the {BUNDLE_LIMIT / 2**20:.0f} MiB limit")
+    return [Path(p) for p in copies]
+
+
+def stages_of(recipe: Recipe) -> list[str]:
+    return ["pretrain", "teacher", "student", *recipe.baselines, "calibrate", "export", "evaluate", "card"]
+
+
+def run(recipe: Recipe, out: Path, stages: list[str] | None = None, install_to: Path | None = None) -> None:
+    """Run `stages` (default: all) in order, each skipped when already done; then install into `install_to`."""
+    stages = stages_of(recipe) if stages is None else stages
+    unknown = set(stages) - set(stages_of(recipe))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(sorted(unknown))}; stages: {', '.join(stages_of(recipe))}")
+    teacher_ckpt, student_ckpt = Path(recipe.teacher.out) / "best.safetensors", Path(recipe.student.out) / "best.safetensors"
+    calibrated, export_dir = out / "calibrate" / "model.safetensors", out / "export"
+    distill = {"path": str(teacher_ckpt), **recipe.distill}
+    models = {"teacher": str(teacher_ckpt), "student": str(calibrated), "student, ONNX Runtime int8": str(export_dir),
+              **{f"baseline: {name}": str(Path(c.out) / "best.safetensors") for name, c in recipe.baselines.items()}}
+    pretrained, teacher, student = Path(recipe.pretrain.out), Path(recipe.teacher.out), Path(recipe.student.out)
+    baselines = tuple(Path(c.out) for c in recipe.baselines.values())
+    steps = {
+        "pretrain": lambda: run_stage(pretrained, recipe.pretrain, lambda: pretrain_stage(recipe.pretrain)),
+        "teacher": lambda: run_stage(teacher, recipe.teacher, lambda: finetune_stage(recipe.teacher), after=(pretrained,)),
+        "student": lambda: run_stage(student, {"finetune": plain(recipe.student), "distill": distill},
+                                     lambda: finetune_stage(recipe.student, distill), after=(teacher,)),
+        **{name: (lambda c=c: run_stage(Path(c.out), c, lambda: finetune_stage(c))) for name, c in recipe.baselines.items()},
+        "calibrate": lambda: run_stage(calibrated.parent, {"ckpt": str(student_ckpt), "id": recipe.model_id, **recipe.calibrate},
+                                       lambda: calibrate_stage(recipe, student_ckpt, calibrated), after=(student,)),
+        "export": lambda: run_stage(export_dir, {"ckpt": str(calibrated), "calibration": recipe.export_calibration},
+                                    lambda: export_stage(recipe, calibrated, export_dir), after=(calibrated.parent,)),
+        "evaluate": lambda: run_stage(out / "evaluate", {"evaluation": recipe.evaluation, "models": models},
+                                      lambda: evaluate_stage(recipe, models), after=(teacher, export_dir, *baselines)),
+        "card": lambda: write_card(recipe, out),
+    }
+    for name in stages:
+        print(f"== {name}")
+        steps[name]()
+    if install_to is not None:
+        for path in install(calibrated, export_dir, out / "MODEL_CARD.md", install_to):
+            print(f"installed {path} ({path.stat().st_size / 2**20:.2f} MiB)")
+
+
+def write_card(recipe: Recipe, out: Path) -> None:
+    from train.model_card import render
+
+    report = json.loads((out / "evaluate" / "stage.json").read_text())
+    text = render(recipe, report["result"], {name: json.loads((Path(folder) / "stage.json").read_text()) for name, folder in stage_folders(recipe, out).items()})
+    (out / "MODEL_CARD.md").write_text(text)
+    print(f"{out / 'MODEL_CARD.md'}: written")
+
+
+def stage_folders(recipe: Recipe, out: Path) -> dict[str, str]:
+    return {"pretrain": recipe.pretrain.out, "teacher": recipe.teacher.out, "student": recipe.student.out,
+            **{name: c.out for name, c in recipe.baselines.items()}, "calibrate": str(out / "calibrate"), "export": str(out / "export")}
+
+
+def main(
+    name: str = typer.Argument("default", help=f"The recipe: {', '.join(RECIPES)}."),
+    data: str = typer.Option("../shared/data", help="The shared data folder (Speech Commands, ESC-50, DCASE 2016, FSDD, wake words, noise)."),
+    out: str = typer.Option("runs/default", help="Where every stage writes its folder."),
+    stages: str = typer.Option("", help="Comma-separated stages to run, in order (default: all; see the module's docstring)."),
+    install_assets: bool = typer.Option(False, "--install", help="Copy the calibrated model, its export and the card into edgetag/assets."),
+) -> None:
+    if name not in RECIPES:
+        raise typer.BadParameter(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
+    if not Path(data).is_dir():
+        raise typer.BadParameter(f"{data}: no such folder (the shared data: Speech Commands, ESC-50, ...)")
+    chosen = [s.strip() for s in stages.split(",") if s.strip()] or None
+    run(RECIPES[name](data, out), Path(out), chosen, ASSETS if install_assets else None)
+
+
+if __name__ == "__main__":
+    typer.run(main)
