@@ -97,6 +97,30 @@ def describe(name: str, stage: dict) -> str:
     return ""
 
 
+def plot_results(report: dict, path: Path) -> None:
+    """Accuracy of every model on every task, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = {"keywords": "keywords (12-way)", "esc50": "ESC-50 (50-way)", "dcase": "DCASE 2016"}
+    names = list(report["models"])
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [100 * report["models"][name][task]["accuracy"] for task in tasks]
+        bars = ax.bar([t + i * width for t in range(len(tasks))], values, width, label=name)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks([t + width * (len(names) - 1) / 2 for t in range(len(tasks))], list(tasks.values()))
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def render(recipe, report: dict, stages: dict[str, dict]) -> str:
     student = report["models"]["student"]
     thresholds = stages["calibrate"]["result"]["thresholds"]
@@ -110,10 +134,10 @@ def render(recipe, report: dict, stages: dict[str, dict]) -> str:
         "the ontology has them) and **keywords** (the 12-class Speech Commands task: yes, no, up, down,",
         "left, right, on, off, stop, go, `_unknown_`, `_silence_`).",
         "",
-        f"It is a `{recipe.student.size}` encoder ({student['parameters'] / 1e6:.2f}M parameters, 16x16 patch tokens) distilled from a `tiny`",
-        "teacher that was pretrained the MAE-AST way on every clip of the training data (labels unused)",
+        f"It is a `{recipe.student.size}` encoder ({student['parameters'] / 1e6:.2f}M parameters, 16x16 patch tokens) distilled from a",
+        f"`{recipe.pretrain.size}` teacher that was pretrained the MAE-AST way on every clip of the training data (labels unused)",
         "and then fine-tuned on both tasks. Everything here was produced and measured by",
-        f"`python -m train.recipe default` (`train/recipe.py`); the figures below are copied from its report.",
+        "`python -m train.recipe default` (`train/recipe.py`); the figures below are copied from its report.",
         "",
         "## Files (edgetag/assets)",
         "",

@@ -32,7 +32,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 import torch
@@ -59,7 +59,7 @@ class Recipe:
     baselines: dict[str, FinetuneConfig]
     calibrate: dict  # train.calibrate.calibrate's keywords, negatives, tags, target_per_hour
     export_calibration: list[str]  # audio for the int8 models' activation ranges
-    evaluation: dict = field(default_factory=dict)  # what the report measures; see `evaluate`
+    evaluation: dict = field(default_factory=dict)  # tasks, held-out negatives, latency (see evaluate_stage)
 
 
 def default(data: str = "../shared/data", out: str = "runs/default") -> Recipe:
@@ -117,7 +117,7 @@ RECIPES = {"default": default}
 
 def plain(settings) -> dict:
     """Settings as stage.json stores them (dataclasses as dicts, tuples as lists)."""
-    return json.loads(json.dumps(asdict(settings) if hasattr(settings, "__dataclass_fields__") else settings))
+    return json.loads(json.dumps(asdict(settings) if is_dataclass(settings) else settings))
 
 
 def digest(folder: Path) -> str:
@@ -192,15 +192,17 @@ def export_stage(recipe: Recipe, ckpt: Path, out: Path) -> dict:
 SHIPPED = ("student", "student, ONNX Runtime int8")  # the bundled checkpoint and its int8 export
 
 
-def evaluate_stage(recipe: Recipe, models: dict[str, str]) -> dict:
-    """Every model on every validation task; keyword spotting and latency of the shipped model."""
+def evaluate_stage(recipe: Recipe, models: dict[str, str], folder: Path) -> dict:
+    """Every model on every validation task; keyword spotting and latency of the shipped model.
+    Plots into `folder`: the models side by side, the shipped model's confusion matrices."""
     import warnings
 
     from edgetag import bench
     from edgetag.runtime import load_backend
-    from train.data import read_examples
     from train.calibrate import negative_audio
-    from train.evaluate import evaluate, spotting
+    from train.data import read_examples
+    from train.evaluate import evaluate, plot_confusion, spotting
+    from train.model_card import plot_results
 
     e = recipe.evaluation
     tasks = {name: spec for name, spec in e.items() if isinstance(spec, dict) and "data" in spec}
@@ -209,7 +211,7 @@ def evaluate_stage(recipe: Recipe, models: dict[str, str]) -> dict:
         warnings.simplefilter("always")
         for name, path in models.items():
             backend = load_backend(path)
-            entry = report["models"][name] = {"path": str(path), "backend": backend.name, "size_bytes": size_of(path)}
+            entry = report["models"][name] = {"path": str(path), "backend": backend.name, "size_bytes": Path(path).stat().st_size}
             entry["classes"] = {head: len(h.labels) for head, h in backend.heads.items()}
             if backend.name == "torch":
                 entry["parameters"] = sum(p.numel() for p in backend.model.parameters())
@@ -218,17 +220,15 @@ def evaluate_stage(recipe: Recipe, models: dict[str, str]) -> dict:
                 classes = sorted({label for x in read_examples(spec["classes_from"], kind) for label in x.labels}) if "classes_from" in spec else None
                 r = evaluate(backend, read_examples(spec["data"], kind), spec["head"], classes)
                 entry[task] = {k: r[k] for k in ("n", "accuracy", "macro_f1", "mAP")} | {"classes": len(r["labels"])}
+                if name == SHIPPED[0]:
+                    plot_confusion(r["confusion"], r["labels"], folder / f"confusion_{task}.png", f"{recipe.model_id}: {task}")
         positives = read_examples(tasks["keywords"]["data"], "keywords")
         negatives = [x for spec in e["held_out_negatives"] for x in negative_audio(spec)]
         for name in SHIPPED:
             report["models"][name]["spotting"] = spotting(load_backend(models[name]), positives, negatives)
     report["latency"] = {name: bench.stream_benchmark(models[name], **e["latency"]) for name in SHIPPED}
+    plot_results(report, folder / "models.png")
     return report
-
-
-def size_of(path) -> int:
-    path = Path(path)
-    return sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
 
 
 def install(calibrated: Path, export_dir: Path, card: Path, assets: Path = ASSETS) -> list[Path]:
@@ -258,7 +258,7 @@ def run(recipe: Recipe, out: Path, stages: list[str] | None = None, install_to: 
     teacher_ckpt, student_ckpt = Path(recipe.teacher.out) / "best.safetensors", Path(recipe.student.out) / "best.safetensors"
     calibrated, export_dir = out / "calibrate" / "model.safetensors", out / "export"
     distill = {"path": str(teacher_ckpt), **recipe.distill}
-    models = {"teacher": str(teacher_ckpt), "student": str(calibrated), "student, ONNX Runtime int8": str(export_dir),
+    models = {"teacher": str(teacher_ckpt), "student": str(calibrated), "student, ONNX Runtime int8": str(export_dir / "model.int8.onnx"),
               **{f"baseline: {name}": str(Path(c.out) / "best.safetensors") for name, c in recipe.baselines.items()}}
     pretrained, teacher, student = Path(recipe.pretrain.out), Path(recipe.teacher.out), Path(recipe.student.out)
     baselines = tuple(Path(c.out) for c in recipe.baselines.values())
@@ -273,7 +273,7 @@ def run(recipe: Recipe, out: Path, stages: list[str] | None = None, install_to: 
         "export": lambda: run_stage(export_dir, {"ckpt": str(calibrated), "calibration": recipe.export_calibration},
                                     lambda: export_stage(recipe, calibrated, export_dir), after=(calibrated.parent,)),
         "evaluate": lambda: run_stage(out / "evaluate", {"evaluation": recipe.evaluation, "models": models},
-                                      lambda: evaluate_stage(recipe, models), after=(teacher, export_dir, *baselines)),
+                                      lambda: evaluate_stage(recipe, models, out / "evaluate"), after=(teacher, export_dir, *baselines)),
         "card": lambda: write_card(recipe, out),
     }
     for name in stages:

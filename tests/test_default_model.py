@@ -1,0 +1,112 @@
+"""The bundled default model: what the README's quick start promises, the bundle's integrity
+(checkpoint, export, card agree), and the model card's figures measured again."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, data_path
+from edgetag.checkpoint import DEFAULT_EXPORT, DEFAULT_MODEL
+from train.labels import KEYWORD_LABELS, KEYWORDS
+
+EXAMPLE = REPO / "edgetag" / "assets" / "example.flac"
+CARD = DEFAULT_MODEL.parent / "MODEL_CARD.md"
+BARK, YES = (0.0, 5.0), (5.5, 6.5)  # seconds of the example (edgetag/assets/NOTICE)
+
+
+def edgetag_file(*args) -> list[dict]:
+    run = subprocess.run([sys.executable, "-m", "edgetag", "file", str(EXAMPLE), "--json", *args], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return [json.loads(line) for line in run.stdout.splitlines()]
+
+
+def card_row(name: str) -> list[str]:
+    """The cells of a model's row in the card's validation table."""
+    for line in CARD.read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == name and len(cells) == 7:
+            return cells
+    raise AssertionError(f"no row {name!r} in {CARD}")
+
+
+def test_load_model_without_an_argument_is_the_bundled_model():
+    import edgetag
+
+    model = edgetag.load_model()
+    assert model.config["provenance"]["id"] == json.loads((DEFAULT_EXPORT / "manifest.json").read_text())["model_id"]
+    assert list(model.head_configs["keywords"].labels) == list(KEYWORD_LABELS)
+    assert model.head_configs["tags"].kind == "tags" and "Dog" in model.head_configs["tags"].labels
+    assert set(model.config["thresholds"]) >= set(KEYWORDS)  # every keyword calibrated
+    assert model.config["stream"] == {"window": 1.0, "hop": 0.5}
+
+
+def test_the_bundle_fits_in_20_mib():
+    files = [DEFAULT_MODEL, CARD, *DEFAULT_EXPORT.iterdir()]
+    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+
+
+def test_quick_start_tags_the_dog_and_spots_yes():
+    """The README's first command, on a clip the model never trained on."""
+    events = edgetag_file()
+    dog = [e for e in events if e["kind"] == "tag" and e["label"] == "Dog"]
+    assert dog and dog[0]["start"] < BARK[1] and dog[0]["end"] > BARK[0]
+    keywords = [e for e in events if e["kind"] == "keyword"]
+    assert [e["label"] for e in keywords] == ["yes"]
+    assert keywords[0]["start"] <= YES[0] and keywords[0]["end"] >= YES[0]  # a window over the word
+    assert {e["model"] for e in events} == {edgetag_model_id()}
+
+
+def edgetag_model_id() -> str:
+    import edgetag
+
+    return edgetag.load_model().config["provenance"]["id"]
+
+
+def test_the_export_is_the_checkpoint():
+    """manifest.json carries the checkpoint's config, every file's hash holds, and the fp32 ONNX
+    reproduces the checkpoint on the reference inputs."""
+    import edgetag
+    from edgetag.runtime import OnnxBackend
+
+    manifest = json.loads((DEFAULT_EXPORT / "manifest.json").read_text())
+    model = edgetag.load_model()
+    assert manifest["config"] == model.config
+    for name, entry in manifest["files"].items():
+        assert hashlib.sha256((DEFAULT_EXPORT / name).read_bytes()).hexdigest() == entry["sha256"], name
+    reference = np.load(DEFAULT_EXPORT / "reference.npz")
+    x = torch.from_numpy(reference["fbank"])
+    onnx = OnnxBackend(DEFAULT_EXPORT / "model.onnx")(x)
+    with torch.no_grad():
+        expected = model.probabilities(x)
+    for head in model.head_configs:
+        np.testing.assert_allclose(onnx[head], expected[head].numpy(), atol=1e-4)
+        np.testing.assert_allclose(reference[head], expected[head].numpy(), atol=1e-5)
+
+
+def test_int8_backend_tells_the_same_story():
+    """`--backend onnx` without --model runs the bundled dynamic-int8 export."""
+    events = edgetag_file("--backend", "onnx")
+    assert [e["label"] for e in events if e["kind"] == "keyword"] == ["yes"]
+    assert any(e["kind"] == "tag" and e["label"] == "Dog" for e in events)
+
+
+def test_card_names_this_model():
+    assert edgetag_model_id() in CARD.read_text()
+
+
+@pytest.mark.slow
+def test_card_keyword_and_esc50_accuracy_are_measured_again(tmp_path):
+    """`python -m train.evaluate` without --ckpt reproduces the card's student figures."""
+    speech_commands, esc50, esc50_train = data_path("speech_commands"), data_path("esc50"), data_path("esc50_other_folds")
+    row = card_row("student")
+    for args, cell in ((["--data", f"{speech_commands},split=val,percent=20", "--head", "keywords"], row[3]),
+                       (["--data", f"esc50:{esc50},folds=4", "--head", "tags", "--classes-from", f"esc50:{esc50_train}"], row[4])):
+        report = tmp_path / "report.json"
+        run = subprocess.run([sys.executable, "-m", "train.evaluate", *args, "--json", str(report)], cwd=REPO, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert f"{100 * json.loads(report.read_text())['accuracy']:.1f}%" == cell
