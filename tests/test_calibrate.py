@@ -48,3 +48,40 @@ def test_tag_thresholds_are_written_into_a_checkpoint_the_engine_reads(tmp_path)
 
     engine = Engine(load_backend(tmp_path / "cal.safetensors"))
     assert list(engine.post.on["tags"]) == [model.config["thresholds"][label] for label in ("noise", "tone")]
+
+
+def test_spotting_counts_what_edgetag_file_reports(tmp_path):
+    """The card's false alarms per hour are the keyword events `edgetag file` prints for the
+    same audio, with the same thresholds; keyword clips count as spotted only as their keyword."""
+    import json
+    import subprocess
+    import sys
+
+    import soundfile as sf
+    import torch
+
+    from conftest import REPO, white_noise
+    from edgetag.checkpoint import save
+    from edgetag.features import preset
+    from edgetag.model import AudioTransformer, EncoderConfig, HeadConfig
+    from edgetag.runtime import load_backend
+    from train.data import Example
+    from train.evaluate import spotting
+
+    torch.manual_seed(0)
+    heads = {"keywords": HeadConfig("keywords", ["yes", "no", "_unknown_", "_silence_"])}
+    path = save(tmp_path / "m.safetensors", AudioTransformer(EncoderConfig.named("nano"), heads), preset("ast"),
+                stream={"window": 1.0, "hop": 0.25}, thresholds={"yes": 0.3, "no": 0.3})  # low: an untrained model spots often
+    negatives = []
+    for i in range(3):
+        negatives.append(tmp_path / f"noise{i}.wav")
+        sf.write(negatives[-1], white_noise(3.0 + i, seed=i), 16000)
+    result = spotting(load_backend(path), [Example(str(negatives[0]), ("yes",))], [Example(str(p), ()) for p in negatives])
+    run = subprocess.run([sys.executable, "-m", "edgetag", "file", *map(str, negatives), "--model", str(path), "--json"],
+                         cwd=REPO, capture_output=True, text=True)
+    printed = [json.loads(line) for line in run.stdout.splitlines()]
+    assert result["false_alarms"] == sum(e["kind"] == "keyword" for e in printed) > 0
+    assert result["negative_hours"] == 12.0 / 3600
+    first = [e["label"] for e in printed if e["kind"] == "keyword" and e["file"] == str(negatives[0])]
+    assert result["per_keyword"]["yes"]["recall"] == float("yes" in first)
+    assert result["per_keyword"]["yes"]["wrong"] == float(any(label != "yes" for label in first))
