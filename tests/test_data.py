@@ -117,6 +117,17 @@ def test_split_option_gives_disjoint_sides_of_one_source(tmp_path):
         read_examples(f"{tmp_path},split=test")
 
 
+def test_label_option_relabels_the_clips_it_selects(tmp_path):
+    """Sounds as a keyword head's "no word": one label for every clip, after the split."""
+    for label in ("dog", "rain"):
+        for i in range(10):
+            write(tmp_path / label / f"{label}{i}.wav", seconds=0.1)
+    plain = read_examples(f"{tmp_path},split=val,percent=40", "keywords")
+    relabelled = read_examples(f"{tmp_path},split=val,percent=40,label=_silence_", "keywords")
+    assert [e.path for e in relabelled] == [e.path for e in plain] and {e.labels for e in relabelled} == {("_silence_",)}
+    assert {e.labels for e in plain} == {("dog",), ("rain",)}
+
+
 def test_hash_split_is_stable_and_near_the_percentage():
     groups = [f"speaker{i}" for i in range(4000)]
     share = sum(in_validation(g, 20) for g in groups) / len(groups)

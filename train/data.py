@@ -235,12 +235,14 @@ def read_examples(spec: str, kind: str = "tags") -> list[Example]:
     """Examples from a source spec, `[READER:]PATH[,key=value...]`: READER one of READERS
     (detected from the path when left out), options passed to it (esc50: folds=, audioset:
     audio=, labels_csv=), except `split=train|val` (and `percent=`, default 10), which keeps one
-    side of `split_examples`, so one source can give a head both its training and validation data.
-    For a tag head, class names become AudioSet display names where they map (`tag_name`)."""
+    side of `split_examples`, so one source can give a head both its training and validation data,
+    and `label=NAME`, which gives every clip that one label (ESC-50 sounds as a keyword head's
+    `_silence_`: audio without a word). For a tag head, class names become AudioSet display names
+    where they map (`tag_name`)."""
     reader, _, rest = spec.partition(":") if spec.split(":", 1)[0] in READERS else ("", "", spec)
     path, *options = rest.split(",")
     kwargs = dict(option.split("=", 1) for option in options)
-    side, percent = kwargs.pop("split", None), float(kwargs.pop("percent", 10.0))
+    side, percent, label = kwargs.pop("split", None), float(kwargs.pop("percent", 10.0)), kwargs.pop("label", None)
     if side not in (None, "train", "val"):
         raise ValueError(f"{spec}: split must be train or val, not {side!r}")
     path = Path(path)
@@ -252,6 +254,8 @@ def read_examples(spec: str, kind: str = "tags") -> list[Example]:
     examples = READERS[reader](path, **kwargs)
     if side is not None:
         examples = split_examples(examples, percent)[side == "val"]
+    if label is not None:
+        examples = [Example(e.path, (label,), e.start, e.end, e.group, e.split) for e in examples]
     if kind == "tags":
         examples = [Example(e.path, tuple(map(tag_name, e.labels)), e.start, e.end, e.group, e.split) for e in examples]
     return examples

@@ -8,7 +8,8 @@ from pathlib import Path
 DATA = [
     ("Speech Commands v0.02 (12-class task)", "speech_commands/", "keywords: training and speaker-disjoint validation (20% of speakers)",
      "CC BY 4.0, Warden 2018"),
-    ("ESC-50, folds 1-3 and 5", "esc50_other_folds/", "tags: training", "CC BY-NC 3.0 (ESC-10 subset CC BY 3.0), Piczak 2015"),
+    ("ESC-50, folds 1-3 and 5", "esc50_other_folds/", "tags: training; keywords: 15% of its sources as audio without a word (`_silence_`)",
+     "CC BY-NC 3.0 (ESC-10 subset CC BY 3.0), Piczak 2015"),
     ("ESC-50, fold 4", "esc50/", "tags: validation (source-disjoint); keyword calibration negatives", "as above"),
     ("DCASE 2016 task 2", "dcase2016_task2/", "tags: training and validation (20% of clips)", "DCASE 2016 challenge data, Lafay et al."),
     ("Speech Commands background noise", "background_noise/", "noise augmentation", "CC BY 4.0"),
