@@ -180,6 +180,8 @@ def test_resume_continues_where_it_stopped(tmp_path):
     config.steps = 20
     rows = pretrain(config, resume=True, device="cpu")
     assert [r["step"] for r in rows] == list(range(1, 21))
+    seconds = [r["seconds"] for r in rows]  # training time keeps counting across the resume
+    assert all(a < b for a, b in zip(seconds, seconds[1:]))
 
 
 @pytest.mark.slow

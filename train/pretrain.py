@@ -153,6 +153,8 @@ def pretrain(c: PretrainConfig, resume: bool = False, device: str | None = None)
             export_encoder(model, c, step, out / "encoder.safetensors")
 
     model.train()
+    # wall-clock seconds of training so far, carried across --resume so a run's cost stays on record
+    elapsed, tick = (rows[-1].get("seconds", 0.0) if rows else 0.0), time.perf_counter()
     columns = [TextColumn("[bold]pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[stats]}"), TimeRemainingColumn()]
     with Progress(*columns, disable=rank != 0) as progress:
         task = progress.add_task("pretrain", total=c.steps, completed=step, stats="")
@@ -178,7 +180,8 @@ def pretrain(c: PretrainConfig, resume: bool = False, device: str | None = None)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
                     optimizer.step()
                     step += 1
-                    row = {"step": step, "loss": loss.item(), **{k: float(v) for k, v in metrics.items()}, "lr": lr}
+                    row = {"step": step, "loss": loss.item(), **{k: float(v) for k, v in metrics.items()}, "lr": lr,
+                           "seconds": elapsed + time.perf_counter() - tick}
                     rows.append(row)
                     clips_per_s = len(batch) / (time.perf_counter() - start)
                     progress.update(task, completed=step, stats=f"loss {row['loss']:.3f}  {clips_per_s:.0f} clips/s  skipped {skipped}")
@@ -190,7 +193,7 @@ def pretrain(c: PretrainConfig, resume: bool = False, device: str | None = None)
 
     if rank == 0:
         with open(out / "loss.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
             writer.writeheader()
             writer.writerows(rows)
         plot_losses(rows, out / "loss.png")
