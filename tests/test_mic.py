@@ -74,16 +74,18 @@ def test_live_events_equal_file_events_within_one_hop(detector, scene, tmp_path)
 
 def test_bundled_model_hears_the_example_through_the_microphone(tmp_path):
     """The quick start's clip, played into the microphone: the bundled model tags the dog and
-    spots "yes", at the times `edgetag file` reports them (within one hop, after the lead-in)."""
+    spots the keywords `edgetag file` spots, at the times it reports them (within one hop, after
+    the lead-in)."""
     example = REPO / "edgetag" / "assets" / "example.flac"
     live = listen_while_playing(None, example, 10.0, tmp_path)[:-1]
     run = subprocess.run([sys.executable, "-m", "edgetag", "file", str(example), "--json"], cwd=REPO, capture_output=True, text=True)
     offline = [json.loads(line) for line in run.stdout.splitlines()]
     spots = lambda rows: [r for r in rows if r["kind"] == "keyword"]  # noqa: E731
-    assert [r["label"] for r in spots(live)] == [r["label"] for r in spots(offline)] == ["yes"]
+    assert [r["label"] for r in spots(live)] == [r["label"] for r in spots(offline)]
     dog = lambda rows: next(r for r in rows if r["kind"] == "tag" and r["label"] == "Dog")  # noqa: E731
     lead_in = dog(live)["start"] - dog(offline)["start"]  # the microphone was open before the clip began
     assert 0 <= lead_in < 3
-    # the live hop grid has its own phase against the clip: the lead-in and the spot are each
+    # the live hop grid has its own phase against the clip: the lead-in and the spots are each
     # known to within one 0.5 s hop
-    assert abs(spots(live)[0]["start"] - lead_in - spots(offline)[0]["start"]) <= 1.0 + 1e-6
+    for a, b in zip(spots(live), spots(offline)):
+        assert abs(a["start"] - lead_in - b["start"]) <= 1.0 + 1e-6

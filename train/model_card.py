@@ -106,6 +106,16 @@ def describe(name: str, stage: dict) -> str:
     return ""
 
 
+def spotting_limits(spotting: dict, target: float) -> list[str]:
+    # said in words because the tables alone read like a working spotter
+    if spotting["false_alarms_per_hour"] <= target:
+        return []
+    return [f"- **The keyword spotter misses its target.** On held-out audio it makes {spotting['false_alarms_per_hour']:.1f} false alarms",
+            f"  per hour (target {target:g}), and the thresholds that hold the validation negatives to {target:g} per hour",
+            f"  spot only {pct(spotting['recall'])} of the keyword clips: spoken non-keywords (digits, wake words) score",
+            "  as keywords. Do not rely on keyword spots from this model yet."]
+
+
 def plot_results(report: dict, path: Path) -> None:
     """Accuracy of every model on every task, side by side."""
     import matplotlib
@@ -210,6 +220,7 @@ def render(recipe, report: dict, stages: dict[str, dict]) -> str:
         "- The keyword threshold targets at most one false alarm per hour, measured on well under an hour of",
         "  audio: the held-out figure above carries a wide margin of error, and audio unlike the negatives",
         "  (music, TV, conversations) is untested.",
+        *spotting_limits(student["spotting"], stages["calibrate"]["settings"]["target_per_hour"]),
         "- Keywords are English, from the Speech Commands recording conditions (laptop and phone",
         "  microphones, one word per clip); words spoken in running speech are harder.",
         f"- Tags are one label per clip in training; overlapping sounds and sounds outside the {student['classes']['tags']} classes",
