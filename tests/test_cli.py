@@ -38,7 +38,8 @@ def test_fbank_writes_what_the_library_computes(tmp_path, name, normalized):
     expected = fbank(audio.load(EXAMPLE), config)
     expected = normalize(expected, config) if normalized else expected
     assert written.dtype == np.float32 and written.shape == (698, 128)
-    np.testing.assert_array_equal(written, expected.numpy())
+    # another process may split the mel matmul over threads differently: equal to float rounding
+    np.testing.assert_allclose(written, expected.numpy(), rtol=1e-6, atol=1e-5)
 
 
 def test_fbank_mfcc(tmp_path):
