@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO, data_path
+from edgetag import load_model
 from test_stream import detector, scene  # noqa: F401  (fixtures)
 
 VMIC = REPO.parent / "shared" / "vmic"
@@ -81,6 +82,6 @@ def test_bundled_model_hears_the_example_through_the_microphone(tmp_path):
     run = subprocess.run([sys.executable, "-m", "edgetag", "file", str(example), "--json"], cwd=REPO, capture_output=True, text=True)
     offline = [json.loads(line) for line in run.stdout.splitlines()]
     labels = lambda rows, kind: [r["label"] for r in rows if r["kind"] == kind]  # noqa: E731
-    assert {r["model"] for r in live} == {r["model"] for r in offline} == {"edgetag-default-1"}
+    assert {r["model"] for r in live} == {r["model"] for r in offline} == {load_model().config["provenance"]["id"]}
     assert labels(live, "keyword") == labels(offline, "keyword")
     assert set(labels(live, "tag")) & set(labels(offline, "tag"))
