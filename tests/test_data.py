@@ -117,6 +117,18 @@ def test_split_option_gives_disjoint_sides_of_one_source(tmp_path):
         read_examples(f"{tmp_path},split=test")
 
 
+def test_groups_option_cuts_a_third_part_beside_the_split(tmp_path):
+    """calibrate on one part, train on another, measure on the rest: no clip in two of them."""
+    for i in range(60):
+        write(tmp_path / "a" / f"speaker{i}.wav", seconds=0.1)
+    val, train = read_examples(f"{tmp_path},split=val,percent=50"), read_examples(f"{tmp_path},split=train,percent=50")
+    assert {e.path for e in read_examples(f"{tmp_path},groups=0-50")} == {e.path for e in val}
+    middle, rest = read_examples(f"{tmp_path},groups=50-70"), read_examples(f"{tmp_path},groups=70-100")
+    assert middle and rest and sorted(e.path for e in middle + rest) == sorted(e.path for e in train)
+    with pytest.raises(ValueError, match="groups must be LO-HI"):
+        read_examples(f"{tmp_path},groups=half")
+
+
 def test_label_option_relabels_the_clips_it_selects(tmp_path):
     """Sounds as a keyword head's "no word": one label for every clip, after the split."""
     for label in ("dog", "rain"):

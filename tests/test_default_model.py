@@ -59,8 +59,6 @@ def test_quick_start_tags_the_dog_and_hears_no_word_in_the_bark():
     assert {e["model"] for e in events} == {edgetag_model_id()}
 
 
-@pytest.mark.xfail(reason="edgetag-default-1 spots no 'yes' at its calibrated threshold (0.99; 0% of the validation "
-                          "'yes' clips, see the model card): the keyword head is not yet good enough (issue #7)", strict=False)
 def test_quick_start_spots_yes():
     keywords = [e for e in edgetag_file() if e["kind"] == "keyword"]
     assert [e["label"] for e in keywords] == ["yes"]

@@ -235,8 +235,10 @@ def read_examples(spec: str, kind: str = "tags") -> list[Example]:
     """Examples from a source spec, `[READER:]PATH[,key=value...]`: READER one of READERS
     (detected from the path when left out), options passed to it (esc50: folds=, audioset:
     audio=, labels_csv=), except `split=train|val` (and `percent=`, default 10), which keeps one
-    side of `split_examples`, so one source can give a head both its training and validation data,
-    and `label=NAME`, which gives every clip that one label (ESC-50 sounds as a keyword head's
+    side of `split_examples`, so one source can give a head both its training and validation data;
+    `groups=LO-HI`, which keeps the groups whose hash falls in [LO, HI) percent (the same hash as
+    `split`, so `split=val,percent=50` is `groups=0-50`: a third part beside the two sides); and
+    `label=NAME`, which gives every clip that one label (ESC-50 sounds as a keyword head's
     `_silence_`: audio without a word). For a tag head, class names become AudioSet display names
     where they map (`tag_name`)."""
     reader, _, rest = spec.partition(":") if spec.split(":", 1)[0] in READERS else ("", "", spec)
@@ -245,6 +247,12 @@ def read_examples(spec: str, kind: str = "tags") -> list[Example]:
     side, percent, label = kwargs.pop("split", None), float(kwargs.pop("percent", 10.0)), kwargs.pop("label", None)
     if side not in (None, "train", "val"):
         raise ValueError(f"{spec}: split must be train or val, not {side!r}")
+    groups = kwargs.pop("groups", None)
+    if groups is not None:
+        try:
+            lo, hi = map(float, groups.split("-"))
+        except ValueError:
+            raise ValueError(f"{spec}: groups must be LO-HI percent, e.g. groups=50-60, not {groups!r}") from None
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
@@ -254,6 +262,8 @@ def read_examples(spec: str, kind: str = "tags") -> list[Example]:
     examples = READERS[reader](path, **kwargs)
     if side is not None:
         examples = split_examples(examples, percent)[side == "val"]
+    if groups is not None:
+        examples = [e for e in examples if lo <= group_percentile(e.group) < hi]
     if label is not None:
         examples = [Example(e.path, (label,), e.start, e.end, e.group, e.split) for e in examples]
     if kind == "tags":
@@ -261,9 +271,14 @@ def read_examples(spec: str, kind: str = "tags") -> list[Example]:
     return examples
 
 
+def group_percentile(group: str) -> float:
+    """Where a group falls in [0, 100): stable across runs and machines, the group's SHA-1 decides
+    (as Speech Commands does)."""
+    return int(hashlib.sha1(group.encode()).hexdigest(), 16) % 10000 / 100
+
+
 def in_validation(group: str, percent: float) -> bool:
-    """Stable across runs and machines: the group's SHA-1 decides (as Speech Commands does)."""
-    return int(hashlib.sha1(group.encode()).hexdigest(), 16) % 10000 < percent * 100
+    return group_percentile(group) < percent
 
 
 def split_examples(examples: list[Example], percent: float = 10.0) -> tuple[list[Example], list[Example]]:
