@@ -25,6 +25,12 @@ def edgetag_file(*args) -> list[dict]:
     return [json.loads(line) for line in run.stdout.splitlines()]
 
 
+@pytest.fixture(scope="module")
+def quick_start() -> list[dict]:
+    """The README's first command's events, run once for the tests that read them."""
+    return edgetag_file()
+
+
 def card_row(name: str) -> list[str]:
     """The cells of a model's row in the card's validation table."""
     for line in CARD.read_text().splitlines():
@@ -50,17 +56,17 @@ def test_the_bundle_fits_in_20_mib():
     assert sum(p.stat().st_size for p in files) <= 20 * 2**20
 
 
-def test_quick_start_tags_the_dog_and_hears_no_word_in_the_bark():
+def test_quick_start_tags_the_dog_and_hears_no_word_in_the_bark(quick_start):
     """The README's first command, on a clip the model never trained on."""
-    events = edgetag_file()
+    events = quick_start
     dog = [e for e in events if e["kind"] == "tag" and e["label"] == "Dog"]
     assert dog and dog[0]["start"] < BARK[1] and dog[0]["end"] > BARK[0]
     assert not [e for e in events if e["kind"] == "keyword" and e["start"] < BARK[1]]
     assert {e["model"] for e in events} == {edgetag_model_id()}
 
 
-def test_quick_start_spots_yes():
-    keywords = [e for e in edgetag_file() if e["kind"] == "keyword"]
+def test_quick_start_spots_yes(quick_start):
+    keywords = [e for e in quick_start if e["kind"] == "keyword"]
     assert [e["label"] for e in keywords] == ["yes"]
     assert keywords[0]["start"] <= YES[0] and keywords[0]["end"] >= YES[0]  # a window over the word
 
@@ -92,9 +98,9 @@ def test_the_export_is_the_checkpoint():
         np.testing.assert_allclose(reference[head], expected[head].numpy(), atol=1e-5)
 
 
-def test_int8_backend_tells_the_same_story():
+def test_int8_backend_tells_the_same_story(quick_start):
     """`--backend onnx` without --model runs the bundled dynamic-int8 export."""
-    events, fp32 = edgetag_file("--backend", "onnx"), edgetag_file()
+    events, fp32 = edgetag_file("--backend", "onnx"), quick_start
     assert [e["label"] for e in events if e["kind"] == "keyword"] == [e["label"] for e in fp32 if e["kind"] == "keyword"]
     assert any(e["kind"] == "tag" and e["label"] == "Dog" for e in events)
 
