@@ -88,7 +88,7 @@ def build(onnx_path: Path, precision: str, out: Path, workspace_mib: int = 1024,
     if precision == "int8" and hasattr(trt.BuilderFlag, "INT8"):
         config.set_flag(trt.BuilderFlag.INT8)  # the scales come from the Q/DQ nodes
 
-    name, shape = manifest["input"]["name"], manifest["input"]["shape"][1:]
+    name, shape = manifest["input"]["name"], manifest["input"]["shape"][1:]  # [frames, n_mels]: the spec's window, checked
     profile = builder.create_optimization_profile()
     profile.set_shape(name, (1, *shape), (opt_batch, *shape), (max_batch, *shape))
     config.add_optimization_profile(profile)
@@ -104,7 +104,7 @@ def build(onnx_path: Path, precision: str, out: Path, workspace_mib: int = 1024,
     out.write_bytes(bytes(plan))
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
     sidecar = {**here, "precision": precision, "onnx": onnx_path.name, "onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
-               "model_id": manifest["model_id"], "export_dir": str(onnx_path.parent.resolve()), "max_batch": max_batch,
+               "model_id": manifest["spec"].model_id or onnx_path.parent.name, "export_dir": str(onnx_path.parent.resolve()), "max_batch": max_batch,
                "build_seconds": round(time.perf_counter() - start, 1)}
     out.with_suffix(".json").write_text(json.dumps(sidecar, indent=1))
     return sidecar
@@ -116,7 +116,7 @@ def self_test(plan: Path, precision: str) -> list[str]:
 
     backend = TensorRTBackend(plan)
     reference = np.load(backend.export_dir / "reference.npz")
-    got = backend(torch.from_numpy(reference[backend.input]))
+    got = backend.forward(torch.from_numpy(reference[backend.input]))  # reference inputs are normalised already
     return verify({head: reference[head] for head in backend.outputs}, got, precision)
 
 

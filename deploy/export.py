@@ -10,8 +10,8 @@ Writes into --out:
 - `model.int8.qdq.onnx`: explicit symmetric QuantizeLinear/DequantizeLinear pairs with zero
   points 0, calibrated on real clips: the input for a TensorRT INT8 engine;
 - `model.int8.onnx`: dynamic int8 (weights int8, activations quantized at run time) for CPUs;
-- `manifest.json`: model id, the checkpoint config (fbank, heads, labels, thresholds, stream),
-  window, opset, input and output names, sha256 of every file;
+- `manifest.json`: the checkpoint's `ModelSpec` (fbank, heads, labels, thresholds, window and
+  hop, provenance), opset, the input's name and shape, the outputs, sha256 of every file;
 - `reference.npz`: inputs and the torch model's outputs, for checking engines built elsewhere.
 
 The export refuses itself (exit 2) when onnxruntime's fp32 output differs from torch by more
@@ -31,8 +31,9 @@ import torch
 import typer
 
 from edgetag import audio, checkpoint
-from edgetag.features import fbank, hop_frames, normalize, window_frames, windows
-from edgetag.runtime import stream_settings
+from edgetag.features import fbank, normalize, windows
+from edgetag.runtime import EXPORT_FORMAT, TorchBackend
+from edgetag.spec import ModelSpec
 
 OPSET = 20
 INPUT = "fbank"
@@ -50,7 +51,7 @@ class Probabilities(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.heads = list(model.head_configs)
+        self.heads = list(model.spec.heads)
 
     def forward(self, fbank: torch.Tensor) -> tuple[torch.Tensor, ...]:
         probs = self.model.probabilities(fbank)
@@ -65,12 +66,12 @@ def export_onnx(model, frames: int, path: Path) -> None:
     from torch.export import Dim
 
     wrapped = Probabilities(model).eval()
-    example = torch.zeros(2, frames, model.encoder.config.n_mels)  # batch >= 2, or export fixes it to 1
+    example = torch.zeros(2, frames, model.spec.encoder.n_mels)  # batch >= 2, or export fixes it to 1
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapped, (example,), str(path), input_names=[INPUT], output_names=wrapped.heads, opset_version=OPSET,
                           dynamic_shapes={INPUT: {0: Dim("batch", min=1, max=4096)}}, external_data=False, dynamo=True, verbose=False)
-    check_onnx(path, frames, model.encoder.config.n_mels)
+    check_onnx(path, frames, model.spec.encoder.n_mels)
 
 
 def check_onnx(path: Path, frames: int, n_mels: int) -> None:
@@ -97,18 +98,19 @@ def check_onnx(path: Path, frames: int, n_mels: int) -> None:
                 raise ExportError(f"{path}: {node.name} has a non-zero zero point (TensorRT needs symmetric Q/DQ)")
 
 
-def calibration_windows(sources: list[str], fbank_config, frames: int, hop: int, limit: int) -> np.ndarray:
-    """Normalised windows from real audio (files, folders), at most `limit`, spread over the clips."""
+def calibration_windows(sources: list[str], spec: ModelSpec, limit: int) -> np.ndarray:
+    """The model's input from real audio (files, folders): normalised windows as the engine cuts
+    them, at most `limit`, spread over the clips."""
     files, _ = audio.expand(sources)
     rng = np.random.default_rng(0)
     files = [files[i] for i in rng.permutation(len(files))]
     out, n = [], 0
     for path in files:
         try:
-            x = windows(fbank(audio.load(path, fbank_config.sample_rate), fbank_config), frames, hop)
+            x = windows(fbank(audio.load(path, spec.fbank.sample_rate), spec.fbank), spec.window_frames, spec.hop_frames)
         except audio.AudioError:
             continue
-        out.append(normalize(x[: max(1, limit // 50)], fbank_config).numpy())
+        out.append(normalize(x[: max(1, limit // 50)], spec.fbank).numpy())
         n += len(out[-1])
         if n >= limit:
             break
@@ -179,18 +181,15 @@ def agreement(reference: list[np.ndarray], got: list[np.ndarray], heads: list[st
 def export(ckpt, out: Path, calibration: list[str], calibration_windows_count: int = 256) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model = checkpoint.load_model(ckpt)
-    config = model.config
-    window, hop = stream_settings(config)
-    frames = window_frames(window, model.fbank)
-    heads = list(model.head_configs)
+    spec, heads = model.spec, list(model.spec.heads)
     if not heads:
         raise ExportError(f"{ckpt}: the checkpoint has no heads (an encoder alone); fine-tune it first")
+    torch_outputs = lambda x: list(TorchBackend(model).forward(torch.from_numpy(x)).values())  # noqa: E731  head order
 
-    export_onnx(model, frames, out / FILES["fp32"])
-    calib = calibration_windows(calibration, model.fbank, frames, hop_frames(hop, model.fbank), calibration_windows_count)
-    reference_inputs = np.concatenate([calib[:6], np.random.default_rng(0).standard_normal((2, frames, model.encoder.config.n_mels)).astype(np.float32)])
-    with torch.no_grad():
-        expected = [p.numpy() for p in Probabilities(model)(torch.from_numpy(reference_inputs))]
+    export_onnx(model, spec.window_frames, out / FILES["fp32"])
+    calib = calibration_windows(calibration, spec, calibration_windows_count)
+    reference_inputs = np.concatenate([calib[:6], np.random.default_rng(0).standard_normal((2, spec.window_frames, spec.encoder.n_mels)).astype(np.float32)])
+    expected = torch_outputs(reference_inputs)
     fp32 = agreement(expected, run_onnx(out / FILES["fp32"], reference_inputs), heads)
     worst = max(a["max_abs"] for a in fp32.values())
     if worst > FP32_TOLERANCE:
@@ -199,18 +198,15 @@ def export(ckpt, out: Path, calibration: list[str], calibration_windows_count: i
 
     quantize_qdq(out / FILES["fp32"], calib, out / FILES["int8-qdq"])
     quantize_dynamic_int8(out / FILES["fp32"], out / FILES["int8"])
-    check_onnx(out / FILES["int8-qdq"], frames, model.encoder.config.n_mels)
-    with torch.no_grad():
-        calib_expected = [p.numpy() for p in Probabilities(model)(torch.from_numpy(calib))]
+    check_onnx(out / FILES["int8-qdq"], spec.window_frames, spec.encoder.n_mels)
+    calib_expected = torch_outputs(calib)
     report = {"fp32": fp32, **{kind: agreement(calib_expected, run_onnx(out / FILES[kind], calib), heads) for kind in ("int8-qdq", "int8")}}
 
     manifest = {
-        "format": "edgetag-export/1",
-        "model_id": config.get("provenance", {}).get("id", Path(str(ckpt)).stem),
-        "config": config,
-        "window_frames": frames,
+        "format": EXPORT_FORMAT,
+        "spec": spec.to_dict(),
         "opset": OPSET,
-        "input": {"name": INPUT, "shape": ["batch", frames, model.encoder.config.n_mels], "normalized": True},
+        "input": {"name": INPUT, "shape": ["batch", spec.window_frames, spec.encoder.n_mels], "normalized": True},
         "outputs": heads,
         "files": {name: {"kind": kind, "sha256": sha256(out / name)} for kind, name in FILES.items()} | {"reference.npz": {"sha256": sha256(out / "reference.npz")}},
         "checks": report,

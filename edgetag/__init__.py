@@ -1,4 +1,14 @@
-"""edgetag: streaming on-device audio tagging and keyword spotting."""
+"""edgetag: streaming on-device audio tagging and keyword spotting.
+
+    import edgetag
+
+    events = edgetag.tag_file("clip.wav")                   # the bundled model; or model="ckpt.safetensors"
+    stream = edgetag.open_stream(model=None, keyword_on=0.8) # the same engine for live audio
+    for block in blocks:                                     # float32 mono at 16 kHz, any block size
+        for hop in stream.push(block):
+            print(hop.start, hop.events)
+    hops, closing = stream.flush()                           # the tail window, the tags still on
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
@@ -9,8 +19,27 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 
 def load_model(path=None, device="cpu"):
-    """Load an edgetag checkpoint (.safetensors), by default the bundled model; see
-    `edgetag.checkpoint.load_model`."""
+    """An edgetag checkpoint (.safetensors), by default the bundled model, as an eval-mode
+    `AudioTransformer` whose `.spec` says how to feed it; see `edgetag.checkpoint.load_model`."""
     from edgetag.checkpoint import load_model as _load_model
 
     return _load_model(path, device)
+
+
+def open_stream(model=None, backend: str = "auto", window: float | None = None, hop: float | None = None, threads: int = 0, **post):
+    """A streaming `Engine` for `model` (a checkpoint, an export folder or .onnx file, a TensorRT
+    .plan; None: the bundled model): `push(samples)` audio at the model's sample rate in blocks of
+    any size, get the hops it completed with their events; `flush()` at the end. `post` are the
+    `PostConfig` fields (tag_on, tag_off, keyword_on, smoothing, min_duration, refractory)."""
+    from edgetag.runtime import load_backend
+    from edgetag.stream import Engine, PostConfig
+
+    return Engine(load_backend(model, backend, threads=threads), PostConfig(**post), window, hop)
+
+
+def tag_file(path, model=None, backend: str = "auto", window: float | None = None, hop: float | None = None, **post) -> list:
+    """The events (tags with onset and offset, keyword spots) of an audio file, as `edgetag file`
+    prints them."""
+    from edgetag.stream import process_file
+
+    return process_file(open_stream(model, backend, window, hop, **post), path).events

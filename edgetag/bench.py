@@ -29,7 +29,7 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> f
 def fbank_benchmark(seconds: float = 60.0, hop_ms: float = 100.0, window_s: float = 1.0, threads: int = 1) -> dict:
     """Offline throughput on `seconds` of noise, and one streaming hop against a window recompute."""
     torch.set_num_threads(threads)
-    rate = 16000
+    rate = PRESETS["ast"].sample_rate
     x = (np.random.default_rng(0).standard_normal(int(seconds * rate)) * 0.1).astype(np.float32)
     results: dict = {"threads": threads, "audio_s": seconds}
 
@@ -99,22 +99,23 @@ def stream_benchmark(model=None, seconds: float = 30.0, repeats: int = 3, listen
     from edgetag.stream import Engine, PostConfig, process_file
 
     example = Path(__file__).parent / "assets" / "example.flac"
-    clip = audio.load(example)
-    x = np.tile(clip, int(np.ceil(seconds * 16000 / len(clip))))[: int(seconds * 16000)]
     backend = load_backend(model, threads=1)
     engine = Engine(backend, PostConfig(), hop=hop)
-    hop = int(round(engine.hop_seconds * 16000))
-    r: dict = {"model": backend.model_id, "backend": backend.name, "window_s": engine.window_seconds, "hop_s": engine.hop_seconds, "audio_s": seconds}
+    spec, rate = engine.spec, engine.spec.fbank.sample_rate
+    clip = audio.load(example, rate)
+    x = np.tile(clip, int(np.ceil(seconds * rate / len(clip))))[: int(seconds * rate)]
+    step = spec.hop_frames * spec.fbank.frame_shift  # samples per hop
+    r: dict = {"model": backend.model_id, "backend": backend.name, "window_s": spec.window_seconds, "hop_s": spec.hop_seconds, "audio_s": seconds}
 
     torch.set_num_threads(1)
     stages = {"fbank": [], "encoder": [], "post": [], "total": []}
     for _ in range(repeats):
         engine.reset()
-        for i in range(0, len(x) - hop + 1, hop):  # one hop of audio per push, as live audio arrives
+        for i in range(0, len(x) - step + 1, step):  # one hop of audio per push, as live audio arrives
             before = (engine.timings.fbank, engine.timings.encoder, engine.timings.post)
-            engine.push(x[i : i + hop])
+            engine.push(x[i : i + step])
             after = (engine.timings.fbank, engine.timings.encoder, engine.timings.post)
-            if engine.timings.hops and i >= engine.window_frames * 160:  # skip the first window's fill
+            if engine.timings.hops and i >= spec.window_seconds * rate:  # skip the first window's fill
                 deltas = [b - a for a, b in zip(before, after)]
                 for name, d in zip(("fbank", "encoder", "post"), deltas):
                     stages[name].append(d)
@@ -122,13 +123,13 @@ def stream_benchmark(model=None, seconds: float = 30.0, repeats: int = 3, listen
     for name, values in stages.items():
         r[f"{name}_median_s"] = float(np.median(values))
         r[f"{name}_p95_s"] = float(np.percentile(values, 95))
-    r["hop_share"] = r["total_median_s"] / engine.hop_seconds  # of the audio duration a hop covers
-    r["rtf_1_thread"] = float(np.sum(stages["total"]) / (len(stages["total"]) * engine.hop_seconds))
+    r["hop_share"] = r["total_median_s"] / spec.hop_seconds  # of the audio duration a hop covers
+    r["rtf_1_thread"] = float(np.sum(stages["total"]) / (len(stages["total"]) * spec.hop_seconds))
 
     torch.set_num_threads(2)
-    engine = Engine(load_backend(model, threads=2), PostConfig(), hop=hop)
+    engine = Engine(load_backend(model, threads=2), PostConfig(), hop=spec.stream.hop)
     path = Path(tempfile.mkdtemp()) / "bench.wav"
-    sf.write(path, x, 16000)
+    sf.write(path, x, rate)
     r["file_s"] = median_seconds(lambda: process_file(engine, path), repeats=repeats, warmup=1)
     r["file_x_realtime"] = seconds / r["file_s"]
 

@@ -102,14 +102,13 @@ JSON = typer.Option(False, "--json", help="JSON lines, one event per line.")
 
 
 def _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory):
+    from edgetag import open_stream
     from edgetag.checkpoint import CheckpointError
-    from edgetag.runtime import BackendError, load_backend
-    from edgetag.stream import Engine, PostConfig
+    from edgetag.runtime import BackendError
 
     try:
-        runtime = load_backend(model, backend.value, threads=threads)
-        post = PostConfig(tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, thresholds=runtime.thresholds)
-        return Engine(runtime, post, window, hop)
+        return open_stream(model, backend.value, window, hop, threads, tag_on=tag_on, tag_off=tag_off, keyword_on=keyword_on,
+                           smoothing=smoothing, min_duration=min_duration, refractory=refractory)
     except (CheckpointError, BackendError, ValueError) as e:
         fail(str(e))
 
@@ -137,7 +136,7 @@ def file_(
     import torch
 
     from edgetag import audio, output
-    from edgetag.stream import events_of, process_file
+    from edgetag.stream import process_file
 
     torch.set_num_threads(threads)
     engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory)
@@ -148,13 +147,12 @@ def file_(
     model_id = engine.backend.model_id
     for path in files:
         try:
-            hops = process_file(engine, path)
+            result = process_file(engine, path)
         except audio.AudioError as e:
             print(f"edgetag: error: {e}", file=sys.stderr)
             errors.append(e)
             continue
-        events = events_of(hops)
-        rows = [output.record(e, path, model_id) for e in events]
+        rows = [output.record(e, path, model_id) for e in result.events]
         if json_out:
             for row in rows:
                 output.json_line(row)
@@ -162,13 +160,13 @@ def file_(
             for row in rows:
                 sink.write(row)
         else:
-            output.print_table(rows, f"{path} ({engine.seconds:.1f} s)")
+            output.print_table(rows, f"{path} ({result.seconds:.1f} s)")
         if plot:
             from edgetag.features import fbank
 
-            waveform = audio.load(path, engine.fbank_config.sample_rate)
+            features = fbank(audio.load(path, engine.spec.fbank.sample_rate), engine.spec.fbank).numpy()
             target = plot if len(files) == 1 else plot.with_name(f"{plot.stem}_{Path(path).stem}{plot.suffix}")
-            output.plot(waveform, fbank(waveform, engine.fbank_config).numpy(), hops, engine.backend.heads, events, target, Path(path).name)
+            output.plot(features, result, engine.spec, target, Path(path).name)
     if errors:
         raise typer.Exit(EXIT_BAD_INPUT)
 
@@ -201,7 +199,7 @@ def listen(
 
     torch.set_num_threads(threads)
     engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory)
-    rate = engine.fbank_config.sample_rate
+    rate = engine.spec.fbank.sample_rate
     with contextlib.ExitStack() as stack:
         if input_file is not None:
             try:
@@ -223,7 +221,7 @@ def listen(
             from rich.live import Live
 
             console = Console()
-            view = live.View(engine.backend.heads, source, counters)
+            view = live.View(engine.spec.heads, source, counters)
             with Live(view(live.Session()), console=console, refresh_per_second=10, transient=False) as screen:
                 session = live.run(engine, blocks, duration, lambda e, extra: None, lambda s: screen.update(view(s)))
         overflows, dropped = counters()

@@ -1,4 +1,4 @@
-"""Kaldi-compatible log-mel filterbanks and MFCCs, offline and streaming.
+"""Kaldi-compatible log-mel filterbanks and MFCCs (`FbankConfig.mfcc`), offline and streaming.
 
 The recipe is the one of `torchaudio.compliance.kaldi.fbank`, which AST, SSAST and MAE-AST were
 trained with, rewritten on plain torch so the runtime needs no torchaudio. Every frame is
@@ -17,6 +17,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from edgetag.audio import SAMPLE_RATE
+
 WINDOWS = ("hanning", "povey", "hamming", "rectangular", "blackman")
 # Kaldi floors the mel energies at float32's machine epsilon before the log: silence gives
 # log(eps) ~= -15.94, never -inf.
@@ -30,7 +32,7 @@ class FbankConfig:
     Defaults are the AST/SSAST recipe (`PRESETS["ast"]`). Option names follow Kaldi's.
     """
 
-    sample_rate: int = 16000
+    sample_rate: int = SAMPLE_RATE
     frame_length_ms: float = 25.0
     frame_shift_ms: float = 10.0
     n_mels: int = 128
@@ -285,24 +287,9 @@ def fbank(waveform, config: FbankConfig = PRESETS["ast"]) -> torch.Tensor:
     return _frame_features(_frames(x, config), config)
 
 
-def mfcc(waveform, config: FbankConfig = PRESETS["ast"]) -> torch.Tensor:
-    """Kaldi MFCC with this config's framing and filterbank: [num_frames, n_ceps (+1 energy)]."""
-    return fbank(waveform, replace(config, mfcc=True))
-
-
 def normalize(features: torch.Tensor, config: FbankConfig) -> torch.Tensor:
     """The AST-family normalisation: (x - mean) / (scale * std)."""
     return (features - config.norm_mean) / (config.norm_scale * config.norm_std)
-
-
-def window_frames(seconds: float, config: FbankConfig) -> int:
-    """Frames in a window of this many seconds of audio."""
-    return config.num_frames(round(seconds * config.sample_rate))
-
-
-def hop_frames(seconds: float, config: FbankConfig) -> int:
-    """Frames in a hop of this many seconds (at least one)."""
-    return max(1, round(seconds * 1000 / config.frame_shift_ms))
 
 
 def windows(features: torch.Tensor, frames: int, hop: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from edgetag.model import EVENT_KINDS, KEYWORDS, TAGS
 from edgetag.stream import Engine, Event, Hop
 
 SILENCE_DBFS = -120.0
@@ -50,7 +51,7 @@ def run(engine: Engine, blocks: Iterator[np.ndarray | None], duration: float | N
     with their wall-clock time."""
     session = Session()
     engine.reset()
-    rate = engine.fbank_config.sample_rate
+    rate = engine.spec.fbank.sample_rate
     try:
         for block in blocks:
             if block is not None and len(block):
@@ -68,18 +69,23 @@ def run(engine: Engine, blocks: Iterator[np.ndarray | None], duration: float | N
                 break
     except KeyboardInterrupt:
         pass
-    for hop in engine.flush():
+    tail, closing = engine.flush()
+    for hop in tail:
         _hop(session, hop, on_event)
+    _emit(session, closing, on_event)
     on_update(session)
     return session
 
 
 def _hop(session: Session, hop: Hop, on_event) -> None:
-    if hop.probabilities:
-        session.hops += 1
-        session.latest = hop
+    session.hops += 1
+    session.latest = hop
+    _emit(session, hop.events, on_event)
+
+
+def _emit(session: Session, events: list[Event], on_event) -> None:
     now = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
-    for event in hop.events:
+    for event in events:
         session.events.append(event)
         on_event(event, now)
 
@@ -112,12 +118,12 @@ class View:
         grid.add_column(width=5, justify="right")
         latest = session.latest
         for name, head in self.heads.items():
-            if head.kind != "tags" or latest is None:
+            if head.kind != TAGS or latest is None:
                 continue
             p = latest.probabilities[name]
             for c in np.argsort(-p)[: self.top]:
                 grid.add_row(head.labels[c], "█" * int(round(20 * p[c])), f"{p[c]:.2f}")
-        spots = [e for e in session.events if e.kind == "keyword"][-5:]
+        spots = [e for e in session.events if e.kind == EVENT_KINDS[KEYWORDS]][-5:]
         keywords = "  ".join(f"[bold]{e.label}[/] {e.start:.1f}s ({e.score:.2f})" for e in reversed(spots)) or "-"
         level = max(0, int((session.level + 60) / 3))
         lat = sorted(session.latencies)

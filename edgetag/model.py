@@ -12,10 +12,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from edgetag.spec import ModelSpec
 
 TOKENS = ("patch", "frame")
 POSITIONS = ("sincos", "learned")
@@ -136,15 +140,6 @@ def patchify(features: torch.Tensor, config: EncoderConfig) -> torch.Tensor:
     else:  # plain reshapes: cheaper, and every exporter handles them
         x = features[:, : t * pt].reshape(B, t, pt, f, pf).permute(0, 1, 3, 2, 4)  # [B, t, f, pt, pf]
     return x.reshape(B, t * f, pt * pf)
-
-
-def unpatchify(patches: torch.Tensor, config: EncoderConfig) -> torch.Tensor:
-    """[B, N, patch_dim] -> [B, T, F], the inverse of `patchify` for time-major, non-overlapping
-    patches (the layout MAE pretraining reconstructs)."""
-    B, N, _ = patches.shape
-    pt, pf, f = config.patch_time, config.patch_freq, config.freq_patches
-    x = patches.reshape(B, N // f, f, pt, pf).permute(0, 1, 3, 2, 4)  # [B, t, pt, f, pf]
-    return x.reshape(B, N // f * pt, f * pf)
 
 
 def sincos_positions(n: int, width: int) -> torch.Tensor:
@@ -286,7 +281,13 @@ class Encoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Heads and the runtime model
 
-HEAD_KINDS = ("tags", "keywords")  # tags: multi-label sigmoid; keywords: softmax
+# The two kinds of head, and the events each makes.
+TAGS, KEYWORDS = "tags", "keywords"  # multi-label sigmoid (sound events); one-of-N softmax (keyword spots)
+HEAD_KINDS = (TAGS, KEYWORDS)
+EVENT_KINDS = {TAGS: "tag", KEYWORDS: "keyword"}
+# Keyword classes that say "no keyword here": trained and scored like the others, never spotted.
+UNKNOWN, SILENCE = "_unknown_", "_silence_"
+NOT_SPOTTED = (UNKNOWN, SILENCE)
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,14 @@ class HeadConfig:
         if self.kind not in HEAD_KINDS:
             raise ValueError(f"head kind must be one of {', '.join(HEAD_KINDS)}, not {self.kind!r}")
         object.__setattr__(self, "labels", tuple(self.labels))
+
+    @property
+    def spotted(self) -> tuple[bool, ...]:
+        """Per class: can it become an event (every tag; keywords but the "no keyword" classes)."""
+        return tuple(self.kind == TAGS or label not in NOT_SPOTTED for label in self.labels)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "labels": list(self.labels)}
 
 
 class Head(nn.Module):
@@ -315,16 +324,17 @@ class Head(nn.Module):
 class AudioTransformer(nn.Module):
     """Encoder and heads: normalised features [B, T, n_mels] -> {head: logits [B, classes]}.
 
-    With no heads it returns the pooled embedding under "embedding".
+    Built from, and carrying, its `ModelSpec` (`self.spec`): what it needs to run besides its
+    weights. With no heads it returns the pooled embedding under "embedding".
     """
 
-    def __init__(self, encoder: EncoderConfig, heads: dict[str, HeadConfig] | None = None):
+    def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.encoder = Encoder(encoder)
-        self.head_configs = dict(heads or {})
-        self.heads = nn.ModuleDict({name: Head(encoder.width, len(h.labels), encoder.norm_eps) for name, h in self.head_configs.items()})
-        for name, h in self.head_configs.items():
-            if h.kind == "tags" and len(h.labels) > 1:
+        self.spec = spec
+        self.encoder = Encoder(spec.encoder)
+        self.heads = nn.ModuleDict({name: Head(spec.encoder.width, len(h.labels), spec.encoder.norm_eps) for name, h in spec.heads.items()})
+        for name, h in spec.heads.items():
+            if h.kind == TAGS and len(h.labels) > 1:
                 # Start each sigmoid at the prior of one active class in len(labels): otherwise
                 # the first stretch of training only learns to say "no" to every class, and a
                 # short budget never gets past it (measured on ESC-50).
@@ -347,7 +357,7 @@ class AudioTransformer(nn.Module):
         logits = self.forward(features)
         if not self.heads:
             return logits
-        return {name: x.sigmoid() if self.head_configs[name].kind == "tags" else x.softmax(dim=-1) for name, x in logits.items()}
+        return {name: x.sigmoid() if self.spec.heads[name].kind == TAGS else x.softmax(dim=-1) for name, x in logits.items()}
 
 
 def num_parameters(module: nn.Module) -> int:

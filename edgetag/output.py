@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetag.stream import Event, Hop
+from edgetag.model import EVENT_KINDS, TAGS
+from edgetag.spec import ModelSpec
+from edgetag.stream import Event, Result
 
 FIELDS = ("file", "kind", "label", "start", "end", "score", "model")
 
@@ -52,7 +54,7 @@ def print_table(rows: list[dict], title: str, console=None) -> None:
     console.print(table)
 
 
-def plot(waveform: np.ndarray, features: np.ndarray, hops: list[Hop], heads: dict, events: list[Event], path: Path, title: str, top: int = 8) -> None:
+def plot(features: np.ndarray, result: Result, spec: ModelSpec, path: Path, title: str, top: int = 8) -> None:
     """Spectrogram, then for each head the probability timeline of its most active classes,
     with the events shaded (tags) or marked (keywords)."""
     import matplotlib
@@ -60,24 +62,24 @@ def plot(waveform: np.ndarray, features: np.ndarray, hops: list[Hop], heads: dic
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    hops = [h for h in hops if h.probabilities]
+    hops, heads = result.hops, spec.heads
     names = [n for n in heads if hops]
     fig, axes = plt.subplots(1 + len(names), 1, figsize=(11, 2.6 * (1 + len(names))), sharex=True, squeeze=False)
     axes = axes[:, 0]
-    duration = len(waveform) / 16000
+    duration = result.seconds
     axes[0].imshow(features.T, origin="lower", aspect="auto", extent=(0, duration, 0, features.shape[1]), cmap="magma")
     axes[0].set_ylabel("mel bin")
     axes[0].set_title(title)
     centres = np.array([(h.start + h.end) / 2 for h in hops])
     for ax, name in zip(axes[1:], names):
         probs = np.stack([h.probabilities[name] for h in hops])  # [hops, classes]
-        labels = heads[name].labels
-        shown = [c for c in np.argsort(-probs.max(0))[:top] if not labels[c].startswith("_")]
+        head = heads[name]
+        shown = [c for c in np.argsort(-probs.max(0))[:top] if head.spotted[c]]
         for c in shown:
-            line, = ax.plot(centres, probs[:, c], label=labels[c])
-            for e in events:
-                if e.label == labels[c] and e.kind == ("tag" if heads[name].kind == "tags" else "keyword"):
-                    if e.kind == "tag":
+            line, = ax.plot(centres, probs[:, c], label=head.labels[c])
+            for e in result.events:
+                if e.label == head.labels[c] and e.kind == EVENT_KINDS[head.kind]:
+                    if head.kind == TAGS:
                         ax.axvspan(e.start, e.end, color=line.get_color(), alpha=0.15)
                     else:
                         ax.axvline((e.start + e.end) / 2, color=line.get_color(), linestyle="--")

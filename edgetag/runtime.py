@@ -1,5 +1,9 @@
-"""Inference backends behind one small interface: normalised fbank windows [B, T, n_mels] in,
+"""Inference backends behind one small interface: log-mel windows [B, window_frames, n_mels] in,
 per-head probabilities out (sigmoid for tag heads, softmax for keyword heads).
+
+Every backend carries the `ModelSpec` of what it serves (`backend.spec`: heads, fbank, window and
+hop, thresholds, provenance) and normalises its input itself, so no caller can forget to;
+`forward()` takes windows already normalised, as the exported files and reference.npz store them.
 
 - `torch`: the checkpoint in eager PyTorch, fp32.
 - `torch-int8`: torchao's dynamic int8 (`Int8DynamicActivationInt8WeightConfig`) on the linear
@@ -7,10 +11,6 @@ per-head probabilities out (sigmoid for tag heads, softmax for keyword heads).
   is slower than fp32).
 - `onnx`: ONNX Runtime on an export from `deploy.export` (model.onnx fp32, model.int8.onnx).
 - `tensorrt`: a serialized engine built on this device by `deploy.build_engine`.
-
-Every backend also tells what it serves, from the checkpoint config (an export carries it in
-manifest.json): `heads`, `fbank`, `window`/`hop` in seconds, calibrated `thresholds`, `model_id`,
-and `fixed_window` when the input length is baked into the file.
 """
 
 from __future__ import annotations
@@ -24,17 +24,13 @@ import numpy as np
 import torch
 
 from edgetag.checkpoint import DEFAULT_EXPORT, DEFAULT_MODEL, load_model
-from edgetag.features import FbankConfig
-from edgetag.model import HeadConfig
+from edgetag.features import normalize, windows
+from edgetag.model import AudioTransformer
+from edgetag.spec import ModelSpec, SpecError
 
-DEFAULT_WINDOW, DEFAULT_HOP = 1.0, 0.5  # seconds, for checkpoints without "stream" settings
 BACKENDS = ("auto", "torch", "torch-int8", "onnx", "tensorrt")
-
-
-def stream_settings(config: dict) -> tuple[float, float]:
-    """(window, hop) in seconds from a checkpoint config, with the defaults when it has none."""
-    stream = config.get("stream", {})
-    return stream.get("window", DEFAULT_WINDOW), stream.get("hop", DEFAULT_HOP)
+EXPORT_FORMAT = "edgetag-export/2"
+EXPORT_FORMAT_1 = "edgetag-export/1"  # the spec under "config" in format 1, the window also under "window_frames"
 
 
 class BackendError(Exception):
@@ -43,46 +39,68 @@ class BackendError(Exception):
 
 class Backend:
     name = ""
-    fixed_window = False
+    fixed_window = False  # the input length is baked into the file (ONNX, TensorRT)
 
-    def describe(self, config: dict, source) -> None:
-        self.config = config
-        self.heads = {name: HeadConfig(h["kind"], h["labels"]) for name, h in config.get("heads", {}).items()}
-        self.fbank = FbankConfig.from_dict(config["fbank"])
-        self.window, self.hop = stream_settings(config)
-        self.thresholds = config.get("thresholds", {})
-        self.model_id = config.get("provenance", {}).get("id") or Path(str(source)).stem
+    def __init__(self, spec: ModelSpec, source):
+        self.spec = spec
+        self.model_id = spec.model_id or Path(str(source)).stem
 
-    def __call__(self, windows: torch.Tensor) -> dict[str, np.ndarray]:
+    def forward(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """One batch of normalised windows -> per-head probabilities."""
         raise NotImplementedError
+
+    def __call__(self, windows: torch.Tensor, batch_size: int = 256) -> dict[str, np.ndarray]:
+        """Log-mel windows [n, frames, n_mels], any n: normalised, run `batch_size` at a time."""
+        out: dict[str, list[np.ndarray]] = {}
+        for i in range(0, len(windows), batch_size):
+            for name, p in self.forward(normalize(windows[i : i + batch_size], self.spec.fbank)).items():
+                out.setdefault(name, []).append(p)
+        return {name: np.concatenate(ps) for name, ps in out.items()}
+
+
+def clip_probabilities(backend: Backend, clips: list[torch.Tensor], batch_size: int = 256) -> list[dict[str, np.ndarray]]:
+    """Per clip, per head: the probabilities [windows, classes] of the windows the streaming engine
+    runs over it (every hop from its start, the tail padded with silence), batched across clips."""
+    per_clip = [windows(f, backend.spec.window_frames, backend.spec.hop_frames) for f in clips]
+    probs = backend(torch.cat(per_clip), batch_size) if per_clip else {}
+    bounds = np.cumsum([0] + [len(w) for w in per_clip])
+    return [{name: p[a:b] for name, p in probs.items()} for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, path=None, device: str = "cpu"):
-        self.model = load_model(path, device)
-        self.device = device
-        self.describe(self.model.config, path or DEFAULT_MODEL)
-        self.forward = self.model.probabilities
+    def __init__(self, model: AudioTransformer, source="model"):
+        super().__init__(model.spec, source)
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.probabilities = model.probabilities
+
+    @classmethod
+    def load(cls, path=None, device: str = "cpu") -> TorchBackend:
+        return cls(load_model(path, device), path or DEFAULT_MODEL)
 
     @torch.inference_mode()
-    def __call__(self, windows: torch.Tensor) -> dict[str, np.ndarray]:
-        return {name: p.float().cpu().numpy() for name, p in self.forward(windows.to(self.device)).items()}
+    def forward(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        return {name: p.float().cpu().numpy() for name, p in self.probabilities(x.to(self.device)).items()}
 
 
 class TorchInt8Backend(TorchBackend):
     name = "torch-int8"
 
-    def __init__(self, path=None, compile: bool = True):
+    def __init__(self, model: AudioTransformer, source="model", compile: bool = True):
         try:
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
         except ImportError as e:
             raise BackendError("the torch-int8 backend needs torchao: pip install 'edgetag[deploy]'") from e
-        super().__init__(path, "cpu")
+        super().__init__(model.cpu(), source)
         quantize_(self.model, Int8DynamicActivationInt8WeightConfig())
         # dynamic: one compiled graph serves a live hop (batch 1) and a file's batches alike
-        self.forward = torch.compile(self.model.probabilities, dynamic=True) if compile else self.model.probabilities
+        self.probabilities = torch.compile(self.model.probabilities, dynamic=True) if compile else self.model.probabilities
+
+    @classmethod
+    def load(cls, path=None, compile: bool = True) -> TorchInt8Backend:
+        return cls(load_model(path), path or DEFAULT_MODEL, compile)
 
 
 class OnnxBackend(Backend):
@@ -98,7 +116,7 @@ class OnnxBackend(Backend):
         if path.is_dir():
             path = path / ("model.int8.onnx" if (path / "model.int8.onnx").is_file() else "model.onnx")
         manifest = read_manifest(path.parent)
-        self.describe(manifest["config"], manifest["model_id"])
+        super().__init__(manifest["spec"], path.parent)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -106,19 +124,31 @@ class OnnxBackend(Backend):
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise BackendError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
-        self.input = manifest["input"]["name"]
-        self.outputs = manifest["outputs"]
-        self.window_frames = manifest["window_frames"]
+        self.path = path
+        self.input, self.outputs = manifest["input"]["name"], manifest["outputs"]
 
-    def __call__(self, windows: torch.Tensor) -> dict[str, np.ndarray]:
-        return dict(zip(self.outputs, self.session.run(self.outputs, {self.input: windows.float().numpy()})))
+    def forward(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.session.run(self.outputs, {self.input: x.float().numpy()})))
 
 
 def read_manifest(folder: Path) -> dict:
+    """An export's manifest.json, its spec under "spec" as a `ModelSpec`, checked against the
+    input length the ONNX files were exported with."""
     path = Path(folder) / "manifest.json"
     if not path.is_file():
         raise BackendError(f"{path}: missing; export the model with `python -m deploy.export`")
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    version = manifest.get("format")
+    if version not in (EXPORT_FORMAT, EXPORT_FORMAT_1):
+        raise BackendError(f"{path}: unsupported export format {version!r} (this edgetag reads {EXPORT_FORMAT} and {EXPORT_FORMAT_1})")
+    try:
+        spec = ModelSpec.from_dict(manifest["spec"] if version == EXPORT_FORMAT else manifest["config"])
+    except (SpecError, KeyError, TypeError) as e:
+        raise BackendError(f"{path}: its spec does not describe a model ({e})") from e
+    frames = manifest["input"]["shape"][1]
+    if frames != spec.window_frames:
+        raise BackendError(f"{path}: the ONNX input holds {frames} frames, its spec's window {spec.window_frames}; export it again")
+    return {**manifest, "spec": spec}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +204,7 @@ class TensorRTBackend(Backend):
             raise BackendError(f"{plan}: built for another device or TensorRT ({'; '.join(problems)}); rebuild it here")
         self.export_dir = Path(sidecar.get("export_dir", plan.parent))
         manifest = read_manifest(self.export_dir)
-        self.describe(manifest["config"], manifest["model_id"])
+        super().__init__(manifest["spec"], self.export_dir)
         self.input, self.outputs = manifest["input"]["name"], manifest["outputs"]
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(plan.read_bytes())
@@ -182,8 +212,8 @@ class TensorRTBackend(Backend):
             raise BackendError(f"{plan}: TensorRT could not deserialize the engine")
         self.context = self.engine.create_execution_context()
 
-    def __call__(self, windows: torch.Tensor) -> dict[str, np.ndarray]:
-        x = windows.float().contiguous().cuda()
+    def forward(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        x = x.float().contiguous().cuda()
         self.context.set_input_shape(self.input, tuple(x.shape))
         self.context.set_tensor_address(self.input, x.data_ptr())
         outputs = {}
@@ -214,15 +244,15 @@ def resolve(model, backend: str = "auto") -> str:
 
 def load_backend(model=None, backend: str = "auto", device: str = "cpu", threads: int = 0) -> Backend:
     """A backend for `model` (a checkpoint, an export folder or .onnx file, or a .plan engine;
-    None: the bundled model, or its bundled export for `onnx`). `threads` sizes ONNX Runtime's pool (torch's is process-wide:
-    torch.set_num_threads); 0 leaves the library's default."""
+    None: the bundled model, or its bundled export for `onnx`). `threads` sizes ONNX Runtime's
+    pool (torch's is process-wide: torch.set_num_threads); 0 leaves the library's default."""
     kind = resolve(model, backend)
     if model is not None and not os.path.exists(model):
         raise BackendError(f"{model}: no such file or folder")
     if kind == "torch":
-        return TorchBackend(model, device)
+        return TorchBackend.load(model, device)
     if kind == "torch-int8":
-        return TorchInt8Backend(model)
+        return TorchInt8Backend.load(model)
     if kind == "onnx":
         return OnnxBackend(model or DEFAULT_EXPORT, threads)
     if model is None:

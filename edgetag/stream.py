@@ -19,15 +19,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from edgetag.features import StreamingFbank, hop_frames, normalize, window_frames, windows
-from edgetag.model import HeadConfig
-
-SPECIAL_KEYWORDS = ("_unknown_", "_silence_")  # keyword classes that are never spotted
+from edgetag.features import StreamingFbank, windows
+from edgetag.model import EVENT_KINDS, TAGS
+from edgetag.spec import ModelSpec
 
 
 @dataclass
 class PostConfig:
-    """Post-processing, in seconds and probabilities; converted to hops once (`PostProcessor`)."""
+    """Post-processing, in seconds and probabilities; converted to hops once (`PostProcessor`).
+    A model's calibrated per-class thresholds (`ModelSpec.thresholds`) take the place of
+    `tag_on`/`keyword_on` for their classes."""
 
     tag_on: float = 0.5  # a tag starts when its smoothed probability reaches this
     tag_off: float = 0.35  # and ends when it falls below this (hysteresis)
@@ -35,12 +36,11 @@ class PostConfig:
     smoothing: float = 0.0  # mean over the hops of this many seconds (causal); 0: none
     min_duration: float = 0.0  # shorter tag events are dropped
     refractory: float = 1.0  # after a keyword spot, no other spot for this long
-    thresholds: dict[str, float] = field(default_factory=dict)  # per-class `on` thresholds (calibrated ones from the checkpoint)
 
 
 @dataclass
 class Event:
-    kind: str  # "tag" or "keyword"
+    kind: str  # "tag" or "keyword" (model.EVENT_KINDS)
     label: str
     start: float  # seconds from the start of the stream
     end: float
@@ -63,16 +63,20 @@ class Hop:
 
 class PostProcessor:
     """Smoothing, per-class thresholds with hysteresis and minimum duration for tags, and a
-    refractory period for keywords. Causal: a hop's events depend on that hop and earlier ones."""
+    refractory period for keywords. Causal: a hop's events depend on that hop and earlier ones.
+    `thresholds` (head -> label -> on) replaces the spec's calibrated ones: calibration replays
+    hops through here with the thresholds it tries (math.inf: never)."""
 
-    def __init__(self, heads: dict[str, HeadConfig], post: PostConfig, hop: float, window: float):
-        self.heads, self.post, self.hop, self.window = heads, post, hop, window
-        self.smooth = max(1, round(post.smoothing / hop))
-        self.min_hops = math.ceil(max(0.0, post.min_duration - window) / hop - 1e-9) + 1  # events last (hops - 1) * hop + window
-        self.refractory = math.ceil(post.refractory / hop - 1e-9)
-        self.on = {name: np.array([post.thresholds.get(label, post.tag_on if h.kind == "tags" else post.keyword_on) for label in h.labels]) for name, h in heads.items()}
+    def __init__(self, spec: ModelSpec, post: PostConfig, thresholds: dict[str, dict[str, float]] | None = None):
+        self.heads, self.post, self.hop, self.window = spec.heads, post, spec.hop_seconds, spec.window_seconds
+        self.smooth = max(1, round(post.smoothing / self.hop))
+        self.min_hops = math.ceil(max(0.0, post.min_duration - self.window) / self.hop - 1e-9) + 1  # events last (hops - 1) * hop + window
+        self.refractory = math.ceil(post.refractory / self.hop - 1e-9)
+        thresholds = spec.thresholds if thresholds is None else thresholds
+        self.on = {name: np.array([thresholds.get(name, {}).get(label, post.tag_on if h.kind == TAGS else post.keyword_on) for label in h.labels])
+                   for name, h in self.heads.items()}
         self.off = {name: np.minimum(on, post.tag_off) for name, on in self.on.items()}
-        self.spottable = {name: np.array([label not in SPECIAL_KEYWORDS for label in h.labels]) for name, h in heads.items()}
+        self.spotted = {name: np.array(h.spotted) for name, h in self.heads.items()}
         self.reset()
 
     def reset(self) -> None:
@@ -83,14 +87,14 @@ class PostProcessor:
     def _tag_event(self, label: str, first: int, last: int, peak: float) -> Event | None:
         if last - first + 1 < self.min_hops:
             return None
-        return Event("tag", label, first * self.hop, last * self.hop + self.window, peak)
+        return Event(EVENT_KINDS[TAGS], label, first * self.hop, last * self.hop + self.window, peak)
 
     def update(self, k: int, probabilities: dict[str, np.ndarray]) -> list[Event]:
         events = []
         for name, head in self.heads.items():
             self.history[name].append(probabilities[name])
             p = np.mean(self.history[name], axis=0)
-            if head.kind == "tags":
+            if head.kind == TAGS:
                 active = self.active[name]
                 for c in np.flatnonzero(p >= self.on[name]):
                     active.setdefault(int(c), (k, 0.0))
@@ -101,11 +105,11 @@ class PostProcessor:
                     elif (event := self._tag_event(head.labels[c], first, k - 1, active.pop(c)[1])) is not None:
                         events.append(event)
             else:
-                scores = np.where(self.spottable[name], p, -1.0)
+                scores = np.where(self.spotted[name], p, -1.0)
                 c = int(scores.argmax())
                 if scores[c] >= self.on[name][c] and k - self.last_spot >= self.refractory:
                     self.last_spot = k
-                    events.append(Event("keyword", head.labels[c], k * self.hop, k * self.hop + self.window, float(scores[c])))
+                    events.append(Event(EVENT_KINDS[head.kind], head.labels[c], k * self.hop, k * self.hop + self.window, float(scores[c])))
         return events
 
     def flush(self, last_hop: int, duration: float) -> list[Event]:
@@ -117,6 +121,16 @@ class PostProcessor:
                     event.end = min(event.end, duration)
                     events.append(event)
             self.active[name] = {}
+        return events
+
+    def replay(self, probabilities: dict[str, np.ndarray]) -> list[Event]:
+        """The events of one whole stream of hop probabilities (head -> [hops, classes]), as the
+        engine would make them; the post-processor is reset before and after."""
+        self.reset()
+        hops = len(next(iter(probabilities.values())))
+        events = [e for k in range(hops) for e in self.update(k, {name: p[k] for name, p in probabilities.items()})]
+        events += self.flush(hops - 1, (hops - 1) * self.hop + self.window)
+        self.reset()
         return events
 
 
@@ -132,26 +146,23 @@ class Timings:
 
 
 class Engine:
-    """The streaming state: push audio (at the model's sample rate), get the hops it completed."""
+    """The streaming state: push audio (at the model's sample rate), get the hops it completed.
+
+    `window`/`hop` (seconds) override the model's own; a model with a fixed input length (an
+    ONNX export, a TensorRT engine) takes its own window only."""
 
     def __init__(self, backend, post: PostConfig | None = None, window: float | None = None, hop: float | None = None, batch_size: int = 64):
         self.backend = backend
-        self.fbank_config = backend.fbank
-        if window and backend.fixed_window and window_frames(window, backend.fbank) != window_frames(backend.window, backend.fbank):
-            raise ValueError(f"the {backend.name} model takes {backend.window} s windows only (its input length is fixed)")
-        self.window_frames = window_frames(window or backend.window, self.fbank_config)
-        self.hop_frames = hop_frames(hop or backend.hop, self.fbank_config)
-        shift = self.fbank_config.frame_shift_ms / 1000
-        self.hop_seconds = self.hop_frames * shift
-        self.window_seconds = (self.window_frames - 1) * shift + self.fbank_config.frame_length_ms / 1000
-        post = post or PostConfig(thresholds=getattr(backend, "thresholds", {}))
-        self.post = PostProcessor(backend.heads, post, self.hop_seconds, self.window_seconds)
+        self.spec = backend.spec.with_stream(window, hop)
+        if backend.fixed_window and self.spec.window_frames != backend.spec.window_frames:
+            raise ValueError(f"the {backend.name} model takes {backend.spec.stream.window:g} s windows only (its input length is fixed)")
+        self.post = PostProcessor(self.spec, post or PostConfig())
         self.batch_size = batch_size
         self.reset()
 
     def reset(self) -> None:
-        self.fbank = StreamingFbank(self.fbank_config)
-        self.frames = torch.zeros(0, self.fbank_config.n_features)  # frames from index self.offset on
+        self.fbank = StreamingFbank(self.spec.fbank)
+        self.frames = torch.zeros(0, self.spec.fbank.n_features)  # frames from index self.offset on
         self.offset = 0
         self.next_hop = 0
         self.post.reset()
@@ -159,20 +170,17 @@ class Engine:
 
     @property
     def seconds(self) -> float:
-        return self.fbank.num_samples / self.fbank_config.sample_rate
+        return self.fbank.num_samples / self.spec.fbank.sample_rate
 
     def _run(self, starts: list[int], batch: torch.Tensor, fbank_seconds: float) -> list[Hop]:
         t0 = time.perf_counter()
-        probs = {}
-        for i in range(0, len(batch), self.batch_size):
-            for name, p in self.backend(normalize(batch[i : i + self.batch_size], self.fbank_config)).items():
-                probs.setdefault(name, []).append(p)
-        probs = {name: np.concatenate(ps) for name, ps in probs.items()}
+        probs = self.backend(batch, self.batch_size)
         t1 = time.perf_counter()
+        hop, window = self.spec.hop_seconds, self.spec.window_seconds
         hops = []
         for j, k in enumerate(starts):
             p = {name: x[j] for name, x in probs.items()}
-            hops.append(Hop(k, k * self.hop_seconds, k * self.hop_seconds + self.window_seconds, p, self.post.update(k, p)))
+            hops.append(Hop(k, k * hop, k * hop + window, p, self.post.update(k, p)))
         t2 = time.perf_counter()
         t = self.timings
         t.fbank, t.encoder, t.post, t.hops = t.fbank + fbank_seconds, t.encoder + t1 - t0, t.post + t2 - t1, t.hops + len(starts)
@@ -184,50 +192,48 @@ class Engine:
         new = self.fbank.push(samples)
         self.frames = torch.cat([self.frames, new]) if len(new) else self.frames
         fbank_seconds = time.perf_counter() - t0
-        total = self.offset + len(self.frames)
+        total, hop, window = self.offset + len(self.frames), self.spec.hop_frames, self.spec.window_frames
         starts = []
-        while self.next_hop * self.hop_frames + self.window_frames <= total:
+        while self.next_hop * hop + window <= total:
             starts.append(self.next_hop)
             self.next_hop += 1
         if not starts:
             self.timings.fbank += fbank_seconds
             return []
-        batch = torch.stack([self.frames[k * self.hop_frames - self.offset :][: self.window_frames] for k in starts])
-        drop = self.next_hop * self.hop_frames - self.offset  # no later window needs these frames
+        batch = torch.stack([self.frames[k * hop - self.offset :][:window] for k in starts])
+        drop = self.next_hop * hop - self.offset  # no later window needs these frames
         self.frames, self.offset = self.frames[drop:], self.offset + drop
         return self._run(starts, batch, fbank_seconds)
 
-    def flush(self) -> list[Hop]:
-        """End of stream: the padded window over the tail (when the last one missed it), then
-        the tags still on, attached to that last hop, or to an extra hop without probabilities
-        when no window was left to run. Call `reset()` before the next stream."""
-        total = self.offset + len(self.frames)
+    def flush(self) -> tuple[list[Hop], list[Event]]:
+        """End of stream: the padded window over the tail (when the last window missed it), and
+        the tags still on, closed at the end of the audio. Call `reset()` before the next stream."""
+        total, hop, window = self.offset + len(self.frames), self.spec.hop_frames, self.spec.window_frames
         hops = []
-        if total and (self.next_hop == 0 or (self.next_hop - 1) * self.hop_frames + self.window_frames < total):
+        if total and (self.next_hop == 0 or (self.next_hop - 1) * hop + window < total):
             k = self.next_hop
-            tail = self.frames[k * self.hop_frames - self.offset :]
-            hops = self._run([k], windows(tail, self.window_frames, self.window_frames)[:1], 0.0)
+            hops = self._run([k], windows(self.frames[k * hop - self.offset :], window, window)[:1], 0.0)
             self.next_hop += 1
-        closing = self.post.flush(self.next_hop - 1, self.seconds)
-        if closing:
-            if hops:
-                hops[-1].events.extend(closing)
-            else:
-                hops = [Hop(self.next_hop - 1, 0.0, 0.0, {}, closing)]
-        return hops
+        return hops, self.post.flush(self.next_hop - 1, self.seconds)
 
 
-def events_of(hops: list[Hop]) -> list[Event]:
-    return [e for hop in hops for e in hop.events]
+@dataclass
+class Result:
+    """A whole stream: its hops, then every event in the order the engine made them."""
+
+    hops: list[Hop]
+    events: list[Event]
+    seconds: float
 
 
-def process_file(engine: Engine, path, block_seconds: float = 10.0) -> list[Hop]:
+def process_file(engine: Engine, path, block_seconds: float = 10.0) -> Result:
     """Stream a file through the engine block by block (memory stays bounded for long files)."""
     from edgetag import audio
 
     engine.reset()
     hops = []
-    for block in audio.stream(path, engine.fbank_config.sample_rate, block_seconds):
+    for block in audio.stream(path, engine.spec.fbank.sample_rate, block_seconds):
         hops.extend(engine.push(block))
-    hops.extend(engine.flush())
-    return hops
+    tail, closing = engine.flush()
+    hops.extend(tail)
+    return Result(hops, [e for hop in hops for e in hop.events] + closing, engine.seconds)

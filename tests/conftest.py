@@ -19,6 +19,24 @@ REAL_CLIPS = [
 ]
 
 
+def make_spec(encoder="nano", heads=None, fbank=None, stream=None, **fields):
+    """A ModelSpec for tests: a named size or an EncoderConfig, heads {name: labels} (the name is
+    the kind), the AST fbank unless given, stream (window, hop) in seconds."""
+    from edgetag.features import preset
+    from edgetag.model import EncoderConfig, HeadConfig
+    from edgetag.spec import ModelSpec, StreamConfig
+
+    encoder = EncoderConfig.named(encoder) if isinstance(encoder, str) else encoder
+    heads = {name: h if isinstance(h, HeadConfig) else HeadConfig(name, h) for name, h in (heads or {}).items()}
+    return ModelSpec(encoder, fbank or preset("ast"), heads, StreamConfig(*stream) if stream else StreamConfig(), **fields)
+
+
+def make_model(encoder="nano", heads=None, **spec):
+    from edgetag.model import AudioTransformer
+
+    return AudioTransformer(make_spec(encoder, heads, **spec))
+
+
 def data_path(relative: str) -> Path:
     path = DATA / relative
     if not path.exists():

@@ -1,53 +1,55 @@
-"""Threshold calibration: false alarms counted as the engine counts spots; thresholds land in the checkpoint."""
+"""Threshold calibration: false alarms counted by the engine's own post-processor; thresholds land in the checkpoint."""
 
 import numpy as np
 
+from conftest import make_spec
 from edgetag import load_model
 from edgetag.stream import PostConfig
-from train.calibrate import calibrate, calibrate_keywords, count_spots, smooth
-
-
-def test_count_spots_respects_the_refractory_period():
-    p = np.array([0.9, 0.9, 0.1, 0.9, 0.1, 0.1, 0.9])
-    assert count_spots(p, 0.5, 1) == 4 and count_spots(p, 0.5, 3) == 3 and count_spots(p, 0.95, 1) == 0
-
-
-def test_smooth_is_the_engines_causal_mean():
-    p = np.array([[1.0], [0.0], [1.0], [1.0]])
-    np.testing.assert_allclose(smooth(p, 2)[:, 0], [1.0, 0.5, 0.5, 1.0])
-    np.testing.assert_allclose(smooth(p, 1), p)
+from train.calibrate import GRID, calibrate, calibrate_keywords, replay
 
 
 def test_keyword_thresholds_keep_false_alarms_under_the_target():
     rng = np.random.default_rng(0)
-    labels = ["yes", "no", "_unknown_", "_silence_"]
-    negatives = [np.abs(rng.normal(0, 0.2, (14400, 4))).clip(0, 1)]  # one hour of 0.25 s hops
-    negatives[0][::1000, 0] = 0.8  # 15 loud "yes" false alarms an hour at 0.8
-    positives = {0: [np.array([[0.95, 0.0, 0.05, 0.0]])], 1: [np.array([[0.1, 0.6, 0.3, 0.0]])]}
-    result = calibrate_keywords(negatives, positives, labels, 0.25, PostConfig(refractory=1.0), target_per_hour=1.0)
-    assert result["negative_hours"] == 1.0
+    spec = make_spec(heads={"keywords": ["yes", "no", "_unknown_", "_silence_"]}, stream=(1.0, 0.25))
+    negatives = [{"keywords": np.abs(rng.normal(0, 0.2, (14400, 4))).clip(0, 1)}]  # one hour of 0.25 s hops
+    negatives[0]["keywords"][::1000, 0] = 0.8  # 15 loud "yes" false alarms an hour at 0.8
+    positives = {"yes": [{"keywords": np.array([[0.95, 0.0, 0.05, 0.0]])}], "no": [{"keywords": np.array([[0.1, 0.6, 0.3, 0.0]])}]}
+    post = PostConfig(refractory=1.0)
+    result = calibrate_keywords(spec, post, "keywords", negatives, 1.0, positives, target_per_hour=1.0)
+    assert result["negative_hours"] == 1.0 and set(result["classes"]) == {"yes", "no"}
     yes = result["classes"]["yes"]
     assert yes["threshold"] > 0.8 and yes["false_alarms_per_hour"] <= 1.0 and yes["recall"] == 1.0
-    assert set(result["classes"]) == {"yes", "no"}
+    # the lowest grid point within the target: one step down is over it (bisection found the edge)
+    below = float(GRID[list(GRID).index(yes["threshold"]) - 1])
+    assert len(replay(spec, post, "keywords", {"yes": below}, negatives[0])) > 1
+
+
+def test_refractory_period_counts_as_the_engine_counts():
+    spec = make_spec(heads={"keywords": ["yes", "_unknown_"]}, stream=(1.0, 0.25))
+    p = np.array([0.9, 0.9, 0.1, 0.9, 0.1, 0.1, 0.9])
+    stream = {"keywords": np.stack([p, 1 - p], 1)}
+    spots = lambda refractory, t: len(replay(spec, PostConfig(refractory=refractory), "keywords", {"yes": t}, stream))  # noqa: E731
+    assert spots(0.25, 0.5) == 4 and spots(0.75, 0.5) == 3 and spots(0.25, 0.95) == 0
 
 
 def test_tag_thresholds_are_written_into_a_checkpoint_the_engine_reads(tmp_path):
     from conftest import make_dataset
+    from edgetag.spec import StreamConfig
     from train.augment import AugmentConfig
     from train.finetune import FinetuneConfig, finetune
 
     data = make_dataset(tmp_path / "data", clips=8, seconds=1.0)
-    finetune(FinetuneConfig(train=[str(data)], out=str(tmp_path / "ft"), size="nano", epochs=3, batch_size=8, lr=3e-3, window=0.5, hop=0.25,
-                            val_percent=25, augment=AugmentConfig.off().__dict__), device="cpu")
+    finetune(FinetuneConfig(train=[str(data)], out=str(tmp_path / "ft"), size="nano", epochs=3, batch_size=8, lr=3e-3, stream=StreamConfig(0.5, 0.25),
+                            val_percent=25, augment=AugmentConfig.off()), device="cpu")
     report = calibrate(tmp_path / "ft" / "best.safetensors", tmp_path / "cal.safetensors", [], [], [str(data)])
-    model = load_model(tmp_path / "cal.safetensors")
-    assert set(model.config["thresholds"]) == {"noise", "tone"} == set(report["tags"])
-    assert all(0.3 <= t < 1.0 for t in model.config["thresholds"].values())
+    thresholds = load_model(tmp_path / "cal.safetensors").spec.thresholds
+    assert set(thresholds) == {"tags"} and set(thresholds["tags"]) == {"noise", "tone"} == set(report["tags"])
+    assert all(0.3 <= t < 1.0 for t in thresholds["tags"].values())
     from edgetag.runtime import load_backend
     from edgetag.stream import Engine
 
     engine = Engine(load_backend(tmp_path / "cal.safetensors"))
-    assert list(engine.post.on["tags"]) == [model.config["thresholds"][label] for label in ("noise", "tone")]
+    assert list(engine.post.on["tags"]) == [thresholds["tags"][label] for label in ("noise", "tone")]
 
 
 def test_spotting_counts_what_edgetag_file_reports(tmp_path):
@@ -60,18 +62,16 @@ def test_spotting_counts_what_edgetag_file_reports(tmp_path):
     import soundfile as sf
     import torch
 
-    from conftest import REPO, white_noise
+    from conftest import REPO, make_model, white_noise
     from edgetag.checkpoint import save
-    from edgetag.features import preset
-    from edgetag.model import AudioTransformer, EncoderConfig, HeadConfig
     from edgetag.runtime import load_backend
     from train.data import Example
     from train.evaluate import spotting
 
     torch.manual_seed(0)
-    heads = {"keywords": HeadConfig("keywords", ["yes", "no", "_unknown_", "_silence_"])}
-    path = save(tmp_path / "m.safetensors", AudioTransformer(EncoderConfig.named("nano"), heads), preset("ast"),
-                stream={"window": 1.0, "hop": 0.25}, thresholds={"yes": 0.3, "no": 0.3})  # low: an untrained model spots often
+    model = make_model("nano", {"keywords": ["yes", "no", "_unknown_", "_silence_"]}, stream=(1.0, 0.25),
+                       thresholds={"keywords": {"yes": 0.3, "no": 0.3}})  # low: an untrained model spots often
+    path = save(tmp_path / "m.safetensors", model)
     negatives = []
     for i in range(3):
         negatives.append(tmp_path / f"noise{i}.wav")

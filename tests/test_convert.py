@@ -39,11 +39,10 @@ def test_hf_ast_logits_match_transformers(hf_ast, tmp_path):
         expected = reference(features).logits
         got = model(features)["tags"]
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-    assert model.head_configs["tags"].labels == tuple(f"sound {i}" for i in range(7))
-    assert model.fbank == preset("ast")
-    assert model.encoder.config.cls_tokens == 2 and model.encoder.config.stride_time == 10
-    # the window is the model's fixed input length
-    assert model.fbank.num_frames(round(model.config["stream"]["window"] * 16000)) == 200
+    assert model.spec.heads["tags"].labels == tuple(f"sound {i}" for i in range(7))
+    assert model.spec.fbank == preset("ast")
+    assert model.spec.encoder.cls_tokens == 2 and model.spec.encoder.stride_time == 10
+    assert model.spec.window_frames == 200  # the window is the model's fixed input length
 
 
 def test_patch_and_position_permutation_equals_frequency_major_convolution():
@@ -94,8 +93,8 @@ def test_ssast_every_key_used_and_every_shape_fits(tmp_path, cls, finetuned):
     state = ssast_state(cls, finetuned)
     torch.save(state, tmp_path / "ssast.pth")
     model = load_model(convert("ssast", tmp_path / "ssast.pth", tmp_path / "out.safetensors", labels=list("abcde")))
-    assert model.encoder.config.cls_tokens == cls and model.encoder.config.max_tokens == cls + 32
-    assert set(model.head_configs) == ({"tags"} if finetuned else set())
+    assert model.spec.encoder.cls_tokens == cls and model.spec.encoder.max_tokens == cls + 32
+    assert set(model.spec.heads) == ({"tags"} if finetuned else set()) and model.spec.window_frames == 64
     weights = model.state_dict()
     torch.testing.assert_close(weights["encoder.blocks.1.attn.qkv.weight"], state["module.v.blocks.1.attn.qkv.weight"])
     torch.testing.assert_close(weights["encoder.pos_embed"][:, :cls], state["module.v.pos_embed"][:, :cls])
@@ -161,9 +160,10 @@ def test_mae_ast_matches_a_post_ln_reference_and_takes_its_normalisation(tmp_pat
     ckpt, reference = mae_ast_checkpoint()
     torch.save(ckpt, tmp_path / "chunk_patch_75.pt")
     model = load_model(convert("mae-ast", tmp_path / "chunk_patch_75.pt", tmp_path / "mae.safetensors"))
-    assert model.encoder.config.norm_first is False and model.encoder.config.positions == "sincos"
-    assert model.fbank.window == "povey" and not model.fbank.htk_compat
-    assert (model.fbank.norm_mean, model.fbank.norm_scale) == (-3.0, 2.0) and model.fbank.norm_std == pytest.approx((16 + 1e-5) ** 0.5)
+    assert model.spec.encoder.norm_first is False and model.spec.encoder.positions == "sincos"
+    fbank = model.spec.fbank
+    assert fbank.window == "povey" and not fbank.htk_compat
+    assert (fbank.norm_mean, fbank.norm_scale) == (-3.0, 2.0) and fbank.norm_std == pytest.approx((16 + 1e-5) ** 0.5)
     features = torch.randn(2, 96, 128)
     with torch.no_grad():
         torch.testing.assert_close(model(features)["embedding"], reference(features), atol=1e-4, rtol=0)
@@ -175,7 +175,7 @@ def test_mae_ast_needs_to_know_patch_or_frame(tmp_path):
     torch.save(ckpt, tmp_path / "model.pt")
     with pytest.raises(ConvertError, match="--tokens"):
         convert("mae-ast", tmp_path / "model.pt", tmp_path / "x.safetensors")
-    assert load_model(convert("mae-ast", tmp_path / "model.pt", tmp_path / "x.safetensors", tokens="frame")).encoder.config.tokens == "frame"
+    assert load_model(convert("mae-ast", tmp_path / "model.pt", tmp_path / "x.safetensors", tokens="frame")).spec.encoder.tokens == "frame"
 
 
 class Payload:

@@ -14,9 +14,12 @@ from conftest import DATA, data_path, sine_sweep, white_noise
 from edgetag.features import LOG_FLOOR, fbank, preset, windows
 from train import metrics
 from train.augment import AugmentConfig, add_noise, augment, gain, mean_power, mixup, spec_augment, time_shift
-from train.data import (Example, in_validation, labels_of, load_features, read_audioset, read_examples, read_speech_commands,
-                        split_examples)
+from train.data import Example, Source, in_validation, labels_of, load_features, read_audioset, read_speech_commands, split_examples
 from train.labels import AUDIOSET_NAMES, KEYWORD_LABELS, tag_name
+
+
+def read(text: str, head: str | None = None) -> list[Example]:
+    return Source.parse(text, head).read()
 
 
 def write(path: Path, seconds: float = 0.5, rate: int = 16000, seed: int = 0) -> Path:
@@ -34,26 +37,26 @@ def test_manifest_csv_and_jsonl_with_labels_and_times(tmp_path):
     write(tmp_path / "sub" / "b.flac")
     (tmp_path / "m.csv").write_text("path,labels,start,end,speaker\na.wav,dog;bark,0.1,0.4,s1\nsub/b.flac,cat,,,s2\n")
     (tmp_path / "m.jsonl").write_text(json.dumps({"path": "a.wav", "label": "dog"}) + "\n\n" + json.dumps({"path": "sub/b.flac", "label": "cat"}) + "\n")
-    rows = read_examples(f"manifest:{tmp_path / 'm.csv'}", "keywords")
+    rows = read(f"manifest:{tmp_path / 'm.csv'}", "keywords")
     assert rows[0].labels == ("dog", "bark") and rows[0].start == 0.1 and rows[0].end == 0.4 and rows[0].group == "s1"
     assert Path(rows[1].path) == tmp_path / "sub" / "b.flac" and rows[1].start is None
-    assert [e.labels for e in read_examples(str(tmp_path / "m.jsonl"))] == [("Dog",), ("Cat",)]  # tag heads: AudioSet names
+    assert [e.labels for e in read(str(tmp_path / "m.jsonl"))] == [("Dog",), ("Cat",)]  # tag heads: AudioSet names
 
 
 def test_manifest_without_labels_is_an_error(tmp_path):
     write(tmp_path / "a.wav")
     (tmp_path / "m.csv").write_text("path\na.wav\n")
     with pytest.raises(ValueError, match="neither 'label' nor 'labels'"):
-        read_examples(str(tmp_path / "m.csv"))
+        read(str(tmp_path / "m.csv"))
 
 
 def test_folder_tree_and_missing_path(tmp_path):
     for label in ("dog", "rain_drops"):
         write(tmp_path / label / "deep" / "x.wav")
-    examples = read_examples(str(tmp_path))
+    examples = read(str(tmp_path))
     assert sorted(e.labels for e in examples) == [("Dog",), ("rain drops",)]
     with pytest.raises(FileNotFoundError, match="nope"):
-        read_examples(str(tmp_path / "nope"))
+        read(str(tmp_path / "nope"))
 
 
 def test_esc50_layout_and_folds(tmp_path):
@@ -65,9 +68,9 @@ def test_esc50_layout_and_folds(tmp_path):
         for name, fold, category, src in rows:
             write(tmp_path / "audio" / name)
             w.writerow([name, fold, 0, category, "True", src, "A"])
-    all_examples = read_examples(str(tmp_path))
+    all_examples = read(str(tmp_path))
     assert [e.labels[0] for e in all_examples] == ["Dog", "Rain", "Rain"]
-    fold4 = read_examples(f"esc50:{tmp_path},folds=4")
+    fold4 = read(f"esc50:{tmp_path},folds=4")
     assert len(fold4) == 2 and {e.group for e in fold4} == {"200"}
     # clips of one source recording stay on one side of a hash split
     train, val = split_examples(all_examples, 50)
@@ -82,7 +85,7 @@ def test_speech_commands_folder_layout_with_and_without_lists(tmp_path):
     assert all(e.split == "" for e in examples)
     (tmp_path / "validation_list.txt").write_text("yes/bbb_nohash_0.wav\n")
     (tmp_path / "testing_list.txt").write_text("cat/aaa_nohash_0.wav\n")
-    train, val = split_examples(read_examples(str(tmp_path), "keywords"))
+    train, val = split_examples(read(str(tmp_path), "keywords"))
     assert [Path(e.path).parent.name for e in val] == ["yes"] and len(train) == 2  # the test clip is in neither
 
 
@@ -98,35 +101,35 @@ def test_audioset_segments_with_local_audio(tmp_path):
         examples = read_audioset(tmp_path / "seg.csv")
     assert [e.labels for e in examples] == [("Speech", "Dog"), ("Dog",)]
     assert examples[0].start is None  # a file holding only its segment is read from its start
-    assert read_examples(str(tmp_path / "seg.csv"))[1].labels == ("Dog",)  # detected from the header
+    assert read(str(tmp_path / "seg.csv"))[1].labels == ("Dog",)  # detected from the header
 
 
 def test_fsdd_recordings_without_manifest(tmp_path):
     write(tmp_path / "recordings" / "3_jackson_7.wav", rate=8000)
-    assert read_examples(f"fsdd:{tmp_path}", "keywords") == [Example(str(tmp_path / "recordings" / "3_jackson_7.wav"), ("3",), group="jackson")]
+    assert read(f"fsdd:{tmp_path}", "keywords") == [Example(str(tmp_path / "recordings" / "3_jackson_7.wav"), ("3",), group="jackson")]
 
 
 def test_split_option_gives_disjoint_sides_of_one_source(tmp_path):
     for label in ("a", "b"):
         for i in range(20):
             write(tmp_path / label / f"{label}{i}.wav", seconds=0.1)
-    train = read_examples(f"{tmp_path},split=train,percent=30")
-    val = read_examples(f"{tmp_path},split=val,percent=30")
+    train = read(f"{tmp_path},split=train,percent=30")
+    val = read(f"{tmp_path},split=val,percent=30")
     assert len(train) + len(val) == 40 and val and not {e.path for e in train} & {e.path for e in val}
     with pytest.raises(ValueError, match="split must be"):
-        read_examples(f"{tmp_path},split=test")
+        read(f"{tmp_path},split=test")
 
 
 def test_groups_option_cuts_a_third_part_beside_the_split(tmp_path):
     """calibrate on one part, train on another, measure on the rest: no clip in two of them."""
     for i in range(60):
         write(tmp_path / "a" / f"speaker{i}.wav", seconds=0.1)
-    val, train = read_examples(f"{tmp_path},split=val,percent=50"), read_examples(f"{tmp_path},split=train,percent=50")
-    assert {e.path for e in read_examples(f"{tmp_path},groups=0-50")} == {e.path for e in val}
-    middle, rest = read_examples(f"{tmp_path},groups=50-70"), read_examples(f"{tmp_path},groups=70-100")
+    val, train = read(f"{tmp_path},split=val,percent=50"), read(f"{tmp_path},split=train,percent=50")
+    assert {e.path for e in read(f"{tmp_path},groups=0-50")} == {e.path for e in val}
+    middle, rest = read(f"{tmp_path},groups=50-70"), read(f"{tmp_path},groups=70-100")
     assert middle and rest and sorted(e.path for e in middle + rest) == sorted(e.path for e in train)
     with pytest.raises(ValueError, match="groups must be LO-HI"):
-        read_examples(f"{tmp_path},groups=half")
+        read(f"{tmp_path},groups=half")
 
 
 def test_label_option_relabels_the_clips_it_selects(tmp_path):
@@ -134,10 +137,29 @@ def test_label_option_relabels_the_clips_it_selects(tmp_path):
     for label in ("dog", "rain"):
         for i in range(10):
             write(tmp_path / label / f"{label}{i}.wav", seconds=0.1)
-    plain = read_examples(f"{tmp_path},split=val,percent=40", "keywords")
-    relabelled = read_examples(f"{tmp_path},split=val,percent=40,label=_silence_", "keywords")
+    plain = read(f"{tmp_path},split=val,percent=40", "keywords")
+    relabelled = read(f"{tmp_path},split=val,percent=40,label=_silence_", "keywords")
     assert [e.path for e in relabelled] == [e.path for e in plain] and {e.labels for e in relabelled} == {("_silence_",)}
     assert {e.labels for e in plain} == {("dog",), ("rain",)}
+
+
+def test_a_source_names_its_head_or_takes_its_readers(tmp_path):
+    for word in ("yes", "no"):
+        write(tmp_path / "commands" / word / "spk_nohash_0.wav")
+    write(tmp_path / "sounds" / "dog" / "a.wav")
+    write(tmp_path / "noise" / "hum.wav")
+    assert Source.parse(str(tmp_path / "commands")).head == "keywords"  # Speech Commands' layout: the keyword task
+    assert Source.parse(str(tmp_path / "sounds")).head == "tags"
+    assert Source.parse(f"keywords={tmp_path / 'sounds'}").head == "keywords"
+    assert Source.parse(str(tmp_path / "sounds"), "keywords").head == "keywords"  # the head the caller reads it for
+    with pytest.raises(ValueError, match="a tags source where a keywords source is needed"):
+        Source.parse(f"tags={tmp_path / 'sounds'}", "keywords")
+    with pytest.raises(ValueError, match="the esc50 reader takes no option fold"):
+        Source.parse(f"esc50:{tmp_path},fold=4")
+    # a folder of recordings without class folders: every file, unlabelled (noise, audio without words)
+    noise = Source.parse(str(tmp_path / "noise"))
+    assert noise.reader == "audio" and [(Path(e.path).name, e.labels) for e in noise.read()] == [("hum.wav", ())]
+    assert read(f"{tmp_path / 'noise'},label=_silence_", "keywords")[0].labels == ("_silence_",)
 
 
 def test_hash_split_is_stable_and_near_the_percentage():
@@ -154,7 +176,7 @@ def test_labels_order_puts_speech_commands_specials_last():
 
 def test_real_speech_commands_split_is_speaker_disjoint_and_has_twelve_classes():
     data_path("speech_commands")
-    train, val = split_examples(read_examples(str(DATA / "speech_commands"), "keywords"), 20)
+    train, val = split_examples(read(str(DATA / "speech_commands"), "keywords"), 20)
     assert set(labels_of(train)) == set(KEYWORD_LABELS)
     speakers = lambda xs: {e.group for e in xs if not e.labels[0] == "_silence_"}  # noqa: E731
     assert not speakers(train) & speakers(val)
@@ -253,7 +275,7 @@ def test_augment_off_is_identity_and_on_keeps_shapes():
     x, y = torch.randn(8, 30, 16), torch.eye(4)[torch.arange(8) % 4]
     out, y_out = augment(x, y, AugmentConfig.off(), g)
     assert out is x and y_out is y
-    out, y_out = augment(x, y, AugmentConfig(mixup=1.0, noise=1.0), g, noise_bank=torch.randn(3, 120, 16))
+    out, y_out = augment(x, y, AugmentConfig(mixup=1.0, noise_prob=1.0), g, noise_bank=torch.randn(3, 120, 16))
     assert out.shape == x.shape and y_out.shape == y.shape and not torch.equal(out, x)
     torch.testing.assert_close(y_out.sum(1), y.sum(1))
 
@@ -271,4 +293,4 @@ def test_accuracy_f1_and_average_precision_by_hand():
     assert metrics.average_precision(np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 0, 1, 0], bool)) == pytest.approx((1 + 2 / 3) / 2)
     assert metrics.average_precision(np.array([0.5, 0.5, 0.1]), np.array([0, 1, 0], bool)) == pytest.approx(0.5)  # a tie shares a threshold
     assert math.isnan(metrics.average_precision(np.array([0.1, 0.2]), np.array([0, 0], bool)))
-    assert metrics.mean_average_precision(np.array([[0.9, 0.1], [0.1, 0.9]]), np.eye(2)) == 1.0
+    assert np.nanmean(metrics.ap_per_class(np.array([[0.9, 0.1], [0.1, 0.9]]), np.eye(2))) == 1.0

@@ -12,7 +12,7 @@ import torch
 
 from conftest import REPO, data_path
 from edgetag.checkpoint import DEFAULT_EXPORT, DEFAULT_MODEL
-from train.labels import KEYWORD_LABELS, KEYWORDS
+from train.labels import COMMAND_WORDS, KEYWORD_LABELS
 
 EXAMPLE = REPO / "edgetag" / "assets" / "example.flac"
 CARD = DEFAULT_MODEL.parent / "MODEL_CARD.md"
@@ -43,12 +43,14 @@ def card_row(name: str) -> list[str]:
 def test_load_model_without_an_argument_is_the_bundled_model():
     import edgetag
 
-    model = edgetag.load_model()
-    assert model.config["provenance"]["id"] == json.loads((DEFAULT_EXPORT / "manifest.json").read_text())["model_id"]
-    assert sorted(model.head_configs["keywords"].labels) == sorted(KEYWORD_LABELS)
-    assert model.head_configs["tags"].kind == "tags" and "Dog" in model.head_configs["tags"].labels
-    assert set(model.config["thresholds"]) >= set(KEYWORDS)  # every keyword calibrated
-    assert model.config["stream"] == {"window": 1.0, "hop": 0.5}
+    from edgetag.spec import StreamConfig
+
+    spec = edgetag.load_model().spec
+    assert spec.model_id == json.loads((DEFAULT_EXPORT / "manifest.json").read_text())["model_id"]
+    assert sorted(spec.heads["keywords"].labels) == sorted(KEYWORD_LABELS)
+    assert spec.heads["tags"].kind == "tags" and "Dog" in spec.heads["tags"].labels
+    assert set(spec.thresholds["keywords"]) >= set(COMMAND_WORDS)  # every keyword calibrated
+    assert spec.stream == StreamConfig(1.0, 0.5)
 
 
 def test_the_bundle_fits_in_20_mib():
@@ -74,26 +76,26 @@ def test_quick_start_spots_yes(quick_start):
 def edgetag_model_id() -> str:
     import edgetag
 
-    return edgetag.load_model().config["provenance"]["id"]
+    return edgetag.load_model().spec.model_id
 
 
 def test_the_export_is_the_checkpoint():
-    """manifest.json carries the checkpoint's config, every file's hash holds, and the fp32 ONNX
+    """manifest.json carries the checkpoint's spec, every file's hash holds, and the fp32 ONNX
     reproduces the checkpoint on the reference inputs."""
     import edgetag
-    from edgetag.runtime import OnnxBackend
+    from edgetag.runtime import OnnxBackend, read_manifest
 
-    manifest = json.loads((DEFAULT_EXPORT / "manifest.json").read_text())
+    manifest = read_manifest(DEFAULT_EXPORT)
     model = edgetag.load_model()
-    assert manifest["config"] == model.config
+    assert manifest["spec"] == model.spec
     for name, entry in manifest["files"].items():
         assert hashlib.sha256((DEFAULT_EXPORT / name).read_bytes()).hexdigest() == entry["sha256"], name
     reference = np.load(DEFAULT_EXPORT / "reference.npz")
-    x = torch.from_numpy(reference["fbank"])
-    onnx = OnnxBackend(DEFAULT_EXPORT / "model.onnx")(x)
+    x = torch.from_numpy(reference["fbank"])  # normalised: the exported model's input
+    onnx = OnnxBackend(DEFAULT_EXPORT / "model.onnx").forward(x)
     with torch.no_grad():
         expected = model.probabilities(x)
-    for head in model.head_configs:
+    for head in model.spec.heads:
         np.testing.assert_allclose(onnx[head], expected[head].numpy(), atol=1e-4)
         np.testing.assert_allclose(reference[head], expected[head].numpy(), atol=1e-5)
 

@@ -12,18 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, make_model
 from edgetag.checkpoint import save
-from edgetag.features import preset
-from edgetag.model import AudioTransformer, EncoderConfig, HeadConfig
 from edgetag.runtime import BackendError, TorchBackend, l4t_release, load_backend, mismatch, resolve
-from edgetag.stream import Engine, events_of, process_file
+from edgetag.stream import Engine, process_file
 
 pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'edgetag[deploy]')")
 pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
 
 EXAMPLE = REPO / "edgetag" / "assets" / "example.flac"
-HEADS = {"tags": HeadConfig("tags", [f"t{i}" for i in range(6)]), "keywords": HeadConfig("keywords", ["yes", "no", "_unknown_", "_silence_"])}
+HEADS = {"tags": [f"t{i}" for i in range(6)], "keywords": ["yes", "no", "_unknown_", "_silence_"]}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +30,7 @@ def exported(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
-    ckpt = save(root / "model.safetensors", AudioTransformer(EncoderConfig.named("nano"), HEADS), preset("ast"), stream={"window": 1.0, "hop": 0.25})
+    ckpt = save(root / "model.safetensors", make_model("nano", HEADS, stream=(1.0, 0.25)))
     report = export(ckpt, root / "out", [str(EXAMPLE)], 64)
     return ckpt, root / "out", report
 
@@ -45,7 +43,8 @@ def test_export_writes_checked_files(exported):
     manifest = json.loads((out / "manifest.json").read_text())
     for name, entry in manifest["files"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["sha256"]
-    assert manifest["opset"] == 20 and manifest["window_frames"] == 98 and manifest["outputs"] == ["tags", "keywords"]
+    assert manifest["opset"] == 20 and manifest["input"]["shape"] == ["batch", 98, 128] and manifest["outputs"] == ["tags", "keywords"]
+    assert manifest["spec"] == __import__("edgetag").load_model(ckpt).spec.to_dict()  # the window lives in the spec, in seconds
     model = onnx.load(str(out / "model.onnx"))
     assert not (out / "model.onnx.data").exists() and model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
     qdq = onnx.load(str(out / "model.int8.qdq.onnx"))
@@ -56,28 +55,26 @@ def test_export_writes_checked_files(exported):
     assert all(a["top1"] >= 0.8 for kind in ("int8", "int8-qdq") for a in report[kind].values())
     reference = np.load(out / "reference.npz")
     with torch.no_grad():
-        probs = AudioTransformer(EncoderConfig.named("nano"), HEADS)
-        probs.load_state_dict(__import__("edgetag").load_model(ckpt).state_dict())
-        expected = probs.probabilities(torch.from_numpy(reference["fbank"]))
+        expected = __import__("edgetag").load_model(ckpt).probabilities(torch.from_numpy(reference["fbank"]))
     np.testing.assert_allclose(reference["tags"], expected["tags"].numpy(), atol=1e-6)
 
 
 def test_onnx_backend_matches_torch_through_the_engine(exported):
     ckpt, out, _ = exported
-    torch_hops = process_file(Engine(TorchBackend(ckpt)), EXAMPLE)
-    onnx_hops = process_file(Engine(load_backend(out / "model.onnx")), EXAMPLE)
-    for a, b in zip(torch_hops, onnx_hops):
+    torch_run = process_file(Engine(TorchBackend.load(ckpt)), EXAMPLE)
+    onnx_run = process_file(Engine(load_backend(out / "model.onnx")), EXAMPLE)
+    assert len(torch_run.hops) == len(onnx_run.hops) == 25
+    for a, b in zip(torch_run.hops, onnx_run.hops):
         for head in a.probabilities:
             np.testing.assert_allclose(a.probabilities[head], b.probabilities[head], atol=1e-4)
     int8 = process_file(Engine(load_backend(out)), EXAMPLE)  # a folder: the int8 model
-    assert load_backend(out).session._model_path.endswith("model.int8.onnx")
-    diff = max(np.abs(a.probabilities[h] - b.probabilities[h]).max() for a, b in zip(torch_hops, int8) if a.probabilities for h in a.probabilities)
+    assert load_backend(out).path.name == "model.int8.onnx"
+    diff = max(np.abs(a.probabilities[h] - b.probabilities[h]).max() for a, b in zip(torch_run.hops, int8.hops) for h in a.probabilities)
     # Measured 0.004, alike on AVX-512 VNNI and on an AVX2-only CPU (Zen 3, emulated with
     # qemu-x86_64 -cpu EPYC-Milan); 8-bit weights gave 0.052 there (int16 saturation, see
     # test_dynamic_int8_is_exact_integer_arithmetic).
     assert diff < 0.02
-    onnx_events = [(e.kind, e.label, e.start, e.end) for e in events_of(onnx_hops)]
-    assert onnx_events == [(e.kind, e.label, e.start, e.end) for e in events_of(torch_hops)]
+    assert [(e.kind, e.label, e.start, e.end) for e in onnx_run.events] == [(e.kind, e.label, e.start, e.end) for e in torch_run.events]
 
 
 def dynamic_quantize_linear(x: np.ndarray) -> tuple[np.ndarray, float, np.float32]:
@@ -129,7 +126,7 @@ def test_torch_int8_backend_stays_close_to_fp32(exported):
 
     ckpt, _, _ = exported
     x = torch.randn(4, 98, 128)
-    fp32, int8 = TorchBackend(ckpt)(x), TorchInt8Backend(ckpt, compile=False)(x)
+    fp32, int8 = TorchBackend.load(ckpt).forward(x), TorchInt8Backend.load(ckpt, compile=False).forward(x)
     for head in fp32:
         assert np.abs(fp32[head] - int8[head]).max() < 0.05
 
@@ -166,7 +163,7 @@ def test_check_onnx_refuses_non_zero_zero_points(tmp_path):
 
 
 def test_export_cli_refuses_an_encoder_without_heads(tmp_path):
-    save(tmp_path / "enc.safetensors", AudioTransformer(EncoderConfig.named("nano")), preset("ast"))
+    save(tmp_path / "enc.safetensors", make_model("nano"))
     run = subprocess.run([sys.executable, "-m", "deploy.export", "--ckpt", str(tmp_path / "enc.safetensors"), "--out", str(tmp_path / "o")],
                          cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 2 and "no heads" in run.stderr and len(run.stderr.strip().splitlines()) == 1

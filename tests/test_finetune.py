@@ -8,17 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, make_dataset
+from conftest import REPO, make_dataset, make_model
 from edgetag import load_model
 from edgetag.checkpoint import save
-from edgetag.features import preset
-from edgetag.model import AudioTransformer, EncoderConfig, HeadConfig
+from edgetag.model import EncoderConfig
 from edgetag.runtime import TorchBackend
+from edgetag.spec import StreamConfig
 from train.augment import AugmentConfig
-from train.distill import Teacher
+from train.data import Source, split_examples
+from train.distill import DistillConfig, TeacherTargets, distill
 from train.evaluate import evaluate
-from train.finetune import FinetuneConfig, finetune, parse_source, random_crops, set_trainable
-from train.data import read_examples
+from train.finetune import FinetuneConfig, finetune, random_crops, set_trainable
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
@@ -26,8 +27,8 @@ def dataset(tmp_path_factory):
 
 
 def quick_config(dataset, out, **overrides) -> FinetuneConfig:
-    base = dict(train=[str(dataset)], out=str(out), size="nano", epochs=4, batch_size=8, lr=3e-3, window=0.5, hop=0.25,
-                val_percent=25, augment={**AugmentConfig.off().__dict__}, seed=0)
+    base = dict(train=[str(dataset)], out=str(out), size="nano", epochs=4, batch_size=8, lr=3e-3, stream=StreamConfig(0.5, 0.25),
+                val_percent=25, augment=AugmentConfig.off(), seed=0)
     return FinetuneConfig(**{**base, **overrides})
 
 
@@ -38,20 +39,14 @@ def trained(dataset, tmp_path_factory):
     return out, results
 
 
-def test_parse_source_picks_the_head():
-    assert parse_source("../shared/data/speech_commands") == ("keywords", "../shared/data/speech_commands")
-    assert parse_source("speech_commands:/x/y") == ("keywords", "speech_commands:/x/y")
-    assert parse_source("esc50:/x/y,folds=4") == ("tags", "esc50:/x/y,folds=4")
-    assert parse_source("keywords=/data/words") == ("keywords", "/data/words")
-
-
 def test_finetune_learns_and_saves_the_best_checkpoint(trained):
     out, results = trained
     assert results["tags"]["accuracy"] >= 0.85 and results["tags"]["n"] > 0
     model = load_model(out / "best.safetensors")
-    assert model.head_configs["tags"].labels == ("noise", "tone")
-    assert model.config["stream"] == {"window": 0.5, "hop": 0.25}
-    assert model.config["provenance"]["validation"]["tags"]["accuracy"] == results["tags"]["accuracy"]
+    assert model.spec.heads["tags"].labels == ("noise", "tone")
+    assert model.spec.stream == StreamConfig(0.5, 0.25)
+    assert model.spec.provenance["validation"]["tags"]["accuracy"] == results["tags"]["accuracy"]
+    assert model.spec.provenance["config"]["augment"] == json.loads(json.dumps(AugmentConfig.off().__dict__))  # the settings, as a plain dict
     history = (out / "history.csv").read_text().splitlines()
     assert len(history) == 5 and (out / "curves.png").stat().st_size > 0
     first, last = (float(line.split(",")[1]) for line in (history[1], history[-1]))
@@ -73,10 +68,8 @@ def test_evaluate_cli_writes_json_and_confusion(trained, dataset, tmp_path):
 
 def test_evaluate_matches_the_validation_figure(trained, dataset):
     out, results = trained
-    from train.data import split_examples
-
-    _, val = split_examples(read_examples(str(dataset)), 25)
-    again = evaluate(TorchBackend(out / "best.safetensors"), val, "tags")
+    _, val = split_examples(Source.parse(str(dataset)).read(), 25)
+    again = evaluate(TorchBackend.load(out / "best.safetensors"), val, "tags")
     assert again["accuracy"] == results["tags"]["accuracy"] and again["n"] == results["tags"]["n"]
 
 
@@ -90,13 +83,13 @@ def test_linear_probe_and_adapters_leave_the_encoder_alone(trained, dataset, tmp
         for key, value in after.items():
             if key.startswith("encoder.") and ".adapter." not in key:
                 torch.testing.assert_close(value, before[key], rtol=0, atol=0)
-        assert (tuned.encoder.config.adapter_dim > 0) == (mode == "adapter")
+        assert (tuned.spec.encoder.adapter_dim > 0) == (mode == "adapter")
     adapter_weights = [v for k, v in tuned.state_dict().items() if ".adapter.up." in k]
     assert any(v.abs().sum() > 0 for v in adapter_weights)  # the adapters did train
 
 
 def test_set_trainable_shares():
-    model = AudioTransformer(EncoderConfig.named("mini", adapter_dim=16), {"tags": HeadConfig("tags", ["a", "b"])})
+    model = make_model(EncoderConfig.named("mini", adapter_dim=16), {"tags": ["a", "b"]})
     share = {}
     for mode in ("full", "linear", "adapter"):
         set_trainable(model, mode)
@@ -108,8 +101,8 @@ def test_multitask_training_builds_both_heads(dataset, tmp_path):
     c = quick_config(dataset, tmp_path, train=[str(dataset), f"keywords={dataset}"], epochs=1)
     results = finetune(c, device="cpu")
     model = load_model(tmp_path / "best.safetensors")
-    assert set(model.head_configs) == set(results) == {"tags", "keywords"}
-    assert model.head_configs["keywords"].kind == "keywords"
+    assert set(model.spec.heads) == set(results) == {"tags", "keywords"}
+    assert model.spec.heads["keywords"].kind == "keywords"
     probs = model.probabilities(torch.zeros(2, 50, 128))
     torch.testing.assert_close(probs["keywords"].sum(-1), torch.ones(2))
 
@@ -135,37 +128,54 @@ def test_random_crops_land_on_the_grid():
 
 def test_distillation_caches_the_teacher_and_trains_a_student(trained, dataset, tmp_path, capsys):
     out, _ = trained
-    teacher = Teacher(out / "best.safetensors", temperature=2.0, alpha=0.5, cache=tmp_path / "cache.safetensors")
-    c = quick_config(dataset, tmp_path / "student", size="nano", epochs=2)
-    results = finetune(c, device="cpu", teacher=teacher)
+    c = DistillConfig(teacher=str(out / "best.safetensors"), temperature=2.0, alpha=0.5, cache=str(tmp_path / "cache.safetensors"),
+                      student=quick_config(dataset, tmp_path / "student", size="nano", epochs=2))
+    results = distill(c, device="cpu")
     assert (tmp_path / "cache.safetensors").is_file() and "tags" in results
     student = load_model(tmp_path / "student" / "best.safetensors")
-    assert student.head_configs == load_model(out / "best.safetensors").head_configs
-    assert student.config["provenance"]["stage"] == "distill"
+    assert student.spec.heads == load_model(out / "best.safetensors").spec.heads
+    assert student.spec.provenance["stage"] == "distill" and student.spec.provenance["teacher"]["alpha"] == 0.5
     capsys.readouterr()
-    finetune(c, device="cpu", teacher=Teacher(out / "best.safetensors", cache=tmp_path / "cache.safetensors"))
-    assert "teacher logits from" in capsys.readouterr().out
+    distill(c, device="cpu")
+    assert "teacher probabilities from" in capsys.readouterr().out
 
 
-def test_distillation_loss_terms():
-    fbank = preset("ast")
-    model = AudioTransformer(EncoderConfig.named("nano"), {"keywords": HeadConfig("keywords", ["a", "b", "c"])})
-    path = save(__import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "t.safetensors", model, fbank)
-    teacher = Teacher(path, temperature=3.0, alpha=1.0)
+def test_distillation_loss_terms(tmp_path):
+    path = save(tmp_path / "t.safetensors", make_model("nano", {"keywords": ["a", "b", "c"]}))
+    teacher = TeacherTargets(DistillConfig(teacher=str(path), temperature=3.0, alpha=1.0))
+    head = teacher.backend.spec.heads["keywords"]
     logits = torch.randn(4, 3)
     soft = (logits / 3.0).softmax(-1)
     hard = torch.eye(3)[[0, 1, 2, 0]]
     # a student that already matches the teacher has zero KL; alpha 0 is the hard-label loss alone
-    assert teacher.loss("keywords", logits, torch.cat([hard, soft], 1)).abs() < 1e-6
-    teacher.alpha = 0.0
+    assert teacher.loss(head, logits, torch.cat([hard, soft], 1)).abs() < 1e-6
+    teacher.c.alpha = 0.0
     expected = torch.nn.functional.cross_entropy(logits, hard.argmax(1))
-    torch.testing.assert_close(teacher.loss("keywords", logits, torch.cat([hard, soft], 1)), expected)
+    torch.testing.assert_close(teacher.loss(head, logits, torch.cat([hard, soft], 1)), expected)
 
 
-def test_teacher_pads_short_windows_to_its_own(tmp_path):
-    fbank = preset("ast")
-    model = AudioTransformer(EncoderConfig.named("nano", positions="learned", max_tokens=48), {"tags": HeadConfig("tags", ["a"])})
-    path = save(tmp_path / "t.safetensors", model, fbank, stream={"window": 1.0, "hop": 0.5})
-    teacher = Teacher(path)
-    assert teacher.frames == 98
-    assert teacher.window_logits("tags", torch.randn(3, 50, 128)).shape == (3, 1)
+def test_keyword_soft_targets_are_the_teachers_softmax_at_temperature(tmp_path):
+    """The teacher hands out probabilities; softmax(log p / T) is its softmax(logits / T)."""
+    torch.manual_seed(0)
+    model = make_model("nano", {"keywords": ["a", "b", "c"]}, stream=(0.5, 0.25))
+    path = save(tmp_path / "t.safetensors", model)
+    teacher = TeacherTargets(DistillConfig(teacher=str(path), temperature=3.0))
+    clip = torch.randn(80, 128) - 4
+    teacher.prepare([_task("keywords", [clip])], model.spec)
+    window = clip[25:73]  # the second grid window (hop 25 frames, 48-frame windows)
+    with torch.no_grad():
+        logits = model(((window - model.spec.fbank.norm_mean) / (model.spec.fbank.norm_scale * model.spec.fbank.norm_std))[None])["keywords"]
+    torch.testing.assert_close(teacher.soft_targets("keywords", [0], [25]), (logits / 3.0).softmax(-1), atol=1e-5, rtol=0)
+
+
+def _task(head, clips):
+    from train.finetune import Task
+
+    return Task(head, ["a", "b", "c"], clips, torch.zeros(len(clips), 3), [], torch.zeros(0, 3))
+
+
+def test_teacher_fits_the_students_windows_to_its_own(tmp_path):
+    model = make_model(EncoderConfig.named("nano", positions="learned", max_tokens=48), {"tags": ["a"]}, stream=(1.0, 0.5))
+    teacher = TeacherTargets(DistillConfig(teacher=str(save(tmp_path / "t.safetensors", model))))
+    assert teacher.backend.spec.window_frames == 98
+    assert teacher.window_probabilities("tags", torch.randn(3, 50, 128)).shape == (3, 1)

@@ -84,6 +84,6 @@ def test_bundled_model_hears_the_example_through_the_microphone(tmp_path):
     run = subprocess.run([sys.executable, "-m", "edgetag", "file", str(example), "--json"], cwd=REPO, capture_output=True, text=True)
     offline = [json.loads(line) for line in run.stdout.splitlines()]
     labels = lambda rows, kind: [r["label"] for r in rows if r["kind"] == kind]  # noqa: E731
-    assert {r["model"] for r in live} == {r["model"] for r in offline} == {load_model().config["provenance"]["id"]}
+    assert {r["model"] for r in live} == {r["model"] for r in offline} == {load_model().spec.model_id}
     assert set(labels(live, "keyword")) <= set(labels(offline, "keyword")) == {"yes"}
     assert set(labels(live, "tag")) & set(labels(offline, "tag"))

@@ -1,18 +1,22 @@
 """Encoder shapes, tokenisation, positions, heads and the checkpoint format."""
 
+import json
+
 import pytest
 import torch
 
+from conftest import make_model, make_spec
 from edgetag import checkpoint, load_model
 from edgetag.features import preset
-from edgetag.model import SIZES, AudioTransformer, EncoderConfig, HeadConfig, num_parameters, patchify, unpatchify
+from edgetag.model import SIZES, EncoderConfig, num_parameters, patchify
+from edgetag.spec import FORMAT_1, SpecError, StreamConfig
 
 
 @pytest.mark.parametrize("tokens", ["patch", "frame"])
 @pytest.mark.parametrize("frames", [16, 98, 100, 128, 1024])
 def test_encoder_shapes_for_any_length(tokens, frames):
     config = EncoderConfig.named("nano", tokens=tokens)
-    model = AudioTransformer(config).eval()
+    model = make_model(config).eval()
     x = torch.randn(2, frames, 128)
     tokens_expected = frames // config.patch_time * config.freq_patches
     assert config.num_tokens(frames) == tokens_expected
@@ -24,12 +28,12 @@ def test_encoder_shapes_for_any_length(tokens, frames):
 
 
 @pytest.mark.parametrize("tokens", ["patch", "frame"])
-def test_patchify_is_time_major_and_invertible(tokens):
+def test_patchify_is_time_major_and_keeps_every_value_once(tokens):
     config = EncoderConfig.named("nano", tokens=tokens)
     x = torch.randn(3, 64, 128)
     patches = patchify(x, config)
     assert patches.shape == (3, config.num_tokens(64), config.patch_dim)
-    torch.testing.assert_close(unpatchify(patches, config), x)
+    torch.testing.assert_close(patches.flatten(1).sort().values, x.flatten(1).sort().values)  # a permutation
     # token 1 is the next frequency band of the first time step (when there are several bands)
     if tokens == "patch":
         torch.testing.assert_close(patches[0, 1].view(16, 16), x[0, :16, 16:32])
@@ -41,14 +45,14 @@ def test_patchify_is_time_major_and_invertible(tokens):
 def test_longer_input_only_appends_tokens():
     # time-major tokens with 1-D positions: the first second encodes the same before any attention
     config = EncoderConfig.named("nano")
-    encoder = AudioTransformer(config).encoder
+    encoder = make_model(config).encoder
     x = torch.randn(1, 160, 128)
     torch.testing.assert_close(encoder.embed(x[:, :96]), encoder.embed(x)[:, : config.num_tokens(96)])
 
 
 def test_learned_positions_are_cropped_and_bounded():
     config = EncoderConfig.named("nano", positions="learned", max_tokens=64)
-    encoder = AudioTransformer(config).encoder
+    encoder = make_model(config).encoder
     assert encoder(torch.randn(1, 128, 128)).shape[1] == 64
     with pytest.raises(ValueError, match="do not fit the learned position table"):
         encoder(torch.randn(1, 144, 128))
@@ -56,7 +60,7 @@ def test_learned_positions_are_cropped_and_bounded():
 
 def test_post_ln_stack_normalises_its_input():
     config = EncoderConfig.named("nano", norm_first=False, norm_eps=1e-5)
-    model = AudioTransformer(config)
+    model = make_model(config)
     assert isinstance(model.encoder.norm_pre, torch.nn.LayerNorm) and isinstance(model.encoder.norm, torch.nn.Identity)
     out = model.encoder(torch.randn(2, 32, 128))
     # every post-LN block ends in a LayerNorm: unit variance per token
@@ -65,7 +69,7 @@ def test_post_ln_stack_normalises_its_input():
 
 def test_named_sizes_match_ssast_parameter_counts():
     # SSAST README: tiny ~6M, small ~23M, base ~89M (theirs includes two cls tokens and unused heads)
-    counts = {name: num_parameters(AudioTransformer(EncoderConfig.named(name))) / 1e6 for name in SIZES}
+    counts = {name: num_parameters(make_model(name)) / 1e6 for name in SIZES}
     assert 5 < counts["tiny"] < 6.5 and 20 < counts["small"] < 23.5 and 84 < counts["base"] < 89.5
     assert counts["nano"] < counts["mini"] < counts["tiny"]
 
@@ -82,7 +86,7 @@ def test_config_rejects_nonsense():
 
 
 def test_every_parameter_gets_a_gradient():
-    model = AudioTransformer(EncoderConfig.named("nano"), {"tags": HeadConfig("tags", ["a", "b"]), "keywords": HeadConfig("keywords", ["x", "y", "z"])})
+    model = make_model("nano", {"tags": ["a", "b"], "keywords": ["x", "y", "z"]})
     out = model(torch.randn(2, 64, 128))
     (out["tags"].sum() + out["keywords"].sum()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
@@ -92,15 +96,16 @@ def test_every_parameter_gets_a_gradient():
 # Checkpoints
 
 
-def make_model():
+def checkpoint_model(**spec):
     torch.manual_seed(0)
-    heads = {"tags": HeadConfig("tags", ["Dog", "Rain"]), "keywords": HeadConfig("keywords", ["yes", "no", "_unknown_", "_silence_"])}
-    return AudioTransformer(EncoderConfig.named("nano", tokens="frame"), heads).eval()
+    heads = {"tags": ["Dog", "Rain"], "keywords": ["yes", "no", "_unknown_", "_silence_"]}
+    return make_model(EncoderConfig.named("nano", tokens="frame"), heads, **spec).eval()
 
 
-def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
-    model, fbank_config = make_model(), preset("mae-ast", norm_mean=-5.0, norm_std=3.0)
-    path = checkpoint.save(tmp_path / "m.safetensors", model, fbank_config, provenance={"stage": "test"}, thresholds={"tags": [0.4, 0.6]})
+def test_checkpoint_round_trip_gives_identical_outputs_and_spec(tmp_path):
+    model = checkpoint_model(fbank=preset("mae-ast", norm_mean=-5.0, norm_std=3.0), stream=(0.5, 0.25), provenance={"stage": "test"},
+                             thresholds={"tags": {"Rain": 0.4}, "keywords": {"yes": 0.9}})
+    path = checkpoint.save(tmp_path / "m.safetensors", model)
     loaded = load_model(path)
     x = torch.randn(3, 100, 128)
     with torch.no_grad():
@@ -108,14 +113,44 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     assert set(got) == {"tags", "keywords"}
     for name in expected:
         assert torch.equal(expected[name], got[name])
-    assert loaded.fbank == fbank_config
-    assert loaded.config["heads"]["keywords"]["labels"] == ["yes", "no", "_unknown_", "_silence_"]
-    assert loaded.config["provenance"] == {"stage": "test"} and loaded.config["thresholds"] == {"tags": [0.4, 0.6]}
+    assert loaded.spec == model.spec and loaded.spec.fbank == preset("mae-ast", norm_mean=-5.0, norm_std=3.0)
+    assert (loaded.spec.window_frames, loaded.spec.hop_frames) == (48, 25)
     assert not loaded.training
     probs = loaded.probabilities(x)
     torch.testing.assert_close(probs["keywords"].sum(-1), torch.ones(3))
     assert ((probs["tags"] > 0) & (probs["tags"] < 1)).all()
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    """Format 1 kept thresholds for all heads in one dict and could leave out the stream."""
+    from safetensors.torch import load_file, save_file
+
+    model = checkpoint_model()
+    path = checkpoint.save(tmp_path / "m.safetensors", model)
+    old = {**model.spec.to_dict(), "format": FORMAT_1, "thresholds": {"Rain": 0.4, "yes": 0.9}}
+    del old["stream"], old["calibration"]
+    save_file(load_file(path), tmp_path / "old.safetensors", metadata={"edgetag": json.dumps(old)})
+    spec = checkpoint.read_spec(tmp_path / "old.safetensors")
+    assert spec.thresholds == {"tags": {"Rain": 0.4}, "keywords": {"yes": 0.9}} and spec.stream == StreamConfig()
+    assert load_model(checkpoint.DEFAULT_MODEL).spec.thresholds["keywords"]["yes"] > 0.5  # the bundled model is format 1
+
+
+def test_window_and_hop_become_frames_once_and_off_grid_hops_are_refused():
+    spec = make_spec(stream=(1.0, 0.25))
+    assert (spec.window_frames, spec.hop_frames, spec.hop_seconds) == (98, 25, 0.25)
+    assert spec.window_seconds == pytest.approx(0.995)  # 98 frames of 25 ms every 10 ms
+    assert spec.with_stream(hop=0.1).hop_frames == 10 and spec.with_stream(window=0.5).window_frames == 48
+    with pytest.raises(SpecError, match="hop of 0.125 s is not a whole number of 10 ms frames"):
+        spec.with_stream(hop=0.125)
+    with pytest.raises(SpecError, match="window of 0.01 s makes 0 frames"):
+        spec.with_stream(window=0.01)
+    with pytest.raises(SpecError, match="not a whole number of samples"):
+        spec.with_stream(window=1.00001)
+    with pytest.raises(SpecError, match="name labels it does not have: Cat"):
+        make_spec(heads={"tags": ["Dog"]}, thresholds={"tags": {"Cat": 0.5}})
+    frames = StreamConfig.spanning(1024, spec.fbank, 0.5)  # a model with a fixed input length
+    assert make_spec(stream=(frames.window, frames.hop)).window_frames == 1024
 
 
 def test_bad_checkpoints_raise_checkpoint_error(tmp_path):
@@ -125,35 +160,38 @@ def test_bad_checkpoints_raise_checkpoint_error(tmp_path):
     junk.write_bytes(b"\x00" * 100)
     with pytest.raises(checkpoint.CheckpointError, match="not a safetensors file"):
         load_model(junk)
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     bare = tmp_path / "bare.safetensors"
     save_file({"w": torch.zeros(2)}, bare)
     with pytest.raises(checkpoint.CheckpointError, match="without an edgetag config"):
         load_model(bare)
-    # weights that do not fit their config
-    path = checkpoint.save(tmp_path / "m.safetensors", make_model(), preset("ast"))
-    config = checkpoint.read_config(path)
-    config["encoder"]["width"] = 128
-    from safetensors.torch import load_file
-
-    save_file(load_file(path), tmp_path / "bad.safetensors", metadata={"edgetag": __import__("json").dumps(config)})
-    with pytest.raises(checkpoint.CheckpointError, match="do not fit"):
-        load_model(tmp_path / "bad.safetensors")
+    path = checkpoint.save(tmp_path / "m.safetensors", checkpoint_model())
+    for change, reason in (({"encoder": {**checkpoint_model().spec.encoder.to_dict(), "width": 128}}, "do not fit"),  # weights that do not fit
+                           ({"format": "edgetag/9"}, "unsupported format"), ({"colour": "red"}, "unknown spec entries: colour")):
+        save_file(load_file(path), tmp_path / "bad.safetensors", metadata={"edgetag": json.dumps({**checkpoint_model().spec.to_dict(), **change})})
+        with pytest.raises(checkpoint.CheckpointError, match=reason):
+            load_model(tmp_path / "bad.safetensors")
 
 
-def test_runtime_never_imports_training_or_deploy_code():
+FLOORS = {"edgetag": set(), "train": {"edgetag"}, "deploy": {"edgetag"}, "pipeline": {"edgetag", "train", "deploy"}}
+
+
+@pytest.mark.parametrize("package", FLOORS)
+def test_imports_only_run_down(package):
+    """pipeline -> train, deploy -> edgetag: each package imports only the floors under it."""
     import ast
     from pathlib import Path
 
-    for path in (Path(__file__).resolve().parents[1] / "edgetag").rglob("*.py"):
+    others = set(FLOORS) - FLOORS[package] - {package}
+    for path in (Path(__file__).resolve().parents[1] / package).rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            assert not any(n.split(".")[0] in ("train", "deploy") for n in names), f"{path.name} imports {names}"
+            assert not any(n.split(".")[0] in others for n in names), f"{package}/{path.name} imports {names}"
 
 
 def test_cached_positions_serve_inference_then_training():
-    model = AudioTransformer(EncoderConfig.named("nano"))
+    model = make_model("nano")
     x = torch.randn(1, 48, 128)
     with torch.inference_mode():
         model(x)
@@ -163,8 +201,8 @@ def test_cached_positions_serve_inference_then_training():
 
 def test_untrained_adapters_leave_the_encoder_unchanged():
     torch.manual_seed(0)
-    plain = AudioTransformer(EncoderConfig.named("nano"))
-    adapted = AudioTransformer(EncoderConfig.named("nano", adapter_dim=8))
+    plain = make_model("nano")
+    adapted = make_model(EncoderConfig.named("nano", adapter_dim=8))
     missing, unexpected = adapted.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and all(".adapter." in k for k in missing)
     x = torch.randn(2, 64, 128)
@@ -173,7 +211,7 @@ def test_untrained_adapters_leave_the_encoder_unchanged():
 
 def test_cls_pooling_reads_the_cls_tokens_only():
     torch.manual_seed(0)
-    model = AudioTransformer(EncoderConfig.named("nano", cls_tokens=2, pool="cls")).eval()
+    model = make_model(EncoderConfig.named("nano", cls_tokens=2, pool="cls")).eval()
     x = torch.randn(1, 64, 128)
     tokens = model.encoder(x)
     assert tokens.shape[1] == 2 + model.encoder.config.num_tokens(64)
@@ -194,6 +232,6 @@ def test_overlapping_patches_count_and_values():
 
 def test_fresh_tag_heads_start_at_the_one_class_prior():
     torch.manual_seed(0)
-    model = AudioTransformer(EncoderConfig.named("nano"), {"tags": HeadConfig("tags", list("abcdefghij"))})
+    model = make_model("nano", {"tags": list("abcdefghij")})
     probs = model.probabilities(torch.randn(8, 64, 128))["tags"]
     assert abs(probs.mean().item() - 0.1) < 0.05  # 1 in 10, not 0.5

@@ -10,9 +10,9 @@ import torch
 from conftest import DATA, data_path, sine_sweep, white_noise
 from edgetag import load_model
 from edgetag.model import EncoderConfig, patchify
-from train.mae import MAEAST, chunk_noise, info_nce, num_masked, random_masking
+from train.objectives.mae import MAEAST, chunk_noise, info_nce, num_masked, random_masking
 from train.pretrain import PretrainConfig, pretrain
-from train.ssast import SSAST
+from train.objectives.ssast import SSAST
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75, 0.9])
@@ -168,7 +168,7 @@ def test_short_pretraining_on_synthetic_audio_lowers_the_loss(tmp_path, method):
     out = tmp_path / "run"
     assert {p.name for p in out.iterdir()} >= {"last.pt", "encoder.safetensors", "loss.csv", "loss.png"}
     encoder = load_model(out / "encoder.safetensors")
-    assert encoder.config["provenance"]["step"] == 40
+    assert encoder.spec.provenance["step"] == 40 and encoder.spec.heads == {}
     assert encoder(torch.randn(1, 64, 128))["embedding"].shape == (1, 64)
 
 

@@ -3,7 +3,7 @@ skips them all, a changed setting reruns only the stages that build on it, and i
 model that loads and agrees across backends."""
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +12,11 @@ import soundfile as sf
 import torch
 
 from conftest import make_dataset
+from pipeline.recipe import Recipe, digest, run, stages_of
 from train.augment import AugmentConfig
+from train.distill import DistillConfig
 from train.finetune import FinetuneConfig
 from train.pretrain import PretrainConfig
-from train.recipe import Recipe, digest, run, stages_of
 
 RATE = 16000
 
@@ -37,14 +38,14 @@ def make_commands(root: Path, speakers: int = 10) -> Path:
 def small_recipe(data: Path, out: Path) -> Recipe:
     commands, sounds, negatives = str(data / "commands"), str(data / "sounds"), str(data / "negatives")
     common = dict(train=[f"tags={sounds}", f"keywords={commands}"], val_percent=25.0, epochs=2, batch_size=16,
-                  augment=asdict(AugmentConfig(mixup=0.0)))
+                  augment=AugmentConfig(mixup=0.0))
     return Recipe(
         model_id="test-model",
         pretrain=PretrainConfig(data=[str(data)], out=str(out / "pretrain"), size="nano", frames=96, batch_size=8, steps=3,
                                 warmup_steps=1, checkpoint_every=3, num_workers=0),
         teacher=FinetuneConfig(**common, out=str(out / "teacher"), init=str(out / "pretrain" / "encoder.safetensors"), lr=1e-3),
-        student=FinetuneConfig(**common, out=str(out / "student"), size="nano", lr=1e-3),
-        distill={"temperature": 2.0, "alpha": 0.5},
+        student=DistillConfig(teacher=str(out / "teacher" / "best.safetensors"), temperature=2.0, alpha=0.5,
+                              student=FinetuneConfig(**common, out=str(out / "student"), size="nano", lr=1e-3)),
         baselines={"scratch": FinetuneConfig(**common, out=str(out / "scratch"), size="nano", lr=1e-3)},
         calibrate={"keywords": [f"{commands},split=val,percent=25"], "negatives": [negatives], "tags": [f"{sounds},split=val,percent=25"],
                    "target_per_hour": 1.0},
@@ -123,14 +124,14 @@ def test_installed_model_loads_with_its_id_thresholds_and_onnx_parity(recipe_run
 
     _, out, assets = recipe_run
     model = load_model(assets / "model.safetensors")
-    assert model.config["provenance"]["id"] == "test-model"
-    assert set(model.config["thresholds"]) >= {"yes", "no"}
+    assert model.spec.model_id == "test-model"
+    assert set(model.spec.thresholds["keywords"]) >= {"yes", "no"}
     assert (assets / "MODEL_CARD.md").is_file()
-    torch_backend, onnx_backend = TorchBackend(assets / "model.safetensors"), OnnxBackend(assets / "export" / "model.onnx")
-    x = torch.randn(3, onnx_backend.window_frames, 128)
+    torch_backend, onnx_backend = TorchBackend(model), OnnxBackend(assets / "export" / "model.onnx")
+    x = torch.randn(3, onnx_backend.spec.window_frames, 128)
     for head, p in torch_backend(x).items():
         np.testing.assert_allclose(onnx_backend(x)[head], p, atol=1e-4)
-    assert onnx_backend.thresholds == torch_backend.thresholds
+    assert onnx_backend.spec == torch_backend.spec
 
 
 def test_unknown_stage_is_refused(tmp_path):

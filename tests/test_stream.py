@@ -12,22 +12,20 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import REPO, make_dataset
+from conftest import REPO, make_dataset, make_model, make_spec
 from edgetag.checkpoint import save
 from edgetag.features import fbank, preset, windows
-from edgetag.model import AudioTransformer, EncoderConfig, HeadConfig
 from edgetag.runtime import load_backend
-from edgetag.stream import Engine, PostConfig, PostProcessor, events_of, process_file
+from edgetag.spec import StreamConfig
+from edgetag.stream import Engine, PostConfig, PostProcessor, process_file
 
-HEADS = {"tags": HeadConfig("tags", ["a", "b", "c"]), "keywords": HeadConfig("keywords", ["yes", "no", "_unknown_", "_silence_"])}
+HEADS = {"tags": ["a", "b", "c"], "keywords": ["yes", "no", "_unknown_", "_silence_"]}
 
 
 @pytest.fixture(scope="module")
 def random_model(tmp_path_factory):
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("m") / "random.safetensors"
-    save(path, AudioTransformer(EncoderConfig.named("nano"), HEADS), preset("ast"), stream={"window": 1.0, "hop": 0.25})
-    return path
+    return save(tmp_path_factory.mktemp("m") / "random.safetensors", make_model("nano", HEADS, stream=(1.0, 0.25)))
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +36,8 @@ def detector(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("detector")
     data = make_dataset(root / "data", clips=12, seconds=1.0, silence=True)
-    finetune(FinetuneConfig(train=[str(data)], out=str(root), size="nano", epochs=20, batch_size=8, lr=3e-3, window=0.5, hop=0.25,
-                            val_percent=25, augment=AugmentConfig.off().__dict__), device="cpu")
+    finetune(FinetuneConfig(train=[str(data)], out=str(root), size="nano", epochs=20, batch_size=8, lr=3e-3, stream=StreamConfig(0.5, 0.25),
+                            val_percent=25, augment=AugmentConfig.off()), device="cpu")
     return root / "best.safetensors"
 
 
@@ -56,17 +54,14 @@ def scene(tmp_path_factory):
 
 
 def test_windows_match_the_offline_windows_exactly(random_model, real_clip):
-    backend = load_backend(random_model)
-    engine = Engine(backend)
-    hops = [h for h in process_file(engine, real_clip) if h.probabilities]
     from edgetag import audio
+    from edgetag.runtime import clip_probabilities
 
-    feats = fbank(audio.load(real_clip), backend.fbank)
-    offline = windows(feats, engine.window_frames, engine.hop_frames)
-    assert len(hops) == len(offline)
-    from edgetag.features import normalize
-
-    expected = backend(normalize(offline, backend.fbank))
+    backend = load_backend(random_model)
+    hops = process_file(Engine(backend), real_clip).hops
+    feats = fbank(audio.load(real_clip), backend.spec.fbank)
+    assert len(hops) == len(windows(feats, backend.spec.window_frames, backend.spec.hop_frames))
+    expected = clip_probabilities(backend, [feats])[0]  # what evaluation and distillation see
     for name in HEADS:
         np.testing.assert_allclose(np.stack([h.probabilities[name] for h in hops]), expected[name], atol=1e-5)
 
@@ -87,21 +82,43 @@ def test_results_do_not_depend_on_the_block_size(random_model, seed):
             i += n
             if i >= len(x):
                 break
-        hops += engine.flush()
-        got, want = events_of(hops), events_of(reference)
+        tail, closing = engine.flush()
+        got, want = [e for h in hops + tail for e in h.events] + closing, reference.events
         assert [(e.kind, e.label, e.start, e.end) for e in got] == [(e.kind, e.label, e.start, e.end) for e in want]
         np.testing.assert_allclose([e.score for e in got], [e.score for e in want], atol=1e-5)
+
+
+def test_replaying_the_hops_gives_the_engines_events(random_model):
+    """Calibration replays hop probabilities through the post-processor: the same events as live."""
+    engine = Engine(load_backend(random_model), PostConfig(tag_on=0.5, tag_off=0.45, keyword_on=0.0, smoothing=0.5, refractory=0.75))
+    result = process_file(engine, REPO / "edgetag" / "assets" / "example.flac")
+    probabilities = {name: np.stack([h.probabilities[name] for h in result.hops]) for name in HEADS}
+    as_tuples = lambda events: [(e.kind, e.label, e.start, e.end, e.score) for e in events]  # noqa: E731
+    assert {e.kind for e in result.events} == {"tag", "keyword"}
+    assert as_tuples(engine.post.replay(probabilities)) == as_tuples(result.events)
 
 
 def test_short_input_gets_one_padded_window(random_model):
     engine = Engine(load_backend(random_model))
     assert engine.push(np.zeros(4000, np.float32)) == []
-    hops = engine.flush()
-    assert len([h for h in hops if h.probabilities]) == 1 and hops[0].start == 0.0
+    hops, closing = engine.flush()
+    assert len(hops) == 1 and hops[0].start == 0.0 and closing == []
 
 
-def post(**kw):
-    return PostProcessor({"tags": HeadConfig("tags", ["a", "b"]), "keywords": HeadConfig("keywords", ["yes", "_unknown_"])}, PostConfig(**kw), hop=0.5, window=1.0)
+def test_a_tag_still_on_at_the_end_closes_with_the_stream(detector, scene):
+    """The scene ends in near-silence: that tag is still on when the audio stops, and flush()
+    closes it after every hop's events, on no hop of its own, ending with the audio."""
+    result = process_file(Engine(load_backend(detector), PostConfig(min_duration=0.75)), scene)
+    last = result.events[-1]
+    assert last.label == "silence" and last.start >= 6.0 and last.end <= result.seconds == pytest.approx(7.0)
+    assert not any(last in hop.events for hop in result.hops)
+
+
+def post(thresholds=None, **kw):
+    # 20 ms frames every 10 ms: a 1 s window spans exactly 1 s of audio, and events' ends read plainly
+    spec = make_spec(heads={"tags": ["a", "b"], "keywords": ["yes", "_unknown_"]}, fbank=preset("ast", frame_length_ms=20.0), stream=(1.0, 0.5))
+    assert (spec.window_seconds, spec.hop_seconds) == (1.0, 0.5)
+    return PostProcessor(spec, PostConfig(**kw), thresholds)
 
 
 def feed(p: PostProcessor, tags: list, keywords: list | None = None):
@@ -120,7 +137,7 @@ def test_hysteresis_onset_offset_and_peak():
 def test_minimum_duration_and_per_class_thresholds():
     events, _ = feed(post(tag_on=0.5, min_duration=2.0), [[0.6, 0], [0.0, 0], [0.6, 0], [0.6, 0], [0.6, 0], [0.0, 0]])
     assert [(e.start, e.end) for e in events] == [(1.0, 3.0)]  # the one-hop blip (1.0 s long) is dropped
-    events, _ = feed(post(tag_on=0.5, thresholds={"a": 0.9}), [[0.8, 0.8], [0.0, 0.0]])
+    events, _ = feed(post(tag_on=0.5, thresholds={"tags": {"a": 0.9}}), [[0.8, 0.8], [0.0, 0.0]])
     assert [e.label for e in events] == ["b"]
 
 

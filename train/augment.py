@@ -13,21 +13,23 @@ from dataclasses import dataclass
 
 import torch
 
+from train.options import setting
+
 
 @dataclass
 class AugmentConfig:
-    mixup: float = 0.5  # probability that a clip is mixed with another of the batch
-    mixup_alpha: float = 10.0  # lambda ~ Beta(alpha, alpha), as SSAST
-    noise: float = 0.5  # probability of background noise
-    snr_db: tuple[float, float] = (0.0, 20.0)
-    gain_db: float = 6.0  # uniform in +-gain_db
-    shift: int = 10  # roll by up to this many frames either way (SSAST)
-    freq_mask: int = 24  # SpecAugment: one band of up to this many mel bins
-    time_mask: int = 24  # and one span of up to this many frames
+    mixup: float = setting(0.5, "Probability that a clip is mixed with another of its batch.")
+    mixup_alpha: float = setting(10.0, "Mixup weights ~ Beta(alpha, alpha), as SSAST.")
+    noise_prob: float = setting(0.5, "Probability of background noise (from --noise).")
+    snr_db: tuple[float, float] = setting((0.0, 20.0), "Background noise at a uniform SNR in this range (dB).")
+    gain_db: float = setting(6.0, "Gain uniform in +-this many dB.")
+    shift: int = setting(10, "Roll clips in time by up to this many frames either way (SSAST).")
+    freq_mask: int = setting(24, "SpecAugment: one band of up to this many mel bins.")
+    time_mask: int = setting(24, "SpecAugment: one span of up to this many frames.")
 
     @classmethod
     def off(cls) -> AugmentConfig:
-        return cls(mixup=0, noise=0, gain_db=0, shift=0, freq_mask=0, time_mask=0)
+        return cls(mixup=0, noise_prob=0, gain_db=0, shift=0, freq_mask=0, time_mask=0)
 
 
 def gain(x: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
@@ -84,12 +86,12 @@ def augment(x: torch.Tensor, y: torch.Tensor, c: AugmentConfig, generator: torch
 
     if c.gain_db:
         x = gain(x, (torch.rand(B, generator=generator) * 2 - 1) * c.gain_db)
-    if c.noise and noise_bank is not None and len(noise_bank):
+    if c.noise_prob and noise_bank is not None and len(noise_bank):
         picks = torch.randint(0, len(noise_bank), (B,), generator=generator)
         starts = torch.randint(0, noise_bank.shape[1] - T + 1, (B,), generator=generator)
         noise = torch.stack([noise_bank[p, s : s + T] for p, s in zip(picks.tolist(), starts.tolist())])
         snr = c.snr_db[0] + torch.rand(B, generator=generator) * (c.snr_db[1] - c.snr_db[0])
-        x = torch.where(chosen(c.noise)[:, None, None], add_noise(x, noise, snr), x)
+        x = torch.where(chosen(c.noise_prob)[:, None, None], add_noise(x, noise, snr), x)
     if c.mixup and B > 1:
         lam = torch.distributions.Beta(c.mixup_alpha, c.mixup_alpha).sample((B,))
         lam = torch.where(chosen(c.mixup), lam, torch.ones(B))

@@ -1,162 +1,151 @@
-"""Per-class thresholds for a checkpoint, measured through the streaming engine.
+"""Per-class thresholds for a checkpoint, measured by the code that runs live: the streaming
+engine makes each clip's hop probabilities, and its post-processor (`PostProcessor.replay`)
+turns them into the events `edgetag file` would print at the thresholds tried.
 
     python -m train.calibrate --ckpt runs/student/best.safetensors \\
         --keywords ../shared/data/speech_commands,split=val,percent=20 \\
         --negatives ../shared/data/background_noise --negatives esc50:../shared/data/esc50,folds=4 \\
         --tags esc50:../shared/data/esc50,folds=4 --out runs/student/calibrated.safetensors
 
-Keywords: the lowest threshold per keyword that keeps its false alarms on audio without
-keywords (the negatives, plus the `_unknown_`/`_silence_` clips of --keywords) at or below
---false-alarms-per-hour, counted as the engine counts spots (smoothing and refractory period
-included). Tags: per class, the threshold with the best clip-level F1 on --tags (a clip is
-positive when any window reaches it). The thresholds go into a copy of the checkpoint (under
-"thresholds", which the engine reads) with the measured figures under "calibration".
+Keywords: per keyword, the lowest threshold on the grid whose spots on audio without keywords
+(the negatives, plus the `_unknown_`/`_silence_` clips of --keywords) stay at or below
+--false-alarms-per-hour, each keyword tried alone (the others never fire, so its count bounds
+what it adds live). Raising a threshold only removes spots (the refractory period keeps the
+earliest of each run, and that count never grows on a subset), so the grid is bisected. Tags:
+per class, the threshold with the best clip-level F1 on --tags (a clip is positive when the
+post-processor makes an event of that class). The thresholds go into a copy of the checkpoint
+(`ModelSpec.thresholds`, which the engine reads) with the measured figures under `calibration`.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import typer
 
 from edgetag import checkpoint
+from edgetag.model import KEYWORDS, NOT_SPOTTED, TAGS
 from edgetag.runtime import TorchBackend
-from edgetag.stream import SPECIAL_KEYWORDS, Engine, PostConfig
-from train.data import Example, read_examples
+from edgetag.spec import ModelSpec
+from edgetag.stream import Engine, Event, PostConfig, PostProcessor
+from train.data import Example, Source
 
 GRID = np.round(np.arange(0.30, 1.0, 0.01), 2)
 
+Stream = dict[str, np.ndarray]  # head -> [hops, classes]: one clip through the engine
 
-def hop_probabilities(engine: Engine, examples: list[Example], head: str) -> tuple[list[Example], list[np.ndarray]]:
-    """The readable clips, and [hops, classes] for each, streamed through the engine."""
+
+def hop_probabilities(engine: Engine, examples: list[Example], description: str) -> tuple[list[Example], list[Stream], float]:
+    """The readable clips, their hop probabilities and the seconds of audio they hold."""
     from rich.progress import track
 
     from edgetag import audio
     from edgetag.stream import process_file
 
-    kept, out = [], []
-    for e in track(examples, description=f"{head} hops", transient=True):
+    kept, streams, seconds = [], [], 0.0
+    for e in track(examples, description=description, transient=True):
         try:
-            hops = process_file(engine, e.path)
+            result = process_file(engine, e.path)
         except audio.AudioError:
             continue
         kept.append(e)
-        out.append(np.stack([h.probabilities[head] for h in hops if h.probabilities]))
-    return kept, out
+        streams.append({name: np.stack([h.probabilities[name] for h in result.hops]) for name in engine.spec.heads})
+        seconds += result.seconds
+    return kept, streams, seconds
 
 
-def smooth(p: np.ndarray, n: int) -> np.ndarray:
-    """The engine's causal mean over the last n hops."""
-    c = np.cumsum(np.vstack([np.zeros((1, p.shape[1])), p]), axis=0)
-    k = np.arange(1, len(p) + 1)
-    lo = np.maximum(0, k - n)
-    return (c[k] - c[lo]) / (k - lo)[:, None]
+def replay(spec: ModelSpec, post: PostConfig, head: str, thresholds: dict[str, float], stream: Stream) -> list[Event]:
+    """The events one head makes on one stream at these thresholds (labels left out: never)."""
+    never = dict.fromkeys(spec.heads[head].labels, math.inf)
+    alone = replace(spec, heads={head: spec.heads[head]}, thresholds={})
+    return PostProcessor(alone, post, {head: never | thresholds}).replay({head: stream[head]})
 
 
-def count_spots(p: np.ndarray, threshold: float, refractory: int) -> int:
-    """Spots of one class in one stream: hops at or above threshold, a refractory gap apart
-    (the other classes' spots are ignored: an upper bound on this class's alarms)."""
-    count, last = 0, -(10**9)
-    for k in np.flatnonzero(p >= threshold):
-        if k - last >= refractory:
-            count, last = count + 1, k
-    return count
-
-
-def calibrate_keywords(streams_neg: list[np.ndarray], streams_pos: dict[int, list[np.ndarray]], labels: list[str], hop: float,
-                       post: PostConfig, target_per_hour: float) -> dict:
-    smooth_hops = max(1, round(post.smoothing / hop))
-    refractory = int(np.ceil(post.refractory / hop - 1e-9))
-    hours = sum(len(s) for s in streams_neg) * hop / 3600
-    neg = [smooth(s, smooth_hops) for s in streams_neg]
+def calibrate_keywords(spec: ModelSpec, post: PostConfig, head: str, negatives: list[Stream], hours: float,
+                       positives: dict[str, list[Stream]], target_per_hour: float) -> dict:
     result = {"negative_hours": hours, "classes": {}}
-    for c, label in enumerate(labels):
-        if label in SPECIAL_KEYWORDS:
+    for label in spec.heads[head].labels:
+        if label in NOT_SPOTTED:
             continue
-        chosen = GRID[-1]
-        for t in GRID:
-            alarms = sum(count_spots(s[:, c], t, refractory) for s in neg)
-            if alarms / hours <= target_per_hour:
-                chosen = float(t)
-                break
-        alarms = sum(count_spots(s[:, c], chosen, refractory) for s in neg)
-        pos = [smooth(s, smooth_hops) for s in streams_pos.get(c, [])]
-        # a positive clip counts as detected when this keyword is the best spottable class at or above threshold
-        spottable = np.array([label not in SPECIAL_KEYWORDS for label in labels])
-        hits = sum(any(np.where(spottable, h, -1).argmax() == c and h[c] >= chosen for h in s) for s in pos)
-        result["classes"][label] = {"threshold": chosen, "false_alarms": alarms, "false_alarms_per_hour": alarms / hours,
+        alarms = lambda t: sum(len(replay(spec, post, head, {label: float(t)}, s)) for s in negatives)  # noqa: E731
+        lo, hi = 0, len(GRID) - 1  # the lowest grid point within the target, else the top
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if alarms(GRID[mid]) / hours <= target_per_hour else (mid + 1, hi)
+        chosen = float(GRID[lo])
+        count = alarms(chosen)
+        pos = positives.get(label, [])
+        hits = sum(any(e.label == label for e in replay(spec, post, head, {label: chosen}, s)) for s in pos)
+        result["classes"][label] = {"threshold": chosen, "false_alarms": count, "false_alarms_per_hour": count / hours,
                                     "recall": hits / len(pos) if pos else None, "positives": len(pos)}
     return result
 
 
-def calibrate_tags(streams: list[np.ndarray], truth: np.ndarray, labels: list[str]) -> dict:
-    clip_max = np.stack([s.max(0) for s in streams])  # [clips, classes]
+def calibrate_tags(spec: ModelSpec, post: PostConfig, head: str, streams: list[Stream], truth: np.ndarray) -> dict:
+    labels = spec.heads[head].labels
+    detected = np.zeros((len(GRID), len(streams), len(labels)), dtype=bool)  # [thresholds, clips, classes]
+    for i, t in enumerate(GRID):
+        for j, s in enumerate(streams):
+            detected[i, j, [labels.index(e.label) for e in replay(spec, post, head, dict.fromkeys(labels, float(t)), s)]] = True
     out = {}
     for c, label in enumerate(labels):
         if not truth[:, c].any():
             continue
-        f1 = []
-        for t in GRID:
-            pred = clip_max[:, c] >= t
-            tp, fp, fn = (pred & truth[:, c]).sum(), (pred & ~truth[:, c]).sum(), (~pred & truth[:, c]).sum()
-            f1.append(2 * tp / max(1, 2 * tp + fp + fn))
+        pred, true = detected[:, :, c], truth[None, :, c]
+        tp, fp, fn = (pred & true).sum(1), (pred & ~true).sum(1), (~pred & true).sum(1)
+        f1 = 2 * tp / np.maximum(1, 2 * tp + fp + fn)
         best = int(np.argmax(f1))
         out[label] = {"threshold": float(GRID[best]), "f1": float(f1[best]), "positives": int(truth[:, c].sum())}
     return out
 
 
 def calibrate(ckpt, out: Path, keywords: list[str], negatives: list[str], tags: list[str], target_per_hour: float = 1.0, post: PostConfig | None = None) -> dict:
-    backend = TorchBackend(ckpt)
+    model = checkpoint.load_model(ckpt)
     post = post or PostConfig()
-    engine = Engine(backend, post)
-    thresholds, report = {}, {}
-    for name, head in backend.heads.items():
-        labels = list(head.labels)
-        if head.kind == "keywords" and keywords:
-            examples = [e for spec in keywords for e in read_examples(spec, "keywords") if e.labels[0] in labels]
-            special = [e for e in examples if e.labels[0] in SPECIAL_KEYWORDS]
-            _, neg = hop_probabilities(engine, special + [e for spec in negatives for e in negative_audio(spec)], name)
-            pos = {}
-            for e in examples:
-                if e.labels[0] not in SPECIAL_KEYWORDS:
-                    pos.setdefault(labels.index(e.labels[0]), []).append(e)
-            pos_streams = {c: hop_probabilities(engine, es, name)[1] for c, es in pos.items()}
-            report[name] = calibrate_keywords(neg, pos_streams, labels, engine.hop_seconds, post, target_per_hour)
-            thresholds.update({label: r["threshold"] for label, r in report[name]["classes"].items()})
-        elif head.kind == "tags" and tags:
-            examples = [e for spec in tags for e in read_examples(spec, "tags") if any(label in labels for label in e.labels)]
-            examples, streams = hop_probabilities(engine, examples, name)
-            truth = np.array([[label in e.labels for label in labels] for e in examples])
-            report[name] = calibrate_tags(streams, truth, labels)
-            thresholds.update({label: r["threshold"] for label, r in report[name].items()})
-    model = backend.model
-    extra = {k: v for k, v in model.config.items() if k not in ("format", "encoder", "fbank", "heads")}
-    extra.update(thresholds=thresholds, calibration={"false_alarms_per_hour_target": target_per_hour, "post": vars(post) | {"thresholds": {}}, **report})
-    checkpoint.save(out, model, model.fbank, **extra)
+    engine = Engine(TorchBackend(model, ckpt), post)
+    spec, thresholds, report = engine.spec, {}, {}
+    for name, head in spec.heads.items():
+        if head.kind == KEYWORDS and keywords:
+            examples = [e for text in keywords for e in Source.parse(text, KEYWORDS).read() if e.labels[0] in head.labels]
+            quiet = [e for e in examples if e.labels[0] in NOT_SPOTTED] + [e for text in negatives for e in Source.parse(text, KEYWORDS).read()]
+            _, neg, seconds = hop_probabilities(engine, quiet, "negatives")
+            positives = {}
+            for label in head.labels:
+                if label not in NOT_SPOTTED:
+                    positives[label] = hop_probabilities(engine, [e for e in examples if e.labels[0] == label], label)[1]
+            report[name] = calibrate_keywords(spec, post, name, neg, seconds / 3600, positives, target_per_hour)
+            thresholds[name] = {label: r["threshold"] for label, r in report[name]["classes"].items()}
+        elif head.kind == TAGS and tags:
+            examples = [e for text in tags for e in Source.parse(text, TAGS).read() if any(label in head.labels for label in e.labels)]
+            examples, streams, _ = hop_probabilities(engine, examples, name)
+            truth = np.array([[label in e.labels for label in head.labels] for e in examples])
+            report[name] = calibrate_tags(spec, post, name, streams, truth)
+            thresholds[name] = {label: r["threshold"] for label, r in report[name].items()}
+    model.spec = replace(model.spec, thresholds=thresholds,
+                         calibration={"false_alarms_per_hour_target": target_per_hour, "post": asdict(post), **report})
+    checkpoint.save(out, model)
     return report
-
-
-def negative_audio(spec: str) -> list[Example]:
-    """Audio without keywords: every audio file under a folder (or a file), or, for a source spec
-    with a reader or options (`esc50:PATH,folds=4`, `PATH,split=val`), the clips it selects."""
-    from train.data import READERS, find_audio
-
-    if "," in spec or spec.split(":", 1)[0] in READERS:
-        return read_examples(spec, "tags")
-    return [Example(str(p), ()) for p in find_audio([spec])]
 
 
 def main(
     ckpt: str = typer.Option(..., help="The checkpoint to calibrate."),
     out: Path = typer.Option(..., help="Where to write the calibrated copy."),
-    keywords: list[str] = typer.Option([], help="Keyword clips (validation data), source specs."),
-    negatives: list[str] = typer.Option([], help="Audio without keywords: folders, files or source specs."),
-    tags: list[str] = typer.Option([], help="Tagged clips (validation data), source specs."),
+    keywords: list[str] = typer.Option([], help="Keyword clips (validation data), sources (train.data.Source)."),
+    negatives: list[str] = typer.Option([], help="Audio without keywords: folders, files or sources."),
+    tags: list[str] = typer.Option([], help="Tagged clips (validation data), sources."),
     false_alarms_per_hour: float = typer.Option(1.0),
 ) -> None:
-    report = calibrate(ckpt, out, keywords, negatives, tags, false_alarms_per_hour)
+    """Per-class thresholds measured through the streaming engine, written into a copy of the checkpoint."""
+    try:
+        report = calibrate(ckpt, out, keywords, negatives, tags, false_alarms_per_hour)
+    except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"train.calibrate: error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from e
     print(json.dumps(report, indent=1)[:4000])
     print(f"{out}: thresholds written")
 

@@ -24,9 +24,11 @@ import typer
 
 from edgetag import checkpoint
 from edgetag.features import preset
-from edgetag.model import AudioTransformer, EncoderConfig, HeadConfig
+from edgetag.model import KEYWORDS, TAGS, AudioTransformer, EncoderConfig, HeadConfig
+from edgetag.spec import ModelSpec, StreamConfig
 
 SOURCES = ("hf-ast", "ssast", "mae-ast")
+HOP = 0.5  # seconds between windows of an imported model; `edgetag file --hop` changes it
 
 
 class ConvertError(Exception):
@@ -97,9 +99,9 @@ def _vit_blocks(take, prefix: str, depth: int, names: dict) -> dict:
     return out
 
 
-def from_hf_ast(folder: Path, kind: str = "tags") -> tuple[AudioTransformer, dict, dict]:
+def from_hf_ast(folder: Path, kind: str = TAGS) -> tuple[ModelSpec, dict]:
     """A transformers `ASTForAudioClassification` folder (config.json + model.safetensors or
-    pytorch_model.bin) -> model, fbank overrides, stream settings."""
+    pytorch_model.bin) -> its spec and weights."""
     folder = Path(folder)
     cfg = json.loads((folder / "config.json").read_text())
     weights_file = next((folder / name for name in ("model.safetensors", "pytorch_model.bin") if (folder / name).is_file()), None)
@@ -140,16 +142,16 @@ def from_hf_ast(folder: Path, kind: str = "tags") -> tuple[AudioTransformer, dic
         weights.update({f"heads.{kind}.norm.{k}": take(f"classifier.layernorm.{k}") for k in ("weight", "bias")})
         weights.update({f"heads.{kind}.fc.{k}": take(f"classifier.dense.{k}") for k in ("weight", "bias")})
     _check_consumed(state, used, ignore="")
-    model = _load_into(AudioTransformer(encoder, heads), weights)
-    fbank = {}
+    fbank = preset("ast")
     preprocessor = folder / "preprocessor_config.json"
     if preprocessor.is_file():
         pre = json.loads(preprocessor.read_text())
-        fbank = {"norm_mean": pre.get("mean", -4.2677393), "norm_std": pre.get("std", 4.5689974)}
-    return model, fbank, {"window_frames": frames}
+        fbank = replace(fbank, norm_mean=pre.get("mean", fbank.norm_mean), norm_std=pre.get("std", fbank.norm_std))
+    # learned positions fix the input length: the window is that many frames
+    return ModelSpec(encoder, fbank, heads, StreamConfig.spanning(frames, fbank, HOP)), weights
 
 
-def from_ssast(path: Path, kind: str = "tags", labels: list[str] | None = None) -> tuple[AudioTransformer, dict, dict]:
+def from_ssast(path: Path, kind: str = TAGS, labels: list[str] | None = None) -> tuple[ModelSpec, dict]:
     """An SSAST `.pth` (DataParallel state dict: module.v.*, pretrained or fine-tuned)."""
     state, used = load_state(path), set()
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -186,10 +188,11 @@ def from_ssast(path: Path, kind: str = "tags", labels: list[str] | None = None) 
         weights.update({f"heads.{kind}.fc.{k}": take(f"mlp_head.1.{k}") for k in ("weight", "bias")})
     # pretraining-only parts: input size records, mask embedding, prediction heads, timm's ImageNet heads
     _check_consumed(state, used, ignore=r"p_input_[ft]dim|mask_embed|[cg]predlayer\..*|v\.head(_dist)?\..*")
-    return _load_into(AudioTransformer(encoder, heads), weights), {}, {"window_frames": t * tshape}
+    fbank = preset("ast")
+    return ModelSpec(encoder, fbank, heads, StreamConfig.spanning(t * tshape, fbank, HOP)), weights
 
 
-def from_mae_ast(path: Path, tokens: str = "", heads_hint: int = 0) -> tuple[AudioTransformer, dict, dict]:
+def from_mae_ast(path: Path, tokens: str = "", heads_hint: int = 0) -> tuple[ModelSpec, dict]:
     """A MAE-AST fairseq checkpoint (`ckpt["model"]`, post-LN encoder, sinusoidal positions,
     BatchNorm input statistics) -> the encoder alone (fine-tune it with train.finetune)."""
     ckpt = load_state(path)
@@ -225,43 +228,38 @@ def from_mae_ast(path: Path, tokens: str = "", heads_hint: int = 0) -> tuple[Aud
     # decoder and pretraining heads, mask embeddings, the sinusoid buffers (recomputed), an unused input LayerNorm
     _check_consumed(state, used, ignore=r"decoder\..*|final_proj_.*|(encoder|decoder)_mask_emb|(enc|dec)_sine_pos_embed\..*|layer_norm\..*|batch_norm\.num_batches_tracked")
     # MAE-AST normalises inside the model: BatchNorm2d(1) without affine, then x 0.5
-    fbank = {"norm_mean": mean, "norm_std": (var + 1e-5) ** 0.5, "norm_scale": 2.0}
-    return _load_into(AudioTransformer(encoder), weights), fbank, {}
+    return ModelSpec(encoder, preset("mae-ast", norm_mean=mean, norm_std=(var + 1e-5) ** 0.5, norm_scale=2.0)), weights
 
 
-def convert(source: str, src: Path, out: Path, kind: str = "tags", labels: list[str] | None = None, tokens: str = "") -> Path:
+def convert(source: str, src: Path, out: Path, kind: str = TAGS, labels: list[str] | None = None, tokens: str = "") -> Path:
     if source == "hf-ast":
-        model, fbank, stream, recipe = *from_hf_ast(src, kind), "ast"
+        spec, weights = from_hf_ast(src, kind)
     elif source == "ssast":
-        model, fbank, stream, recipe = *from_ssast(src, kind, labels), "ast"
+        spec, weights = from_ssast(src, kind, labels)
     elif source == "mae-ast":
-        model, fbank, stream, recipe = *from_mae_ast(src, tokens), "mae-ast"
+        spec, weights = from_mae_ast(src, tokens)
     else:
         raise ConvertError(f"--from must be one of {', '.join(SOURCES)}, not {source!r}")
-    config = preset(recipe, **fbank)
-    extra = {"provenance": {"stage": "import", "from": source, "source": Path(src).name}}
-    if "window_frames" in stream:  # learned positions fix the input length: the window is that many frames
-        frames = stream["window_frames"]
-        extra["stream"] = {"window": ((frames - 1) * config.frame_shift_ms + config.frame_length_ms) / 1000, "hop": 0.5}
-    return checkpoint.save(out, model, config, **extra)
+    spec = replace(spec, provenance={"stage": "import", "from": source, "source": Path(src).name})
+    return checkpoint.save(out, _load_into(AudioTransformer(spec), weights))
 
 
 def main(
     source: str = typer.Option(..., "--from", help="hf-ast, ssast or mae-ast."),
     src: Path = typer.Argument(..., help="The source: a save_pretrained folder (hf-ast) or a .pth/.pt file."),
     out: Path = typer.Option(..., help="The edgetag checkpoint to write (.safetensors)."),
-    head: str = typer.Option("tags", help="Kind of the imported classifier: tags (sigmoid) or keywords (softmax)."),
+    head: str = typer.Option(TAGS, help=f"Kind of the imported classifier: {TAGS} (sigmoid) or {KEYWORDS} (softmax)."),
     labels: Path = typer.Option(None, help="A text file with one class name per line (SSAST heads carry none)."),
     tokens: str = typer.Option("", help="patch or frame, for MAE-AST files whose config does not say."),
 ) -> None:
     names = [line.strip() for line in labels.read_text().splitlines() if line.strip()] if labels else None
     try:
         path = convert(source, src, out, head, names, tokens)
-    except (ConvertError, FileNotFoundError) as e:
+    except (ConvertError, FileNotFoundError, ValueError) as e:
         typer.echo(f"train.convert: error: {e}", err=True)
         raise typer.Exit(2) from e
     model = checkpoint.load_model(path)
-    heads = ", ".join(f"{n} ({len(h.labels)} classes)" for n, h in model.head_configs.items()) or "none"
+    heads = ", ".join(f"{n} ({len(h.labels)} classes)" for n, h in model.spec.heads.items()) or "none"
     print(f"{path}: {sum(p.numel() for p in model.parameters()):,} parameters, heads: {heads}")
 
 

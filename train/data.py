@@ -1,18 +1,20 @@
 """Audio sources for training: manifests, folder trees and the layouts of ../shared/data.
 
 Pretraining needs only paths (`find_audio`, `CropDataset`). Fine-tuning reads labelled
-`Example`s (`read_examples` on a source spec), splits them by speaker or source recording, and
-computes each clip's fbank once (`load_features`): augmentation then works on log-mel features,
-which keeps a CPU epoch cheap.
+`Example`s from a `Source` (a source spec parsed once), splits them by speaker or source
+recording, and computes each clip's fbank once (`load_features`): augmentation then works on
+log-mel features, which keeps a CPU epoch cheap.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import inspect
 import json
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +23,8 @@ import torch
 from edgetag import audio
 from edgetag.audio import AUDIO_SUFFIXES
 from edgetag.features import FbankConfig, fbank, normalize
-from train.labels import SILENCE, audioset_display_names, keyword_label, tag_name
-
+from edgetag.model import HEAD_KINDS, KEYWORDS, NOT_SPOTTED, SILENCE, TAGS
+from train.labels import audioset_display_names, keyword_label, tag_name
 
 
 def read_manifest(path: Path) -> list[dict]:
@@ -207,19 +209,33 @@ def read_fsdd(root: Path) -> list[Example]:
     return [Example(str(p), (p.stem.split("_")[0],), group=p.stem.split("_")[1]) for p in find_audio([root])]
 
 
+def read_audio(root: Path) -> list[Example]:
+    """Every audio file under a folder (or one file), without labels: noise, audio without keywords."""
+    return [Example(str(p), (), group=p.stem) for p in find_audio([root])]
+
+
+@dataclass(frozen=True)
+class Reader:
+    read: Callable[..., list[Example]]
+    head: str  # the head a source of this reader feeds unless it names one
+
+
 READERS = {
-    "manifest": read_labelled_manifest,
-    "folders": read_folders,
-    "esc50": read_esc50,
-    "speech_commands": read_speech_commands,
-    "audioset": read_audioset,
-    "fsdd": read_fsdd,
+    "manifest": Reader(read_labelled_manifest, TAGS),
+    "folders": Reader(read_folders, TAGS),
+    "audio": Reader(read_audio, TAGS),
+    "esc50": Reader(read_esc50, TAGS),
+    "speech_commands": Reader(read_speech_commands, KEYWORDS),  # the 12-class keyword task
+    "audioset": Reader(read_audioset, TAGS),
+    "fsdd": Reader(read_fsdd, TAGS),
 }
 
 
 def detect_reader(path: Path) -> str:
     path = Path(path)
     if path.is_file():
+        if path.suffix.lower() in AUDIO_SUFFIXES:
+            return "audio"
         head = path.read_text(errors="replace")[:2000]
         return "audioset" if "positive_labels" in head or head.startswith("#") else "manifest"
     if (path / "meta" / "esc50.csv").is_file():
@@ -228,47 +244,79 @@ def detect_reader(path: Path) -> str:
         return "speech_commands"
     if (path / "manifest.csv").is_file():
         return "manifest"
-    return "folders"
+    return "folders" if any(p.is_dir() for p in path.iterdir()) else "audio"
 
 
-def read_examples(spec: str, kind: str = "tags") -> list[Example]:
-    """Examples from a source spec, `[READER:]PATH[,key=value...]`: READER one of READERS
-    (detected from the path when left out), options passed to it (esc50: folds=, audioset:
-    audio=, labels_csv=), except `split=train|val` (and `percent=`, default 10), which keeps one
-    side of `split_examples`, so one source can give a head both its training and validation data;
-    `groups=LO-HI`, which keeps the groups whose hash falls in [LO, HI) percent (the same hash as
-    `split`, so `split=val,percent=50` is `groups=0-50`: a third part beside the two sides); and
-    `label=NAME`, which gives every clip that one label (ESC-50 sounds as a keyword head's
-    `_silence_`: audio without a word). For a tag head, class names become AudioSet display names
-    where they map (`tag_name`)."""
-    reader, _, rest = spec.partition(":") if spec.split(":", 1)[0] in READERS else ("", "", spec)
-    path, *options = rest.split(",")
-    kwargs = dict(option.split("=", 1) for option in options)
-    side, percent, label = kwargs.pop("split", None), float(kwargs.pop("percent", 10.0)), kwargs.pop("label", None)
-    if side not in (None, "train", "val"):
-        raise ValueError(f"{spec}: split must be train or val, not {side!r}")
-    groups = kwargs.pop("groups", None)
-    if groups is not None:
-        try:
-            lo, hi = map(float, groups.split("-"))
-        except ValueError:
-            raise ValueError(f"{spec}: groups must be LO-HI percent, e.g. groups=50-60, not {groups!r}") from None
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    reader = reader or detect_reader(path)
-    if path.is_dir() and reader == "manifest":
-        path = path / "manifest.csv"
-    examples = READERS[reader](path, **kwargs)
-    if side is not None:
-        examples = split_examples(examples, percent)[side == "val"]
-    if groups is not None:
-        examples = [e for e in examples if lo <= group_percentile(e.group) < hi]
-    if label is not None:
-        examples = [Example(e.path, (label,), e.start, e.end, e.group, e.split) for e in examples]
-    if kind == "tags":
-        examples = [Example(e.path, tuple(map(tag_name, e.labels)), e.start, e.end, e.group, e.split) for e in examples]
-    return examples
+@dataclass(frozen=True)
+class Source:
+    """A data source, parsed once from `[HEAD=][READER:]PATH[,key=value...]`.
+
+    HEAD is the head its clips feed (`tags` or `keywords`; default: the reader's, `keywords` for
+    Speech Commands' 12-class task, `tags` for the rest). READER is one of READERS, detected from
+    the layout at PATH when left out. The options: the reader's own (esc50: `folds=4`; audioset:
+    `audio=`, `labels_csv=`); `split=train|val` (with `percent=`, default 10) keeps one side of
+    `split_examples`, so one source gives a head both its training and validation data;
+    `groups=LO-HI` keeps the groups whose hash falls in [LO, HI) percent (the hash of `split`:
+    `split=val,percent=50` is `groups=0-50`, so a third part can sit beside the two sides);
+    `label=NAME` gives every clip that one label (ESC-50 sounds as a keyword head's `_silence_`).
+    Tag heads name classes by AudioSet display names where they map (`tag_name`)."""
+
+    path: Path
+    reader: str
+    head: str
+    options: tuple[tuple[str, str], ...] = ()  # the reader's keyword arguments
+    split: str | None = None
+    percent: float = 10.0
+    groups: tuple[float, float] | None = None
+    label: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, head: str | None = None) -> Source:
+        """`head` is the head the caller reads the source for; a HEAD= in the text must agree."""
+        named, sep, rest = text.partition("=")
+        if sep and named in HEAD_KINDS:
+            if head is not None and named != head:
+                raise ValueError(f"{text}: a {named} source where a {head} source is needed")
+            head, text = named, rest
+        reader, sep, rest = text.partition(":")
+        if not (sep and reader in READERS):
+            reader, rest = "", text
+        path, *pairs = rest.split(",")
+        if any("=" not in pair for pair in pairs):
+            raise ValueError(f"{text}: options are key=value, separated by commas")
+        options = dict(pair.split("=", 1) for pair in pairs)
+        split, percent, label = options.pop("split", None), options.pop("percent", "10"), options.pop("label", None)
+        if split not in (None, "train", "val"):
+            raise ValueError(f"{text}: split must be train or val, not {split!r}")
+        groups = options.pop("groups", None)
+        if groups is not None:
+            try:
+                lo, hi = map(float, groups.split("-"))
+            except ValueError:
+                raise ValueError(f"{text}: groups must be LO-HI percent, e.g. groups=50-60, not {groups!r}") from None
+            groups = (lo, hi)
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        reader = reader or detect_reader(Path(path))
+        accepted = list(inspect.signature(READERS[reader].read).parameters)[1:]
+        if set(options) - set(accepted):
+            raise ValueError(f"{text}: the {reader} reader takes no option {', '.join(sorted(set(options) - set(accepted)))} "
+                             f"(it takes: {', '.join(accepted + ['split', 'percent', 'groups', 'label'])})")
+        return cls(Path(path), reader, head or READERS[reader].head, tuple(sorted(options.items())), split, float(percent), groups, label)
+
+    def read(self) -> list[Example]:
+        path = self.path / "manifest.csv" if self.path.is_dir() and self.reader == "manifest" else self.path
+        examples = READERS[self.reader].read(path, **dict(self.options))
+        if self.split is not None:
+            examples = split_examples(examples, self.percent)[self.split == "val"]
+        if self.groups is not None:
+            lo, hi = self.groups
+            examples = [e for e in examples if lo <= group_percentile(e.group) < hi]
+        if self.label is not None:
+            examples = [replace(e, labels=(self.label,)) for e in examples]
+        if self.head == TAGS:
+            examples = [replace(e, labels=tuple(map(tag_name, e.labels))) for e in examples]
+        return examples
 
 
 def group_percentile(group: str) -> float:
@@ -290,9 +338,9 @@ def split_examples(examples: list[Example], percent: float = 10.0) -> tuple[list
 
 
 def labels_of(examples: list[Example]) -> list[str]:
-    """Sorted class names; Speech Commands' _unknown_ and _silence_ come last."""
+    """Sorted class names; the keyword task's _unknown_ and _silence_ come last."""
     labels = {label for e in examples for label in e.labels}
-    return sorted(labels, key=lambda x: (x.startswith("_"), x == SILENCE, x))
+    return sorted(labels, key=lambda x: (x in NOT_SPOTTED, x == SILENCE, x))
 
 
 def load_features(examples: list[Example], config: FbankConfig, description: str = "fbank") -> list[torch.Tensor | None]:

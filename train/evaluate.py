@@ -1,6 +1,7 @@
 """Evaluate a model's head on labelled clips: clip scores are the mean of the window
-probabilities over the clip (windows and hop as the streaming engine uses them). Any backend
-serves: a checkpoint (torch), an export folder or .onnx file (ONNX Runtime, int8 included).
+probabilities over the clip (`edgetag.runtime.clip_probabilities`: the windows and hop the
+streaming engine uses). Any backend serves: a checkpoint (torch), an export folder or .onnx
+file (ONNX Runtime, int8 included).
 
     python -m train.evaluate --ckpt runs/ft/best.safetensors --data ../shared/data/esc50 --head tags --json report.json
     python -m train.evaluate --data esc50:../shared/data/esc50,folds=4 --head tags \\
@@ -24,10 +25,10 @@ import torch
 import typer
 
 from edgetag.checkpoint import CheckpointError
-from edgetag.features import FbankConfig, hop_frames, normalize, window_frames, windows
-from edgetag.runtime import BACKENDS, BackendError, load_backend
+from edgetag.model import EVENT_KINDS, HEAD_KINDS, KEYWORDS, NOT_SPOTTED
+from edgetag.runtime import BACKENDS, BackendError, clip_probabilities, load_backend
 from train import metrics
-from train.data import Example, load_features, read_examples
+from train.data import Example, Source, load_features
 
 
 def targets(examples: list[Example], labels: list[str]) -> torch.Tensor:
@@ -41,21 +42,9 @@ def targets(examples: list[Example], labels: list[str]) -> torch.Tensor:
     return y
 
 
-@torch.no_grad()
-def clip_scores(predict, feats: list[torch.Tensor], head: str, fbank: FbankConfig, frames: int, hop: int, batch_size: int = 256) -> np.ndarray:
-    """[N, C] mean window probabilities per clip. `predict` maps normalised windows
-    [B, frames, n_mels] to per-head probabilities: a runtime backend, or `model_predict(model)`."""
-    per_clip = [windows(f, frames, hop) for f in feats]
-    flat = torch.cat(per_clip)
-    probs = np.concatenate([np.asarray(predict(normalize(flat[i : i + batch_size], fbank))[head], dtype=np.float32) for i in range(0, len(flat), batch_size)])
-    bounds = np.cumsum([0] + [len(w) for w in per_clip])
-    return np.stack([probs[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])])
-
-
-def model_predict(model):
-    """A model in training as a `predict` function (on its device, results on the CPU)."""
-    device = next(model.parameters()).device
-    return lambda x: {name: p.float().cpu() for name, p in model.probabilities(x.to(device)).items()}
+def clip_scores(backend, feats: list[torch.Tensor], head: str, batch_size: int = 256) -> np.ndarray:
+    """[N, C] each clip's mean window probabilities, over the windows the streaming engine runs."""
+    return np.stack([p[head].mean(0) for p in clip_probabilities(backend, feats, batch_size)])
 
 
 def single_label(y: torch.Tensor) -> bool:
@@ -116,15 +105,14 @@ def evaluate(backend, examples: list[Example], head: str, classes: list[str] | N
     limits the classes that compete for a clip (ESC-50 is a 50-way task even when the head also
     knows DCASE's classes). Clips whose labels are all outside them, and unreadable clips, are
     left out and counted."""
-    labels = list(backend.heads[head].labels)
+    labels = list(backend.spec.heads[head].labels)
     scored = [label for label in labels if classes is None or label in classes]
     known = [e for e in examples if any(label in scored for label in e.labels)]
-    feats = load_features(known, backend.fbank, description="features")
+    feats = load_features(known, backend.spec.fbank, description="features")
     kept = [(e, f) for e, f in zip(known, feats) if f is not None]
     if not kept:
         raise ValueError(f"no readable clip has a label of the {head!r} head")
-    frames, hop = window_frames(backend.window, backend.fbank), hop_frames(backend.hop, backend.fbank)
-    scores = clip_scores(backend, [f for _, f in kept], head, backend.fbank, frames, hop, batch_size)
+    scores = clip_scores(backend, [f for _, f in kept], head, batch_size)
     scores = scores[:, [labels.index(label) for label in scored]]
     result = report(scores, targets([e for e, _ in kept], scored), scored)
     result.update(labels=scored, skipped_unknown_label=len(examples) - len(known), skipped_unreadable=len(known) - len(kept))
@@ -138,24 +126,24 @@ def spotting(backend, positives: list[Example], negatives: list[Example], post=N
     from rich.progress import track
 
     from edgetag import audio
-    from edgetag.stream import SPECIAL_KEYWORDS, Engine, PostConfig, events_of, process_file
+    from edgetag.stream import Engine, PostConfig, process_file
 
-    engine = Engine(backend, post or PostConfig(thresholds=backend.thresholds))
-    head = next(name for name, h in backend.heads.items() if h.kind == "keywords")
+    engine = Engine(backend, post or PostConfig())
+    head = next(name for name, h in backend.spec.heads.items() if h.kind == KEYWORDS)
 
     def spots(examples: list[Example], description: str):
         for e in track(examples, description=description, transient=True):
             try:
-                hops = process_file(engine, e.path)
+                result = process_file(engine, e.path)
             except audio.AudioError:
                 continue
-            yield e, [event.label for event in events_of(hops) if event.kind == "keyword"], engine.seconds
+            yield e, [event.label for event in result.events if event.kind == EVENT_KINDS[KEYWORDS]], result.seconds
 
     alarms, seconds = 0, 0.0
     for _, labels, duration in spots(negatives, "negatives"):
         alarms, seconds = alarms + len(labels), seconds + duration
     per_keyword: dict[str, list[int]] = {}  # label -> [clips, spotted as it, spotted as another]
-    for e, labels, _ in spots([e for e in positives if e.labels[0] not in SPECIAL_KEYWORDS], "keywords"):
+    for e, labels, _ in spots([e for e in positives if e.labels[0] not in NOT_SPOTTED], "keywords"):
         counts = per_keyword.setdefault(e.labels[0], [0, 0, 0])
         counts[0] += 1
         counts[1] += e.labels[0] in labels
@@ -190,27 +178,28 @@ def print_report(result: dict, head: str) -> None:
 
 
 def main(
-    data: str = typer.Option(..., help="Labelled clips: a manifest, a dataset folder, or READER:PATH[,key=value] (see train.data.read_examples)."),
-    head: str = typer.Option(..., help="tags or keywords."),
+    data: str = typer.Option(..., help="Labelled clips: a source [READER:]PATH[,key=value] (train.data.Source)."),
+    head: str = typer.Option(..., help=f"The head to score: {' or '.join(HEAD_KINDS)}."),
     ckpt: str = typer.Option(None, help="A checkpoint, an export folder or .onnx file; default: the bundled model."),
     backend: str = typer.Option("auto", help=f"Inference backend: {', '.join(BACKENDS)}."),
-    classes_from: str = typer.Option(None, help="Score among the classes of this data source only (e.g. the 50 ESC-50 classes)."),
+    classes_from: str = typer.Option(None, help="Score among the classes of this source only (e.g. the 50 ESC-50 classes)."),
     json_out: Path = typer.Option(None, "--json", help="Write the report here; the confusion matrix goes beside it."),
     plot: Path = typer.Option(None, help="Confusion-matrix PNG (single-label data)."),
     batch_size: int = typer.Option(256),
 ) -> None:
+    """Score one head of a model on labelled clips: accuracy and macro-F1 or mAP, per class."""
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         try:
             runtime = load_backend(ckpt, backend)
-        except (CheckpointError, BackendError) as e:
+            if head not in runtime.spec.heads:
+                raise ValueError(f"{ckpt or 'the bundled model'} has no {head!r} head (it has: {', '.join(runtime.spec.heads) or 'none'})")
+            kind = runtime.spec.heads[head].kind
+            classes = sorted({label for e in Source.parse(classes_from, kind).read() for label in e.labels}) if classes_from else None
+            result = evaluate(runtime, Source.parse(data, kind).read(), head, classes, batch_size)
+        except (CheckpointError, BackendError, ValueError, FileNotFoundError) as e:
             print(f"train.evaluate: error: {e}", file=sys.stderr)
             raise typer.Exit(2) from e
-        if head not in runtime.heads:
-            raise typer.BadParameter(f"{ckpt or 'the bundled model'} has no {head!r} head (it has: {', '.join(runtime.heads) or 'none'})")
-        kind = runtime.heads[head].kind
-        classes = sorted({label for e in read_examples(classes_from, kind) for label in e.labels}) if classes_from else None
-        result = evaluate(runtime, read_examples(data, kind), head, classes, batch_size)
     print_report(result, head)
     plot = plot or (json_out.with_suffix(".confusion.png") if json_out else None)
     if plot and "confusion" in result:

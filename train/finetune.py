@@ -4,15 +4,16 @@
     python -m train.finetune --train esc50:../shared/data/esc50_other_folds --val esc50:../shared/data/esc50,folds=4 \\
         --train keywords=../shared/data/speech_commands --noise ../shared/data/background_noise --out runs/teacher
 
-A source is `[HEAD=][READER:]PATH[,key=value]` (see train.data.read_examples); HEAD is `tags` or
-`keywords` (Speech Commands defaults to keywords, everything else to tags). A head without a
---val source is validated on a split of its training data by speaker or source recording.
-Each step trains every head on one batch of its own data; both heads share one encoder pass at
-run time. `--mode` picks what is trained: `full`, `linear` (heads only) or `adapter` (heads and
+A source is `[HEAD=][READER:]PATH[,key=value]` (`train.data.Source`). A head without a --val
+source is validated on a split of its training data by speaker or source recording. Each step
+trains every head on one batch of its own data; both heads share one encoder pass at run time.
+`--mode` picks what is trained: `full`, `linear` (heads only) or `adapter` (heads and
 bottleneck adapters beside a frozen encoder, AAT-style).
 
-Writes into --out: `best.safetensors` (by the mean validation accuracy, or mAP for multi-label
-data), `history.csv`, `curves.png`.
+The loop is the same for distillation: `train(config, targets)` takes what each head learns
+from, `HardLabels` here (its clips' labels), a teacher's soft targets in train.distill. Writes
+into --out: `best.safetensors` (by the mean validation accuracy, or mAP for multi-label data),
+`history.csv`, `curves.png`.
 """
 
 from __future__ import annotations
@@ -21,46 +22,49 @@ import csv
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import typer
 
 from edgetag import checkpoint
-from edgetag.features import FbankConfig, hop_frames, normalize, preset, window_frames, windows
-from edgetag.model import AudioTransformer, EncoderConfig, HeadConfig, num_parameters
+from edgetag.features import FbankConfig, normalize, preset, windows
+from edgetag.model import SIZES, TAGS, AudioTransformer, EncoderConfig, HeadConfig, num_parameters
+from edgetag.runtime import TorchBackend
+from edgetag.spec import ModelSpec, StreamConfig
 from train.augment import AugmentConfig, augment, spec_augment
-from train.data import Example, find_audio, labels_of, load_features, read_examples, split_examples
-from train.evaluate import clip_scores, model_predict, primary, report, targets
+from train.data import Example, Source, find_audio, labels_of, load_features, split_examples
+from train.evaluate import clip_scores, primary, report, targets
+from train.options import command, setting
 
 MODES = ("full", "linear", "adapter")
 
 
 @dataclass
 class FinetuneConfig:
-    train: list[str] = field(default_factory=list)  # sources, [HEAD=]SPEC
-    val: list[str] = field(default_factory=list)
-    out: str = "runs/finetune"
-    init: str = ""  # an edgetag checkpoint (a pretrained encoder, or a model); "" trains from scratch
-    size: str = "tiny"  # from scratch only
-    tokens: str = "patch"
-    preset: str = "ast"  # from scratch only; an init checkpoint brings its fbank
-    mode: str = "full"
-    adapter_dim: int = 32
-    window: float = 1.0  # seconds the model sees per hop
-    hop: float = 0.5  # between validation windows of long clips
-    loudness: float = 1.0  # crop bias towards loud windows (see random_crops); 0: uniform
-    val_percent: float = 10.0
-    noise: list[str] = field(default_factory=list)  # background-noise folders or files
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 5e-4
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    augment: dict = field(default_factory=lambda: asdict(AugmentConfig()))
-    seed: int = 0
+    train: list[str] = setting([], "Training source [HEAD=][READER:]PATH[,key=value] (train.data.Source); repeatable.", required=True)
+    val: list[str] = setting([], "Validation source, as --train; a head without one is validated on a split of its training data.")
+    out: str = setting("runs/finetune", "Folder for best.safetensors, history.csv and curves.png.")
+    init: str = setting("", "Start from this edgetag checkpoint (a pretrained encoder.safetensors, or a model); empty: from scratch.")
+    size: str = setting("tiny", f"Encoder size from scratch: {', '.join(SIZES)}.")
+    tokens: str = setting("patch", "patch or frame tokens, from scratch.")
+    preset: str = setting("ast", "Fbank recipe from scratch (an --init checkpoint brings its own).")
+    mode: str = setting("full", "full, linear (heads only) or adapter (bottleneck adapters beside a frozen encoder).")
+    adapter_dim: int = setting(32, "Adapter bottleneck width (--mode adapter).")
+    stream: StreamConfig = setting(StreamConfig(), "The window the model reads, and the hop between validation windows.")
+    loudness: float = setting(1.0, "Bias training crops towards loud windows (0: uniform).")
+    val_percent: float = setting(10.0, "Share of speakers/sources held out when a head has no --val.")
+    noise: list[str] = setting([], "Background-noise folders or files for augmentation.")
+    epochs: int = setting(30, "Passes over the largest head's training data.")
+    batch_size: int = setting(64, "Clips per head per step.")
+    lr: float = setting(5e-4, "Peak learning rate (AdamW; warm-up, then cosine decay).")
+    weight_decay: float = setting(0.05, "AdamW weight decay.")
+    warmup_epochs: float = setting(1.0, "Epochs of linear warm-up.")
+    augment: AugmentConfig = setting(AugmentConfig(), "Augmentation of the log-mel batches.")
+    seed: int = setting(0, "Seed of the splits' crops, the augmentation and the initial weights.")
 
 
 @dataclass
@@ -75,32 +79,24 @@ class Task:
     val_y: torch.Tensor
 
 
-def parse_source(source: str) -> tuple[str, str]:
-    """'[HEAD=]SPEC' -> (head, spec)."""
-    head, sep, spec = source.partition("=")
-    if sep and head in ("tags", "keywords"):
-        return head, spec
-    spec = source
-    return ("keywords" if spec.startswith("speech_commands:") or Path(spec.split(",")[0]).name == "speech_commands" else "tags"), spec
+# ---------------------------------------------------------------------------------------------
+# Data
 
 
-def gather_sources(sources: list[str]) -> dict[str, list[Example]]:
+def gather(sources: list[str]) -> dict[str, list[Example]]:
+    """Each head's examples from its sources."""
     out: dict[str, list[Example]] = {}
-    for source in sources:
-        head, spec = parse_source(source)
-        out.setdefault(head, []).extend(read_examples(spec, head))
+    for source in map(Source.parse, sources):
+        out.setdefault(source.head, []).extend(source.read())
     return out
 
 
 def build_tasks(c: FinetuneConfig, fbank: FbankConfig, labels: dict[str, list[str]] | None = None) -> list[Task]:
     """Read, split and featurise each head's data; `labels` fixes a head's classes (else the data's)."""
-    train, val = gather_sources(c.train), gather_sources(c.val)
+    train, val = gather(c.train), gather(c.val)
     tasks = []
     for head, examples in train.items():
-        if head in val:
-            train_examples, val_examples = examples, val[head]
-        else:
-            train_examples, val_examples = split_examples(examples, c.val_percent)
+        train_examples, val_examples = (examples, val[head]) if head in val else split_examples(examples, c.val_percent)
         head_labels = (labels or {}).get(head) or labels_of(train_examples)
         sets = []
         for name, subset in (("train", train_examples), ("val", val_examples)):
@@ -150,30 +146,61 @@ def random_crops(feats: list[torch.Tensor], index: list[int], frames: int, gener
     return torch.stack(out), starts
 
 
+# ---------------------------------------------------------------------------------------------
+# The model and what it learns from
+
+
 def head_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
     """BCE for tag heads, soft-target cross-entropy for keyword heads (targets may be mixed)."""
-    if kind == "tags":
+    if kind == TAGS:
         return F.binary_cross_entropy_with_logits(logits, y)
     return -(y * logits.log_softmax(-1)).sum(-1).mean()
 
 
-def build_model(c: FinetuneConfig, heads: dict[str, HeadConfig], fbank: FbankConfig | None = None) -> tuple[AudioTransformer, FbankConfig, dict]:
-    """A model with these heads: encoder (and matching heads) from --init, or from scratch with
-    `fbank` (default: the --preset)."""
+class HardLabels:
+    """What plain fine-tuning learns from: each head, the labels of its clips. The training loop
+    asks a targets strategy for the fbank and classes it imposes (none here), prepares it once
+    the model exists, crops on its grid, and trains each head on its targets and loss."""
+
+    stage = "finetune"
+    fbank: FbankConfig | None = None
+    labels: dict[str, list[str]] | None = None
+
+    def prepare(self, tasks: list[Task], spec: ModelSpec) -> None:
+        pass
+
+    def grid(self, spec: ModelSpec) -> int:
+        """Training crops start on multiples of this many frames."""
+        return 1
+
+    def targets(self, task: Task, index: list[int], starts: list[int]) -> torch.Tensor:
+        """What augmentation mixes alongside the crops (mixup mixes targets as it mixes clips)."""
+        return task.train_y[index]
+
+    def loss(self, head: HeadConfig, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return head_loss(logits, y, head.kind)
+
+    def provenance(self) -> dict:
+        return {}
+
+
+def build_model(c: FinetuneConfig, heads: dict[str, HeadConfig], fbank: FbankConfig) -> AudioTransformer:
+    """A model with these heads reading `fbank`: the encoder (and any head that fits) from
+    --init, whose provenance it keeps under "init", or from scratch."""
     adapter_dim = c.adapter_dim if c.mode == "adapter" else 0
     if not c.init:
         encoder = EncoderConfig.named(c.size, tokens=c.tokens, adapter_dim=adapter_dim)
-        return AudioTransformer(encoder, heads), fbank or preset(c.preset), {}
+        return AudioTransformer(ModelSpec(encoder, fbank, heads, c.stream, provenance={"init": {}}))
     source = checkpoint.load_model(c.init)
-    if fbank is not None and fbank != source.fbank:
+    if fbank != source.spec.fbank:
         raise ValueError(f"{c.init}: its fbank differs from the teacher's; distil from scratch or from an encoder trained on the same features")
-    encoder = replace(source.encoder.config, adapter_dim=adapter_dim or source.encoder.config.adapter_dim)
-    model = AudioTransformer(encoder, heads)
-    state = {k: v for k, v in source.state_dict().items() if not k.startswith("heads.") or source.head_configs.get(k.split(".")[1]) == heads.get(k.split(".")[1])}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    encoder = replace(source.spec.encoder, adapter_dim=adapter_dim or source.spec.encoder.adapter_dim)
+    model = AudioTransformer(ModelSpec(encoder, fbank, heads, c.stream, provenance={"init": source.spec.provenance}))
+    same_head = lambda key: not key.startswith("heads.") or source.spec.heads.get(key.split(".")[1]) == heads.get(key.split(".")[1])  # noqa: E731
+    missing, unexpected = model.load_state_dict({k: v for k, v in source.state_dict().items() if same_head(k)}, strict=False)
     if unexpected or any(not (k.startswith("heads.") or ".adapter." in k) for k in missing):
         raise ValueError(f"{c.init}: encoder does not fit ({unexpected or missing})")
-    return model, source.fbank, source.config.get("provenance", {})
+    return model
 
 
 def set_trainable(model: AudioTransformer, mode: str) -> None:
@@ -189,11 +216,94 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def validate(model: AudioTransformer, tasks: list[Task], fbank: FbankConfig, frames: int, hop: int) -> dict[str, dict]:
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Run:
+    """What `setup` builds and the loop works on."""
+
+    model: AudioTransformer
+    tasks: list[Task]
+    noise: torch.Tensor | None
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    steps_per_epoch: int
+    generator: torch.Generator
+    device: str
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model.spec
+
+
+def setup(c: FinetuneConfig, learn: HardLabels, device: str) -> Run:
+    """Data, model and optimizer; the heads' classes come from the data (or the targets strategy),
+    the fbank from the strategy, else --init, else --preset."""
+    torch.manual_seed(c.seed)
+    fbank = learn.fbank or (checkpoint.read_spec(c.init).fbank if c.init else preset(c.preset))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        tasks = build_tasks(c, fbank, learn.labels)
+    model = build_model(c, {t.head: HeadConfig(t.head, t.labels) for t in tasks}, fbank)
+    set_trainable(model, c.mode)
+    model.to(device)
+    learn.prepare(tasks, model.spec)
+    params = [p for p in model.parameters() if p.requires_grad]
+    run = Run(model, tasks, noise_bank(c.noise, fbank, model.spec.window_frames), params,
+              torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay),
+              max(math.ceil(len(t.train) / c.batch_size) for t in tasks), torch.Generator().manual_seed(c.seed), device)
+    trainable, total = sum(p.numel() for p in params), num_parameters(model)
+    print(f"{c.mode}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%); "
+          + "; ".join(f"{t.head}: {len(t.train)} train / {len(t.val)} val clips, {len(t.labels)} classes" for t in tasks))
+    return run
+
+
+def train_step(run: Run, c: FinetuneConfig, learn: HardLabels, orders: list[list[int]], i: int) -> dict[str, float]:
+    """One optimizer step: every head on one batch of its own data. Returns each head's loss."""
+    spec, losses, loss = run.spec, {}, 0.0
+    for t, order in zip(run.tasks, orders):
+        index = [order[(i * c.batch_size + j) % len(order)] for j in range(c.batch_size)]
+        x, starts = random_crops(t.train, index, spec.window_frames, run.generator, grid=learn.grid(spec), loudness=c.loudness)
+        x, y = augment(x, learn.targets(t, index, starts), c.augment, run.generator, run.noise)
+        x = spec_augment(normalize(x, spec.fbank), c.augment.freq_mask, c.augment.time_mask, run.generator)
+        task_loss = learn.loss(spec.heads[t.head], run.model(x.to(run.device))[t.head], y.to(run.device))
+        losses[t.head] = task_loss.item()
+        loss = loss + task_loss
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.params, 5.0)
+    run.optimizer.step()
+    return losses
+
+
+def validate(model: AudioTransformer, tasks: list[Task]) -> dict[str, dict]:
+    """Each head on its validation clips, windowed as the streaming engine windows them."""
     model.eval()
-    results = {t.head: report(clip_scores(model_predict(model), t.val, t.head, fbank, frames, hop), t.val_y, t.labels) for t in tasks}
+    backend = TorchBackend(model)
+    results = {t.head: report(clip_scores(backend, t.val, t.head), t.val_y, t.labels) for t in tasks}
     model.train()
     return results
+
+
+FIGURES = ("n", "accuracy", "macro_f1", "mAP")
+
+
+def save_best(run: Run, c: FinetuneConfig, learn: HardLabels, epoch: int, results: dict[str, dict]) -> None:
+    """best.safetensors, its provenance: the stage, the epoch, the settings, what it scored."""
+    validation = {h: {k: r[k] for k in FIGURES if k in r} for h, r in results.items()}
+    run.model.spec = replace(run.spec, provenance={"stage": learn.stage, "epoch": epoch, "config": asdict(c), "validation": validation,
+                                                   "init": run.spec.provenance["init"], **learn.provenance()})
+    checkpoint.save(Path(c.out) / "best.safetensors", run.model)
+
+
+def write_history(rows: list[dict], out: Path) -> None:
+    with open(out / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_history(rows, out / "curves.png")
 
 
 def plot_history(rows: list[dict], path: Path) -> None:
@@ -220,137 +330,50 @@ def plot_history(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def finetune(c: FinetuneConfig, device: str | None = None, teacher=None) -> dict:
-    """Train; returns the best validation results. With a `teacher` (train.distill.Teacher) the
-    heads take its classes and features, and each head's loss mixes the hard labels with the
-    teacher's soft targets."""
+def train(c: FinetuneConfig, learn: HardLabels, device: str | None = None) -> dict[str, dict]:
+    """Train heads (and, by --mode, the encoder) on `learn`'s targets; keeps the best epoch and
+    returns its validation results."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(c.seed)
-    generator = torch.Generator().manual_seed(c.seed)
-    out = Path(c.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    # the heads' classes must be known before the model: read the data with the init's fbank
-    if teacher is not None:
-        data_fbank = teacher.fbank
-    elif c.init:
-        data_fbank = FbankConfig.from_dict(checkpoint.read_config(c.init)["fbank"])
-    else:
-        data_fbank = preset(c.preset)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        tasks = build_tasks(c, data_fbank, labels=teacher.labels if teacher else None)
-    heads = {t.head: HeadConfig(t.head, t.labels) for t in tasks}
-    model, fbank, provenance = build_model(c, heads, teacher.fbank if teacher else None)
-    set_trainable(model, c.mode)
-    model.to(device)
-    frames, hop = window_frames(c.window, fbank), hop_frames(c.hop, fbank)
-    noise = noise_bank(c.noise, fbank, frames)
-    augmentation = AugmentConfig(**c.augment)
-    if teacher is not None:
-        teacher.prepare(tasks, frames, hop)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-    steps_per_epoch = max(math.ceil(len(t.train) / c.batch_size) for t in tasks)
-    total, warmup = c.epochs * steps_per_epoch, round(c.warmup_epochs * steps_per_epoch)
-    trainable = sum(p.numel() for p in params)
-    print(f"{c.mode}: training {trainable:,} of {num_parameters(model):,} parameters ({100 * trainable / num_parameters(model):.1f}%); "
-          + "; ".join(f"{t.head}: {len(t.train)} train / {len(t.val)} val clips, {len(t.labels)} classes" for t in tasks))
-
-    rows, best, best_results, step = [], -1.0, {}, 0
-    columns = [TextColumn("[bold]finetune"), BarColumn(), TextColumn("epoch {task.fields[epoch]}"), TextColumn("{task.fields[stats]}"), TimeRemainingColumn()]
-    model.train()
+    Path(c.out).mkdir(parents=True, exist_ok=True)
+    run = setup(c, learn, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    total = c.epochs * run.steps_per_epoch
+    warmup, step, rows, best, best_results = round(c.warmup_epochs * run.steps_per_epoch), 0, [], -1.0, {}
+    columns = [TextColumn(f"[bold]{learn.stage}"), BarColumn(), TextColumn("epoch {task.fields[epoch]}"), TextColumn("{task.fields[stats]}"), TimeRemainingColumn()]
+    run.model.train()
     with Progress(*columns) as progress:
-        bar = progress.add_task("finetune", total=total, epoch=0, stats="")
+        bar = progress.add_task(learn.stage, total=total, epoch=0, stats="")
         for epoch in range(1, c.epochs + 1):
-            start = time.perf_counter()
-            orders = [torch.randperm(len(t.train), generator=generator).tolist() for t in tasks]
-            losses = {t.head: 0.0 for t in tasks}
-            for i in range(steps_per_epoch):
-                for group in optimizer.param_groups:
+            start, losses = time.perf_counter(), []
+            orders = [torch.randperm(len(t.train), generator=run.generator).tolist() for t in run.tasks]
+            for i in range(run.steps_per_epoch):
+                for group in run.optimizer.param_groups:
                     group["lr"] = c.lr * lr_factor(step, warmup, total)
-                loss = 0.0
-                for t, order in zip(tasks, orders):
-                    index = [order[(i * c.batch_size + j) % len(order)] for j in range(c.batch_size)]
-                    x, starts = random_crops(t.train, index, frames, generator, grid=hop if teacher else 1, loudness=c.loudness)
-                    y = t.train_y[index]
-                    if teacher is not None:  # the teacher's view of these windows rides along, mixed as the labels are
-                        y = torch.cat([y, teacher.soft_targets(t.head, index, starts, hop)], dim=1)
-                    x, y = augment(x, y, augmentation, generator, noise)
-                    x = spec_augment(normalize(x, fbank), augmentation.freq_mask, augmentation.time_mask, generator)
-                    logits = model(x.to(device))[t.head]
-                    task_loss = teacher.loss(t.head, logits, y.to(device)) if teacher else head_loss(logits, y.to(device), t.head)
-                    losses[t.head] += task_loss.item() / steps_per_epoch
-                    loss = loss + task_loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 5.0)
-                optimizer.step()
+                losses.append(train_step(run, c, learn, orders, i))
                 step += 1
-                progress.update(bar, completed=step, epoch=epoch, stats=" ".join(f"{h} {v * steps_per_epoch / (i + 1):.3f}" for h, v in losses.items()))
-            results = validate(model, tasks, fbank, frames, hop)
+                progress.update(bar, completed=step, epoch=epoch, stats=" ".join(f"{h} {np.mean([x[h] for x in losses]):.3f}" for h in losses[0]))
+            results = validate(run.model, run.tasks)
+            figures = {f"val_{h}_{k}": r[k] for h, r in results.items() for k in FIGURES[1:] if k in r}
+            rows.append({"epoch": epoch, **{f"{h}_loss": float(np.mean([x[h] for x in losses])) for h in losses[0]}, **figures,
+                         "seconds": time.perf_counter() - start})
+            progress.console.print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()))
             score = sum(primary(r) for r in results.values()) / len(results)
-            figures = {f"val_{h}_{k}": r[k] for h, r in results.items() for k in ("accuracy", "macro_f1", "mAP") if k in r}
-            row = {"epoch": epoch, **{f"{h}_loss": v for h, v in losses.items()}, **figures, "seconds": time.perf_counter() - start}
-            rows.append(row)
-            progress.console.print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
             if score >= best:  # on a tie the later, longer-trained epoch wins
                 best, best_results = score, results
-                checkpoint.save(out / "best.safetensors", model, fbank, stream={"window": c.window, "hop": c.hop},
-                                provenance={"stage": "distill" if teacher else "finetune", "epoch": epoch, "config": asdict(c),
-                                            "validation": {h: {k: r[k] for k in ("n", "accuracy", "macro_f1", "mAP") if k in r} for h, r in results.items()},
-                                            "init": provenance, **({"teacher": teacher.settings()} if teacher else {})})
-
-    with open(out / "history.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    plot_history(rows, out / "curves.png")
-    summary = "; ".join(f"{h}: " + " ".join(f"{k} {r[k]:.4f}" for k in ("accuracy", "macro_f1", "mAP") if k in r) for h, r in best_results.items())
-    print(f"{out / 'best.safetensors'}: best validation {summary}")
+                save_best(run, c, learn, epoch, results)
+    write_history(rows, Path(c.out))
+    summary = "; ".join(f"{h}: " + " ".join(f"{k} {r[k]:.4f}" for k in FIGURES[1:] if k in r) for h, r in best_results.items())
+    print(f"{Path(c.out) / 'best.safetensors'}: best validation {summary}")
     return best_results
 
 
-def config_from_cli(**options) -> FinetuneConfig:
-    """Options named as FinetuneConfig's fields; augmentation options go into its dict."""
-    aug = {k: options.pop(k) for k in list(options) if k in AugmentConfig.__dataclass_fields__}
-    if options.pop("no_augment", False):
-        aug = asdict(AugmentConfig.off())
-    return FinetuneConfig(**options, augment={**asdict(AugmentConfig()), **aug})
+def finetune(c: FinetuneConfig, device: str | None = None) -> dict[str, dict]:
+    """Fine-tune tag and keyword heads on labelled audio, from a pretrained encoder (--init) or
+    from scratch; the best epoch goes to OUT/best.safetensors."""
+    return train(c, HardLabels(), device)
 
 
-def main(
-    train: list[str] = typer.Option(..., help="Training source [HEAD=][READER:]PATH[,key=value]; repeatable."),
-    val: list[str] = typer.Option([], help="Validation source, as --train; default: a split of the training data."),
-    out: str = typer.Option("runs/finetune"),
-    init: str = typer.Option("", help="Start from this edgetag checkpoint (e.g. a pretrained encoder.safetensors); default: from scratch."),
-    size: str = typer.Option("tiny", help="Model size when training from scratch."),
-    tokens: str = typer.Option("patch"),
-    preset_name: str = typer.Option("ast", "--preset", help="Fbank recipe when training from scratch."),
-    mode: str = typer.Option("full", help="full, linear (heads only) or adapter (frozen encoder + adapters)."),
-    adapter_dim: int = typer.Option(32),
-    window: float = typer.Option(1.0, help="Seconds per window."),
-    hop: float = typer.Option(0.5, help="Seconds between validation windows."),
-    loudness: float = typer.Option(1.0, help="Bias training crops towards loud windows (0: uniform)."),
-    val_percent: float = typer.Option(10.0, help="Share of speakers/sources held out when a head has no --val."),
-    noise: list[str] = typer.Option([], help="Background-noise folders or files for augmentation."),
-    epochs: int = typer.Option(30),
-    batch_size: int = typer.Option(64),
-    lr: float = typer.Option(5e-4),
-    weight_decay: float = typer.Option(0.05),
-    mixup: float = typer.Option(0.5, help="Probability of mixup per clip."),
-    freq_mask: int = typer.Option(24),
-    time_mask: int = typer.Option(24),
-    no_augment: bool = typer.Option(False, "--no-augment", help="Switch all augmentation off."),
-    seed: int = typer.Option(0),
-) -> None:
-    options = locals()
-    options["preset"] = options.pop("preset_name")
-    finetune(config_from_cli(**options))
-
+main = command(FinetuneConfig, finetune)
 
 if __name__ == "__main__":
     typer.run(main)

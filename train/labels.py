@@ -11,10 +11,11 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from edgetag.model import SILENCE, UNKNOWN
+
 # The 12-class Speech Commands task (Warden 2018): ten words, everything else, and no speech.
-KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
-UNKNOWN, SILENCE = "_unknown_", "_silence_"
-KEYWORD_LABELS = (*KEYWORDS, UNKNOWN, SILENCE)
+COMMAND_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+KEYWORD_LABELS = (*COMMAND_WORDS, UNKNOWN, SILENCE)
 
 AUDIOSET_NAMES = {
     # ESC-50 categories
@@ -94,4 +95,4 @@ def audioset_display_names(path: Path) -> dict[str, str]:
 
 def keyword_label(word: str) -> str:
     """A Speech Commands folder name as a 12-class label."""
-    return word if word in KEYWORDS or word == SILENCE else UNKNOWN
+    return word if word in COMMAND_WORDS or word == SILENCE else UNKNOWN

@@ -48,7 +48,3 @@ def ap_per_class(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """scores [N, C]; targets [N, C] multi-hot."""
     return np.array([average_precision(scores[:, c], targets[:, c] > 0.5) for c in range(scores.shape[1])])
 
-
-def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Mean AP over the classes with at least one positive."""
-    return float(np.nanmean(ap_per_class(scores, targets)))

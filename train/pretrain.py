@@ -15,7 +15,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,44 +23,49 @@ import typer
 
 from edgetag import checkpoint
 from edgetag.features import preset
-from edgetag.model import AudioTransformer, EncoderConfig
+from edgetag.model import SIZES, AudioTransformer, EncoderConfig
+from edgetag.spec import ModelSpec
 from train.data import CropDataset, collate, find_audio
+from train.options import command, setting
+
+
+METHODS = ("mae-ast", "ssast")
 
 
 @dataclass
 class PretrainConfig:
-    data: list[str] = field(default_factory=list)
-    out: str = "runs/pretrain"
-    method: str = "mae-ast"  # or "ssast"
-    size: str = "tiny"
-    tokens: str = "patch"
-    masking: str = "chunk"  # MAE-AST: chunk or random; SSAST always clusters
-    mask_ratio: float = 0.75
-    decoder_depth: int = 2
-    frames: int = 1024
-    preset: str = "ast"
-    batch_size: int = 16
-    steps: int = 10000
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 1000
-    checkpoint_every: int = 1000
-    num_workers: int = 2
-    seed: int = 0
-    compile: bool = False
+    data: list[str] = setting([], "Folders, manifests (.csv/.jsonl with a path column) or files; repeatable.", required=True)
+    out: str = setting("runs/pretrain", "Folder for the run: last.pt, encoder.safetensors, loss.csv, loss.png.")
+    method: str = setting("mae-ast", f"Objective: {' or '.join(METHODS)}.")
+    size: str = setting("tiny", f"Encoder size: {', '.join(SIZES)}.")
+    tokens: str = setting("patch", "patch (16x16) or frame (128x2) tokens.")
+    masking: str = setting("chunk", "MAE-AST's masks: chunk or random (SSAST always masks clusters).")
+    mask_ratio: float = setting(0.75, "Share of the tokens masked.")
+    decoder_depth: int = setting(2, "MAE-AST decoder layers.")
+    frames: int = setting(1024, "Random crops of this many frames (10 ms each).")
+    preset: str = setting("ast", "Fbank recipe (edgetag.features.PRESETS).")
+    batch_size: int = setting(16, "Crops per step.")
+    steps: int = setting(10000, "Optimizer steps.")
+    lr: float = setting(1e-4, "Peak learning rate (AdamW).")
+    weight_decay: float = setting(0.01, "AdamW weight decay.")
+    warmup_steps: int = setting(1000, "Linear warm-up, then cosine decay to zero.")
+    checkpoint_every: int = setting(1000, "Write last.pt and encoder.safetensors every this many steps.")
+    num_workers: int = setting(2, "Data-loading processes.")
+    seed: int = setting(0, "Seed of the crops, masks and initial weights.")
+    compile: bool = setting(False, "torch.compile the model.")
 
 
 def build_model(c: PretrainConfig) -> torch.nn.Module:
     encoder = EncoderConfig.named(c.size, tokens=c.tokens)
     if c.method == "mae-ast":
-        from train.mae import MAEAST
+        from train.objectives.mae import MAEAST
 
         return MAEAST(encoder, decoder_depth=c.decoder_depth, masking=c.masking, mask_ratio=c.mask_ratio)
     if c.method == "ssast":
-        from train.ssast import SSAST
+        from train.objectives.ssast import SSAST
 
         return SSAST(encoder, mask_ratio=c.mask_ratio)
-    raise ValueError(f"method must be mae-ast or ssast, not {c.method!r}")
+    raise ValueError(f"method must be one of {', '.join(METHODS)}, not {c.method!r}")
 
 
 def lr_at(step: int, c: PretrainConfig) -> float:
@@ -79,9 +84,31 @@ def save_atomic(obj, path: Path) -> None:
 
 def export_encoder(model: torch.nn.Module, c: PretrainConfig, step: int, path: Path) -> None:
     """The encoder alone, as an edgetag checkpoint (no heads: it returns the embedding)."""
-    runtime = AudioTransformer(model.encoder.config)
+    runtime = AudioTransformer(ModelSpec(model.encoder.config, preset(c.preset), provenance={"stage": "pretrain", "step": step, "pretrain": asdict(c)}))
     runtime.encoder.load_state_dict(model.encoder.state_dict())
-    checkpoint.save(path, runtime, preset(c.preset), provenance={"stage": "pretrain", "step": step, "pretrain": asdict(c)})
+    checkpoint.save(path, runtime)
+
+
+def save_state(c: PretrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, rows: list[dict]) -> None:
+    """OUT/last.pt to resume from, and OUT/encoder.safetensors to fine-tune from."""
+    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rows": rows, "config": asdict(c)}, Path(c.out) / "last.pt")
+    export_encoder(model, c, step, Path(c.out) / "encoder.safetensors")
+
+
+def restore(c: PretrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: str) -> tuple[int, list[dict]]:
+    """The step and logged rows of OUT/last.pt, its weights and optimizer state loaded."""
+    state = torch.load(Path(c.out) / "last.pt", map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], state["rows"]
+
+
+def write_log(rows: list[dict], out: Path) -> None:
+    with open(out / "loss.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_losses(rows, out / "loss.png")
 
 
 def plot_losses(rows: list[dict], path: Path) -> None:
@@ -106,97 +133,85 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def pretrain(c: PretrainConfig, resume: bool = False, device: str | None = None) -> list[dict]:
-    """Run pretraining; returns the logged rows (step, loss, mse, nce, ...)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+def init_distributed() -> tuple[bool, int]:
+    """(distributed, rank): one process per GPU under torchrun, else one process, rank 0."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False, 0
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return True, torch.distributed.get_rank()
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank = torch.distributed.get_rank()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    else:
-        rank = 0
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(c.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(c.seed + rank)
 
+def make_loader(c: PretrainConfig, distributed: bool) -> tuple[CropDataset, torch.utils.data.DistributedSampler | None, torch.utils.data.DataLoader]:
     files = find_audio(c.data)
     if not files:
         raise ValueError(f"no audio files found in {', '.join(c.data)}")
     dataset = CropDataset(files, preset(c.preset), c.frames, seed=c.seed)
     sampler = torch.utils.data.DistributedSampler(dataset, seed=c.seed) if distributed else None
-    generator = torch.Generator().manual_seed(c.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, c.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
-        num_workers=c.num_workers, collate_fn=collate, drop_last=len(dataset) >= c.batch_size,
-    )
+    loader = torch.utils.data.DataLoader(dataset, c.batch_size, shuffle=sampler is None, sampler=sampler, generator=torch.Generator().manual_seed(c.seed),
+                                         num_workers=c.num_workers, collate_fn=collate, drop_last=len(dataset) >= c.batch_size)
+    return dataset, sampler, loader
 
+
+def train_step(forward, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, lr: float, autocast) -> tuple[torch.Tensor, dict]:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast:
+        loss, metrics, _ = forward(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+    optimizer.step()
+    return loss, metrics
+
+
+def pretrain(c: PretrainConfig, resume: bool = False, device: str | None = None) -> list[dict]:
+    """Self-supervised pretraining of an encoder on unlabelled audio (MAE-AST, or the SSAST
+    baseline); returns the logged rows (step, loss, mse, nce, ...). `resume` continues from
+    OUT/last.pt."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    distributed, rank = init_distributed()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    Path(c.out).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(c.seed + rank)
+    dataset, sampler, loader = make_loader(c, distributed)
     model = build_model(c).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.98))
-    step, rows, skipped = 0, [], 0
-    state_path = out / "last.pt"
-    if resume and state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, rows = state["step"], state["rows"]
+    step, rows = restore(c, model, optimizer, device) if resume and (Path(c.out) / "last.pt").exists() else (0, [])
     trained = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     forward = torch.compile(trained) if c.compile else trained
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
 
-    def save_state():
-        if rank == 0:
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rows": rows, "config": asdict(c)}, state_path)
-            export_encoder(model, c, step, out / "encoder.safetensors")
-
     model.train()
     # wall-clock seconds of training so far, carried across --resume so a run's cost stays on record
-    elapsed, tick = (rows[-1].get("seconds", 0.0) if rows else 0.0), time.perf_counter()
+    elapsed, tick, skipped = (rows[-1]["seconds"] if rows else 0.0), time.perf_counter(), 0
     columns = [TextColumn("[bold]pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[stats]}"), TimeRemainingColumn()]
-    with Progress(*columns, disable=rank != 0) as progress:
+    with Progress(*columns, disable=rank != 0) as progress, warnings.catch_warnings():
+        warnings.simplefilter("always")
         task = progress.add_task("pretrain", total=c.steps, completed=step, stats="")
         epoch = step * c.batch_size // max(1, len(dataset))
         while step < c.steps:
             dataset.epoch = epoch
             if sampler is not None:
                 sampler.set_epoch(epoch)
-            with warnings.catch_warnings():
-                warnings.simplefilter("always")
-                for batch, n_skipped in loader:
-                    skipped += n_skipped
-                    if len(batch) == 0:
-                        continue
-                    start = time.perf_counter()
-                    lr = lr_at(step, c)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    with autocast:
-                        loss, metrics, _ = forward(batch.to(device, non_blocking=True))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-                    optimizer.step()
-                    step += 1
-                    row = {"step": step, "loss": loss.item(), **{k: float(v) for k, v in metrics.items()}, "lr": lr,
-                           "seconds": elapsed + time.perf_counter() - tick}
-                    rows.append(row)
-                    clips_per_s = len(batch) / (time.perf_counter() - start)
-                    progress.update(task, completed=step, stats=f"loss {row['loss']:.3f}  {clips_per_s:.0f} clips/s  skipped {skipped}")
-                    if step % c.checkpoint_every == 0 or step == c.steps:
-                        save_state()
-                    if step >= c.steps:
-                        break
+            for batch, n_skipped in loader:
+                skipped += n_skipped
+                if not len(batch):
+                    continue
+                start, lr = time.perf_counter(), lr_at(step, c)
+                loss, metrics = train_step(forward, model, optimizer, batch.to(device, non_blocking=True), lr, autocast)
+                step += 1
+                rows.append({"step": step, "loss": loss.item(), **{k: float(v) for k, v in metrics.items()}, "lr": lr, "seconds": elapsed + time.perf_counter() - tick})
+                progress.update(task, completed=step, stats=f"loss {rows[-1]['loss']:.3f}  {len(batch) / (time.perf_counter() - start):.0f} clips/s  skipped {skipped}")
+                if rank == 0 and (step % c.checkpoint_every == 0 or step == c.steps):
+                    save_state(c, model, optimizer, step, rows)
+                if step >= c.steps:
+                    break
             epoch += 1
-
     if rank == 0:
-        with open(out / "loss.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
-            writer.writeheader()
-            writer.writerows(rows)
-        plot_losses(rows, out / "loss.png")
+        write_log(rows, Path(c.out))
         if skipped:
             print(f"skipped {skipped} unreadable clip(s)")
     if distributed:
@@ -204,35 +219,15 @@ def pretrain(c: PretrainConfig, resume: bool = False, device: str | None = None)
     return rows
 
 
-def main(
-    data: list[str] = typer.Option(..., help="Folders, manifests (.csv/.jsonl with a path column) or files; repeatable."),
-    out: str = typer.Option("runs/pretrain"),
-    method: str = typer.Option("mae-ast", help="mae-ast or ssast."),
-    size: str = typer.Option("tiny"),
-    tokens: str = typer.Option("patch", help="patch (16x16) or frame (128x2)."),
-    masking: str = typer.Option("chunk", help="random or chunk (MAE-AST)."),
-    mask_ratio: float = typer.Option(0.75),
-    frames: int = typer.Option(1024, help="Random crops of this many frames (10 ms each)."),
-    preset_name: str = typer.Option("ast", "--preset", help="Fbank recipe."),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    steps: int = typer.Option(10000),
-    lr: float = typer.Option(1e-4),
-    warmup_steps: int = typer.Option(1000),
-    checkpoint_every: int = typer.Option(1000),
-    num_workers: int = typer.Option(2),
-    seed: int = typer.Option(0),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt."),
-) -> None:
-    config = PretrainConfig(
-        data=data, out=out, method=method, size=size, tokens=tokens, masking=masking, mask_ratio=mask_ratio,
-        frames=frames, preset=preset_name, batch_size=batch_size, steps=steps, lr=lr, warmup_steps=warmup_steps,
-        checkpoint_every=checkpoint_every, num_workers=num_workers, seed=seed, compile=compile,
-    )
-    rows = pretrain(config, resume=resume)
+def run(c: PretrainConfig, resume: bool = False) -> None:
+    """Self-supervised pretraining of an encoder on unlabelled audio (MAE-AST, or the SSAST
+    baseline); writes OUT/encoder.safetensors to fine-tune from."""
+    rows = pretrain(c, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{out}: {len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
+        print(f"{c.out}: {len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
 
+
+main = command(PretrainConfig, run, resume=(bool, typer.Option(False, "--resume", help="Continue from OUT/last.pt.")))
 
 if __name__ == "__main__":
     typer.run(main)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetag.model import Encoder, EncoderConfig, patchify
-from train.mae import chunk_noise, info_nce, masked_tokens, num_masked
+from train.objectives.mae import chunk_noise, info_nce, masked_tokens, num_masked
 
 
 class SSAST(nn.Module):

@@ -1,11 +1,12 @@
-"""MODEL_CARD.md for a recipe's model, written from what its stages measured (train.recipe)."""
+"""MODEL_CARD.md for a recipe's model, written from what its stages measured (pipeline.recipe)."""
 
 from __future__ import annotations
 
 import platform
 from pathlib import Path
 
-from train.labels import KEYWORDS
+from edgetag.model import KEYWORDS
+from train.labels import COMMAND_WORDS
 
 DATA = [
     ("Speech Commands v0.02 (12-class task)", "speech_commands/", "keywords: training and speaker-disjoint validation (20% of speakers)",
@@ -54,7 +55,7 @@ def spotting_table(report: dict) -> list[str]:
     return rows
 
 
-def keyword_table(report: dict, thresholds: dict) -> list[str]:
+def keyword_table(report: dict, thresholds: dict[str, float]) -> list[str]:
     per = report["models"]["student"]["spotting"]["per_keyword"]
     rows = ["| keyword | threshold | clips | spotted | as another keyword |", "|---|---|---|---|---|"]
     for label in thresholds:
@@ -88,9 +89,9 @@ def describe(name: str, stage: dict) -> str:
         return (f"MAE-AST, {settings['size']} encoder, {settings['steps']} steps of {settings['batch_size']} random {settings['frames'] * 10} ms crops, "
                 f"{int(100 * settings['mask_ratio'])}% {settings['masking']} masking; loss {result['first_loss']:.2f} -> {result['last_loss']:.2f}")
     if name in ("teacher", "student", "scratch", "nokd"):
-        c = settings.get("finetune", settings)
+        c = settings.get("student", settings)  # a distillation stage's settings hold its student's
         start = f"the encoder of `{c['init']}`" if c["init"] else f"a {c['size']} model from scratch"
-        kd = f", distilled (T={settings['distill']['temperature']}, alpha={settings['distill']['alpha']})" if "distill" in settings else ""
+        kd = f", distilled (T={settings['temperature']}, alpha={settings['alpha']})" if "teacher" in settings else ""
         best = "; ".join(f"{head} {pct(r.get('accuracy'))}" for head, r in result.items())
         return f"{start}{kd}, {c['epochs']} epochs, lr {c['lr']:g}; best validation accuracy {best}"
     if name == "calibrate":
@@ -114,7 +115,7 @@ def spotting_limits(spotting: dict, target: float) -> list[str]:
 
 def steep_thresholds(thresholds: dict, steep: float = 0.96) -> list[str]:
     # a threshold near 1 turns a keyword's spot into a matter of where the hop grid falls
-    high = [f"{label} ({t:.2f})" for label, t in thresholds.items() if label in KEYWORDS and t >= steep]
+    high = [f"{label} ({t:.2f})" for label, t in thresholds.items() if label in COMMAND_WORDS and t >= steep]
     if not high:
         return []
     return [f"- Keyword thresholds at {steep:g} or more: {', '.join(high)}. A word that scores just",
@@ -147,7 +148,7 @@ def plot_results(report: dict, path: Path) -> None:
 
 def render(recipe, report: dict, stages: dict[str, dict]) -> str:
     student = report["models"]["student"]
-    thresholds = stages["calibrate"]["result"]["thresholds"]
+    thresholds = stages["calibrate"]["result"]["thresholds"].get(KEYWORDS, {})  # the keyword head's
     e = recipe.evaluation
     lines = [
         f"# Model card: {recipe.model_id}",
@@ -158,10 +159,10 @@ def render(recipe, report: dict, stages: dict[str, dict]) -> str:
         "the ontology has them) and **keywords** (the 12-class Speech Commands task: yes, no, up, down,",
         "left, right, on, off, stop, go, `_unknown_`, `_silence_`).",
         "",
-        f"It is a `{recipe.student.size}` encoder ({student['parameters'] / 1e6:.2f}M parameters, 16x16 patch tokens) distilled from a",
+        f"It is a `{recipe.student.student.size}` encoder ({student['parameters'] / 1e6:.2f}M parameters, 16x16 patch tokens) distilled from a",
         f"`{recipe.pretrain.size}` teacher that was pretrained the MAE-AST way on every clip of the training data (labels unused)",
         "and then fine-tuned on both tasks. Everything here was produced and measured by",
-        "`python -m train.recipe default` (`train/recipe.py`); the figures below are copied from its report.",
+        "`python -m pipeline.recipe default` (`pipeline/recipe.py`); the figures below are copied from its report.",
         "",
         "## Files (edgetag/assets)",
         "",

@@ -1,8 +1,8 @@
 """The bundled default model, reproduced end to end from the shared data folder.
 
-    python -m train.recipe default                                  # ../shared/data -> runs/default
-    python -m train.recipe default --data D --out runs/default --install
-    python -m train.recipe default --stages scratch,nokd           # some stages (e.g. baselines in a second process)
+    python -m pipeline.recipe default                                  # ../shared/data -> runs/default
+    python -m pipeline.recipe default --data D --out runs/default --install
+    python -m pipeline.recipe default --stages scratch,nokd           # some stages (e.g. baselines in a second process)
 
 Stages, each in its own folder under --out:
 
@@ -32,14 +32,17 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 
 import torch
 import typer
 
 from edgetag import checkpoint
+from edgetag.model import KEYWORDS, TAGS
+from edgetag.spec import StreamConfig
 from train.augment import AugmentConfig
+from train.distill import DistillConfig
 from train.finetune import FinetuneConfig
 from train.pretrain import PretrainConfig
 
@@ -54,8 +57,7 @@ class Recipe:
     model_id: str
     pretrain: PretrainConfig
     teacher: FinetuneConfig
-    student: FinetuneConfig
-    distill: dict  # temperature, alpha (train.distill.Teacher)
+    student: DistillConfig  # from the teacher stage's best.safetensors
     baselines: dict[str, FinetuneConfig]
     calibrate: dict  # train.calibrate.calibrate's keywords, negatives, tags, target_per_hour
     export_calibration: list[str]  # audio for the int8 models' activation ranges
@@ -83,9 +85,9 @@ def default(data: str = "../shared/data", out: str = "runs/default") -> Recipe:
                # (15% of ESC-50's training sources, as "no word") barks were spotted as "go"
                f"keywords={esc50_train},split=val,percent=15,label=_silence_", *training_speech],
         val=[f"tags={esc50_val}", f"tags={dcase_val}", f"keywords={keywords_val}"],
-        noise=noise, window=1.0, hop=0.5, epochs=50, batch_size=64,
+        noise=noise, stream=StreamConfig(window=1.0, hop=0.5), epochs=50, batch_size=64,
         # no mixup: two words mixed make no keyword
-        augment=asdict(AugmentConfig(mixup=0.0)),
+        augment=AugmentConfig(mixup=0.0),
     )
     teacher = FinetuneConfig(**common, out=str(o / "teacher"), init=str(o / "pretrain" / "encoder.safetensors"), lr=5e-4)
     # The student and its baseline: a mini epoch costs about a quarter of a tiny one on a CPU (and
@@ -94,7 +96,7 @@ def default(data: str = "../shared/data", out: str = "runs/default") -> Recipe:
     # ESC-50 sources, "alexa" still scored as "stop" and footsteps as "up".
     more_negatives = [f"keywords={wake_words},groups=60-80,label=_unknown_", f"keywords={esc50_train},groups=15-50,label=_silence_"]
     small = {**common, "train": [*common["train"], *more_negatives], "size": "mini", "lr": 1e-3, "epochs": 100}
-    student = FinetuneConfig(**small, out=str(o / "student"))
+    student = DistillConfig(teacher=str(o / "teacher" / "best.safetensors"), temperature=2.0, alpha=0.5, student=FinetuneConfig(**small, out=str(o / "student")))
     return Recipe(
         model_id="edgetag-default-2",
         pretrain=PretrainConfig(data=[str(d)], out=str(o / "pretrain"), size="tiny", frames=192, batch_size=64, steps=5000,
@@ -102,7 +104,6 @@ def default(data: str = "../shared/data", out: str = "runs/default") -> Recipe:
                                 num_workers=10),  # enough to feed a GPU; on a small CPU they take turns
         teacher=teacher,
         student=student,
-        distill={"temperature": 2.0, "alpha": 0.5},
         baselines={
             "scratch": FinetuneConfig(**common, out=str(o / "scratch"), size="tiny", lr=5e-4),
             "nokd": FinetuneConfig(**small, out=str(o / "nokd")),
@@ -115,9 +116,9 @@ def default(data: str = "../shared/data", out: str = "runs/default") -> Recipe:
         },
         export_calibration=[speech_commands, str(d / "esc50_other_folds")],
         evaluation={
-            "keywords": {"data": keywords_val, "head": "keywords"},
-            "esc50": {"data": esc50_val, "head": "tags", "classes_from": esc50_train},
-            "dcase": {"data": dcase_val, "head": "tags", "classes_from": dcase_train},
+            "keywords": {"data": keywords_val, "head": KEYWORDS},
+            "esc50": {"data": esc50_val, "head": TAGS, "classes_from": esc50_train},
+            "dcase": {"data": dcase_val, "head": TAGS, "classes_from": dcase_train},
             "held_out_negatives": held_out_speech,
             "latency": {"seconds": 30.0, "listen_seconds": 5.0},  # edgetag bench stream
         },
@@ -176,15 +177,20 @@ def pretrain_stage(c: PretrainConfig) -> dict:
     return {"steps": len(rows), "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"], "train_seconds": rows[-1].get("seconds")}
 
 
-def finetune_stage(c: FinetuneConfig, teacher: dict | None = None) -> dict:
-    """train.finetune, or train.distill with `teacher` ({path, temperature, alpha})."""
-    from train.distill import Teacher
+def summary(results: dict[str, dict]) -> dict:
+    return {head: {k: r[k] for k in ("n", "accuracy", "macro_f1", "mAP") if k in r} for head, r in results.items()}
+
+
+def finetune_stage(c: FinetuneConfig) -> dict:
     from train.finetune import finetune
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    t = Teacher(teacher["path"], teacher["temperature"], teacher["alpha"], Path(c.out) / "teacher_logits.safetensors", device) if teacher else None
-    results = finetune(c, device, teacher=t)
-    return {head: {k: r[k] for k in ("n", "accuracy", "macro_f1", "mAP") if k in r} for head, r in results.items()}
+    return summary(finetune(c))
+
+
+def distill_stage(c: DistillConfig) -> dict:
+    from train.distill import distill
+
+    return summary(distill(c))
 
 
 def calibrate_stage(recipe: Recipe, ckpt: Path, out: Path) -> dict:
@@ -193,10 +199,9 @@ def calibrate_stage(recipe: Recipe, ckpt: Path, out: Path) -> dict:
 
     report = calibrate(ckpt, out, **recipe.calibrate)
     model = checkpoint.load_model(out)
-    extra = {k: v for k, v in model.config.items() if k not in ("format", "encoder", "fbank", "heads")}
-    extra["provenance"] = {**extra.get("provenance", {}), "id": recipe.model_id}
-    checkpoint.save(out, model, model.fbank, **extra)
-    return {"thresholds": model.config["thresholds"], "negative_hours": report.get("keywords", {}).get("negative_hours")}
+    model.spec = replace(model.spec, provenance={**model.spec.provenance, "id": recipe.model_id})
+    checkpoint.save(out, model)
+    return {"thresholds": model.spec.thresholds, "negative_hours": report.get(KEYWORDS, {}).get("negative_hours")}
 
 
 def export_stage(recipe: Recipe, ckpt: Path, out: Path) -> dict:
@@ -215,10 +220,9 @@ def evaluate_stage(recipe: Recipe, models: dict[str, str], folder: Path) -> dict
 
     from edgetag import bench
     from edgetag.runtime import load_backend
-    from train.calibrate import negative_audio
-    from train.data import read_examples
+    from pipeline.model_card import plot_results
+    from train.data import Source
     from train.evaluate import evaluate, plot_confusion, spotting
-    from train.model_card import plot_results
 
     e = recipe.evaluation
     tasks = {name: spec for name, spec in e.items() if isinstance(spec, dict) and "data" in spec}
@@ -228,18 +232,18 @@ def evaluate_stage(recipe: Recipe, models: dict[str, str], folder: Path) -> dict
         for name, path in models.items():
             backend = load_backend(path)
             entry = report["models"][name] = {"path": str(path), "backend": backend.name, "size_bytes": Path(path).stat().st_size}
-            entry["classes"] = {head: len(h.labels) for head, h in backend.heads.items()}
+            entry["classes"] = {head: len(h.labels) for head, h in backend.spec.heads.items()}
             if backend.name == "torch":
                 entry["parameters"] = sum(p.numel() for p in backend.model.parameters())
             for task, spec in tasks.items():
-                kind = backend.heads[spec["head"]].kind
-                classes = sorted({label for x in read_examples(spec["classes_from"], kind) for label in x.labels}) if "classes_from" in spec else None
-                r = evaluate(backend, read_examples(spec["data"], kind), spec["head"], classes)
+                kind = backend.spec.heads[spec["head"]].kind
+                classes = sorted({label for x in Source.parse(spec["classes_from"], kind).read() for label in x.labels}) if "classes_from" in spec else None
+                r = evaluate(backend, Source.parse(spec["data"], kind).read(), spec["head"], classes)
                 entry[task] = {k: r[k] for k in ("n", "accuracy", "macro_f1", "mAP")} | {"classes": len(r["labels"])}
                 if name == SHIPPED[0]:
                     plot_confusion(r["confusion"], r["labels"], folder / f"confusion_{task}.png", f"{recipe.model_id}: {task}")
-        positives = read_examples(tasks["keywords"]["data"], "keywords")
-        negatives = [x for spec in e["held_out_negatives"] for x in negative_audio(spec)]
+        positives = Source.parse(tasks["keywords"]["data"], KEYWORDS).read()
+        negatives = [x for text in e["held_out_negatives"] for x in Source.parse(text, KEYWORDS).read()]
         for name in SHIPPED:
             report["models"][name]["spotting"] = spotting(load_backend(models[name]), positives, negatives)
     report["latency"] = {name: bench.stream_benchmark(models[name], **e["latency"]) for name in SHIPPED}
@@ -271,18 +275,16 @@ def run(recipe: Recipe, out: Path, stages: list[str] | None = None, install_to: 
     unknown = set(stages) - set(stages_of(recipe))
     if unknown:
         raise ValueError(f"unknown stage(s) {', '.join(sorted(unknown))}; stages: {', '.join(stages_of(recipe))}")
-    teacher_ckpt, student_ckpt = Path(recipe.teacher.out) / "best.safetensors", Path(recipe.student.out) / "best.safetensors"
+    teacher_ckpt, student_ckpt = Path(recipe.teacher.out) / "best.safetensors", Path(recipe.student.student.out) / "best.safetensors"
     calibrated, export_dir = out / "calibrate" / "model.safetensors", out / "export"
-    distill = {"path": str(teacher_ckpt), **recipe.distill}
     models = {"teacher": str(teacher_ckpt), "student": str(calibrated), "student, ONNX Runtime int8": str(export_dir / "model.int8.onnx"),
               **{f"baseline: {name}": str(Path(c.out) / "best.safetensors") for name, c in recipe.baselines.items()}}
-    pretrained, teacher, student = Path(recipe.pretrain.out), Path(recipe.teacher.out), Path(recipe.student.out)
+    pretrained, teacher, student = Path(recipe.pretrain.out), Path(recipe.teacher.out), Path(recipe.student.student.out)
     baselines = tuple(Path(c.out) for c in recipe.baselines.values())
     steps = {
         "pretrain": lambda: run_stage(pretrained, recipe.pretrain, lambda: pretrain_stage(recipe.pretrain)),
         "teacher": lambda: run_stage(teacher, recipe.teacher, lambda: finetune_stage(recipe.teacher), after=(pretrained,)),
-        "student": lambda: run_stage(student, {"finetune": plain(recipe.student), "distill": distill},
-                                     lambda: finetune_stage(recipe.student, distill), after=(teacher,)),
+        "student": lambda: run_stage(student, recipe.student, lambda: distill_stage(recipe.student), after=(teacher,)),
         **{name: (lambda c=c: run_stage(Path(c.out), c, lambda: finetune_stage(c))) for name, c in recipe.baselines.items()},
         "calibrate": lambda: run_stage(calibrated.parent, {"ckpt": str(student_ckpt), "id": recipe.model_id, **recipe.calibrate},
                                        lambda: calibrate_stage(recipe, student_ckpt, calibrated), after=(student,)),
@@ -301,7 +303,7 @@ def run(recipe: Recipe, out: Path, stages: list[str] | None = None, install_to: 
 
 
 def write_card(recipe: Recipe, out: Path) -> None:
-    from train.model_card import render
+    from pipeline.model_card import render
 
     report = json.loads((out / "evaluate" / "stage.json").read_text())
     text = render(recipe, report["result"], {name: json.loads((Path(folder) / "stage.json").read_text()) for name, folder in stage_folders(recipe, out).items()})
@@ -310,7 +312,7 @@ def write_card(recipe: Recipe, out: Path) -> None:
 
 
 def stage_folders(recipe: Recipe, out: Path) -> dict[str, str]:
-    return {"pretrain": recipe.pretrain.out, "teacher": recipe.teacher.out, "student": recipe.student.out,
+    return {"pretrain": recipe.pretrain.out, "teacher": recipe.teacher.out, "student": recipe.student.student.out,
             **{name: c.out for name, c in recipe.baselines.items()}, "calibrate": str(out / "calibrate"), "export": str(out / "export")}
 
 

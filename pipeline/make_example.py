@@ -5,7 +5,7 @@ attribution in edgetag/assets/NOTICE. Neither was trained on: the dog is from ES
 tags' validation fold) and the speaker is in the keywords' validation split (the first "yes"
 clip of that split, by name), so the quick start shows the bundled model on unseen audio.
 
-    python -m train.make_example [--data ../shared/data]
+    python -m pipeline.make_example [--data ../shared/data]
 """
 
 from pathlib import Path

@@ -1,0 +1,124 @@
+"""What a model needs to run besides its weights, in one typed object: `ModelSpec`.
+
+The encoder, the fbank recipe its inputs are computed with, its heads and their labels, the
+stream settings (a `window` of audio every `hop`, in seconds), calibrated thresholds and
+provenance. Seconds become frames here and nowhere else: once, when the spec is made, checked
+against the fbank's frame grid (a hop between two frames is an error, not a rounding).
+
+Checkpoints carry the spec in their header and exports in manifest.json, as the plain dict of
+`to_dict()`; `from_dict()` also reads format 1, whose thresholds were one dict for all heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from edgetag.features import FbankConfig
+from edgetag.model import EncoderConfig, HeadConfig
+
+FORMAT = "edgetag/2"
+FORMAT_1 = "edgetag/1"  # thresholds {label: value} for all heads together; "stream" optional
+
+
+class SpecError(ValueError):
+    """A spec that cannot describe a runnable model (a hop off the frame grid, an unknown format...)."""
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How the model listens: `window` seconds of audio per encoder pass, one pass every `hop`."""
+
+    window: float = field(default=1.0, metadata={"help": "Seconds of audio the model reads per encoder pass."})
+    hop: float = field(default=0.5, metadata={"help": "Seconds between passes (a whole number of fbank frames)."})
+
+    @classmethod
+    def spanning(cls, frames: int, fbank: FbankConfig, hop: float) -> StreamConfig:
+        """The window whose samples make exactly `frames` frames (a model with a fixed input length)."""
+        samples = (frames - 1) * fbank.frame_shift + fbank.frame_length
+        return cls(window=samples / fbank.sample_rate, hop=hop)
+
+
+def _whole(value: float, what: str) -> int:
+    n = round(value)
+    if abs(value - n) > 1e-6:
+        raise SpecError(f"{what} ({value:g} of them)")
+    return n
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    encoder: EncoderConfig
+    fbank: FbankConfig
+    heads: dict[str, HeadConfig] = field(default_factory=dict)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    thresholds: dict[str, dict[str, float]] = field(default_factory=dict)  # head -> label -> calibrated `on` threshold
+    calibration: dict = field(default_factory=dict)  # what the thresholds were measured on (train.calibrate)
+    provenance: dict = field(default_factory=dict)  # where the weights came from: stage, settings, validation, id
+    # derived from `stream` and `fbank` in __post_init__
+    window_frames: int = field(init=False, compare=False)
+    hop_frames: int = field(init=False, compare=False)
+
+    def __post_init__(self):
+        f = self.fbank
+        samples = _whole(self.stream.window * f.sample_rate, f"a window of {self.stream.window:g} s is not a whole number of samples at {f.sample_rate} Hz")
+        window_frames = f.num_frames(samples)
+        if window_frames < self.encoder.patch_time:
+            raise SpecError(f"a window of {self.stream.window:g} s makes {window_frames} frames, fewer than one token ({self.encoder.patch_time} frames)")
+        shift_ms = 1000 * f.frame_shift / f.sample_rate
+        hop_frames = _whole(self.stream.hop * f.sample_rate / f.frame_shift, f"a hop of {self.stream.hop:g} s is not a whole number of {shift_ms:g} ms frames")
+        if hop_frames < 1:
+            raise SpecError(f"a hop of {self.stream.hop:g} s is shorter than one {shift_ms:g} ms frame")
+        for head, per_label in self.thresholds.items():
+            unknown = set(per_label) - set(self.heads[head].labels if head in self.heads else ())
+            if unknown:
+                raise SpecError(f"thresholds for {head!r} name labels it does not have: {', '.join(sorted(unknown))}")
+        object.__setattr__(self, "window_frames", window_frames)
+        object.__setattr__(self, "hop_frames", hop_frames)
+
+    @property
+    def window_seconds(self) -> float:
+        """The audio a window's frames span (0.995 s for 1 s at 25 ms frames every 10 ms)."""
+        return ((self.window_frames - 1) * self.fbank.frame_shift + self.fbank.frame_length) / self.fbank.sample_rate
+
+    @property
+    def hop_seconds(self) -> float:
+        return self.hop_frames * self.fbank.frame_shift / self.fbank.sample_rate
+
+    @property
+    def model_id(self) -> str | None:
+        return self.provenance.get("id")
+
+    def with_stream(self, window: float | None = None, hop: float | None = None) -> ModelSpec:
+        """The same model listening with another window and/or hop (None keeps its own)."""
+        if window is None and hop is None:
+            return self
+        return replace(self, stream=StreamConfig(window or self.stream.window, hop or self.stream.hop))
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "encoder": self.encoder.to_dict(),
+            "fbank": self.fbank.to_dict(),
+            "heads": {name: h.to_dict() for name, h in self.heads.items()},
+            "stream": asdict(self.stream),
+            "thresholds": self.thresholds,
+            "calibration": self.calibration,
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        d = dict(d)
+        version = d.pop("format", None)
+        if version not in (FORMAT, FORMAT_1):
+            raise SpecError(f"unsupported format {version!r} (this edgetag reads {FORMAT} and {FORMAT_1})")
+        known = {f.name for f in fields(cls) if f.init}
+        if set(d) - known:
+            raise SpecError(f"unknown spec entries: {', '.join(sorted(set(d) - known))}")
+        heads = {name: HeadConfig(h["kind"], h["labels"]) for name, h in d.pop("heads", {}).items()}
+        thresholds = d.pop("thresholds", {})
+        if version == FORMAT_1:
+            thresholds = {name: {label: t for label, t in thresholds.items() if label in h.labels} for name, h in heads.items()}
+            thresholds = {name: t for name, t in thresholds.items() if t}
+        return cls(encoder=EncoderConfig.from_dict(d.pop("encoder")), fbank=FbankConfig.from_dict(d.pop("fbank")), heads=heads,
+                   stream=StreamConfig(**d.pop("stream", {})), thresholds=thresholds, **d)

@@ -1,0 +1,2 @@
+"""The floor above train/ and deploy/: the bundled model built end to end (`recipe`, pretrain ->
+finetune -> distill -> calibrate -> export -> evaluate -> card), its model card, its example clip."""
