@@ -2,8 +2,9 @@
 
 The encoder, the fbank recipe its inputs are computed with, its heads and their labels, the
 stream settings (a `window` of audio every `hop`, in seconds), calibrated thresholds and
-provenance. Seconds become frames here and nowhere else: once, when the spec is made, checked
-against the fbank's frame grid (a hop between two frames is an error, not a rounding).
+provenance. Seconds become frames here and nowhere else (`StreamConfig.frames`): once, when the
+spec is made, checked against the fbank's frame grid (a hop between two frames is an error, not
+a rounding).
 
 Checkpoints carry the spec in their header and exports in manifest.json, as the plain dict of
 `to_dict()`; `from_dict()` also reads format 1, whose thresholds were one dict for all heads.
@@ -31,11 +32,22 @@ class StreamConfig:
     window: float = field(default=1.0, metadata={"help": "Seconds of audio the model reads per encoder pass."})
     hop: float = field(default=0.5, metadata={"help": "Seconds between passes (a whole number of fbank frames)."})
 
+    def frames(self, fbank: FbankConfig) -> tuple[int, int]:
+        """(window, hop) in frames of this fbank: the one place seconds become frames. A window
+        must be whole samples and a hop whole frames; nothing is rounded."""
+        samples = _whole(self.window * fbank.sample_rate, f"a window of {self.window:g} s is not a whole number of samples at {fbank.sample_rate} Hz")
+        shift_ms = 1000 * fbank.frame_shift / fbank.sample_rate
+        hop = _whole(self.hop * fbank.sample_rate / fbank.frame_shift, f"a hop of {self.hop:g} s is not a whole number of {shift_ms:g} ms frames")
+        if hop < 1:
+            raise SpecError(f"a hop of {self.hop:g} s is shorter than one {shift_ms:g} ms frame")
+        return fbank.num_frames(samples), hop
+
     @classmethod
-    def spanning(cls, frames: int, fbank: FbankConfig, hop: float) -> StreamConfig:
-        """The window whose samples make exactly `frames` frames (a model with a fixed input length)."""
+    def spanning(cls, frames: int, fbank: FbankConfig) -> StreamConfig:
+        """The window whose samples make exactly `frames` frames (a model with a fixed input
+        length), at the default hop."""
         samples = (frames - 1) * fbank.frame_shift + fbank.frame_length
-        return cls(window=samples / fbank.sample_rate, hop=hop)
+        return cls(window=samples / fbank.sample_rate)
 
 
 def _whole(value: float, what: str) -> int:
@@ -59,15 +71,9 @@ class ModelSpec:
     hop_frames: int = field(init=False, compare=False)
 
     def __post_init__(self):
-        f = self.fbank
-        samples = _whole(self.stream.window * f.sample_rate, f"a window of {self.stream.window:g} s is not a whole number of samples at {f.sample_rate} Hz")
-        window_frames = f.num_frames(samples)
+        window_frames, hop_frames = self.stream.frames(self.fbank)
         if window_frames < self.encoder.patch_time:
             raise SpecError(f"a window of {self.stream.window:g} s makes {window_frames} frames, fewer than one token ({self.encoder.patch_time} frames)")
-        shift_ms = 1000 * f.frame_shift / f.sample_rate
-        hop_frames = _whole(self.stream.hop * f.sample_rate / f.frame_shift, f"a hop of {self.stream.hop:g} s is not a whole number of {shift_ms:g} ms frames")
-        if hop_frames < 1:
-            raise SpecError(f"a hop of {self.stream.hop:g} s is shorter than one {shift_ms:g} ms frame")
         for head, per_label in self.thresholds.items():
             unknown = set(per_label) - set(self.heads[head].labels if head in self.heads else ())
             if unknown:
@@ -92,7 +98,7 @@ class ModelSpec:
         """The same model listening with another window and/or hop (None keeps its own)."""
         if window is None and hop is None:
             return self
-        return replace(self, stream=StreamConfig(window or self.stream.window, hop or self.stream.hop))
+        return replace(self, stream=StreamConfig(self.stream.window if window is None else window, self.stream.hop if hop is None else hop))
 
     def to_dict(self) -> dict:
         return {

@@ -21,14 +21,14 @@ def test_keyword_thresholds_keep_false_alarms_under_the_target():
     assert yes["threshold"] > 0.8 and yes["false_alarms_per_hour"] <= 1.0 and yes["recall"] == 1.0
     # the lowest grid point within the target: one step down is over it (bisection found the edge)
     below = float(GRID[list(GRID).index(yes["threshold"]) - 1])
-    assert len(replay(spec, post, "keywords", {"yes": below}, negatives[0])) > 1
+    assert len(replay(spec, post, "keywords", {"yes": below}, negatives)[0]) > 1
 
 
 def test_refractory_period_counts_as_the_engine_counts():
     spec = make_spec(heads={"keywords": ["yes", "_unknown_"]}, stream=(1.0, 0.25))
     p = np.array([0.9, 0.9, 0.1, 0.9, 0.1, 0.1, 0.9])
     stream = {"keywords": np.stack([p, 1 - p], 1)}
-    spots = lambda refractory, t: len(replay(spec, PostConfig(refractory=refractory), "keywords", {"yes": t}, stream))  # noqa: E731
+    spots = lambda refractory, t: len(replay(spec, PostConfig(refractory=refractory), "keywords", {"yes": t}, [stream])[0])  # noqa: E731
     assert spots(0.25, 0.5) == 4 and spots(0.75, 0.5) == 3 and spots(0.25, 0.95) == 0
 
 

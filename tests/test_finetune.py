@@ -179,3 +179,38 @@ def test_teacher_fits_the_students_windows_to_its_own(tmp_path):
     teacher = TeacherTargets(DistillConfig(teacher=str(save(tmp_path / "t.safetensors", model))))
     assert teacher.backend.spec.window_frames == 98
     assert teacher.window_probabilities("tags", torch.randn(3, 50, 128)).shape == (3, 1)
+
+
+def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
+    """train.finetune's options are FinetuneConfig's fields, nested StreamConfig and AugmentConfig
+    flattened; what the command line says lands in the config the checkpoint records."""
+    import inspect
+    from dataclasses import fields, is_dataclass
+
+    from train import distill as distill_module
+    from train import finetune as finetune_module
+
+    def leaves(config) -> list[str]:
+        return [n for f in fields(config) for n in (leaves(getattr(config, f.name)) if is_dataclass(getattr(config, f.name)) else [f.name])]
+
+    assert list(inspect.signature(finetune_module.main).parameters) == leaves(FinetuneConfig()) == [
+        *"train val out init size tokens preset mode adapter_dim".split(), "window", "hop", *"loudness val_percent noise epochs batch_size lr weight_decay warmup_epochs".split(),
+        *"mixup mixup_alpha noise_prob snr_db gain_db shift freq_mask time_mask".split(), "seed"]
+    assert list(inspect.signature(distill_module.main).parameters) == ["teacher", "temperature", "alpha", "cache", *leaves(FinetuneConfig())]
+    run = subprocess.run([sys.executable, "-m", "train.finetune", "--train", str(dataset), "--out", str(tmp_path), "--size", "nano", "--epochs", "1",
+                          "--window", "0.5", "--hop", "0.25", "--mixup", "0", "--snr-db", "3", "9", "--val-percent", "25"], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    config = load_model(tmp_path / "best.safetensors").spec.provenance["config"]
+    assert config["stream"] == {"window": 0.5, "hop": 0.25} and config["augment"]["mixup"] == 0 and config["augment"]["snr_db"] == [3, 9]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.finetune", "--train", "/no/such/data"], "train.finetune: error: /no/such/data: no such file or folder"),
+    (["train.finetune", "--train", "esc50:DATA,fold=4"], "train.finetune: error: esc50:DATA,fold=4: the esc50 reader takes no option fold"),
+    (["train.finetune", "--train", "DATA", "--hop", "0.125"], "train.finetune: error: a hop of 0.125 s is not a whole number of 10 ms frames"),
+    (["train.distill", "--teacher", "/no/such.safetensors", "--train", "DATA"], "train.distill: error: /no/such.safetensors: no such file or folder"),
+])
+def test_training_commands_refuse_bad_input_in_one_line(args, message, dataset, tmp_path):
+    args, message = [a.replace("DATA", str(dataset)) for a in args], message.replace("DATA", str(dataset))
+    run = subprocess.run([sys.executable, "-m", *args, "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith(message) and "Traceback" not in run.stderr

@@ -149,7 +149,7 @@ def test_window_and_hop_become_frames_once_and_off_grid_hops_are_refused():
         spec.with_stream(window=1.00001)
     with pytest.raises(SpecError, match="name labels it does not have: Cat"):
         make_spec(heads={"tags": ["Dog"]}, thresholds={"tags": {"Cat": 0.5}})
-    frames = StreamConfig.spanning(1024, spec.fbank, 0.5)  # a model with a fixed input length
+    frames = StreamConfig.spanning(1024, spec.fbank)  # a model with a fixed input length
     assert make_spec(stream=(frames.window, frames.hop)).window_frames == 1024
 
 

@@ -59,11 +59,11 @@ def hop_probabilities(engine: Engine, examples: list[Example], description: str)
     return kept, streams, seconds
 
 
-def replay(spec: ModelSpec, post: PostConfig, head: str, thresholds: dict[str, float], stream: Stream) -> list[Event]:
-    """The events one head makes on one stream at these thresholds (labels left out: never)."""
+def replay(spec: ModelSpec, post: PostConfig, head: str, thresholds: dict[str, float], streams: list[Stream]) -> list[list[Event]]:
+    """Per stream, the events one head makes at these thresholds (labels left out: never)."""
     never = dict.fromkeys(spec.heads[head].labels, math.inf)
-    alone = replace(spec, heads={head: spec.heads[head]}, thresholds={})
-    return PostProcessor(alone, post, {head: never | thresholds}).replay({head: stream[head]})
+    processor = PostProcessor(replace(spec, heads={head: spec.heads[head]}, thresholds={}), post, {head: never | thresholds})
+    return [processor.replay({head: s[head]}) for s in streams]
 
 
 def calibrate_keywords(spec: ModelSpec, post: PostConfig, head: str, negatives: list[Stream], hours: float,
@@ -72,7 +72,7 @@ def calibrate_keywords(spec: ModelSpec, post: PostConfig, head: str, negatives: 
     for label in spec.heads[head].labels:
         if label in NOT_SPOTTED:
             continue
-        alarms = lambda t: sum(len(replay(spec, post, head, {label: float(t)}, s)) for s in negatives)  # noqa: E731
+        alarms = lambda t: sum(map(len, replay(spec, post, head, {label: float(t)}, negatives)))  # noqa: E731
         lo, hi = 0, len(GRID) - 1  # the lowest grid point within the target, else the top
         while lo < hi:
             mid = (lo + hi) // 2
@@ -80,7 +80,7 @@ def calibrate_keywords(spec: ModelSpec, post: PostConfig, head: str, negatives: 
         chosen = float(GRID[lo])
         count = alarms(chosen)
         pos = positives.get(label, [])
-        hits = sum(any(e.label == label for e in replay(spec, post, head, {label: chosen}, s)) for s in pos)
+        hits = sum(bool(events) for events in replay(spec, post, head, {label: chosen}, pos))
         result["classes"][label] = {"threshold": chosen, "false_alarms": count, "false_alarms_per_hour": count / hours,
                                     "recall": hits / len(pos) if pos else None, "positives": len(pos)}
     return result
@@ -90,8 +90,8 @@ def calibrate_tags(spec: ModelSpec, post: PostConfig, head: str, streams: list[S
     labels = spec.heads[head].labels
     detected = np.zeros((len(GRID), len(streams), len(labels)), dtype=bool)  # [thresholds, clips, classes]
     for i, t in enumerate(GRID):
-        for j, s in enumerate(streams):
-            detected[i, j, [labels.index(e.label) for e in replay(spec, post, head, dict.fromkeys(labels, float(t)), s)]] = True
+        for j, events in enumerate(replay(spec, post, head, dict.fromkeys(labels, float(t)), streams)):
+            detected[i, j, [labels.index(e.label) for e in events]] = True
     out = {}
     for c, label in enumerate(labels):
         if not truth[:, c].any():

@@ -28,7 +28,6 @@ from edgetag.model import KEYWORDS, TAGS, AudioTransformer, EncoderConfig, HeadC
 from edgetag.spec import ModelSpec, StreamConfig
 
 SOURCES = ("hf-ast", "ssast", "mae-ast")
-HOP = 0.5  # seconds between windows of an imported model; `edgetag file --hop` changes it
 
 
 class ConvertError(Exception):
@@ -148,7 +147,7 @@ def from_hf_ast(folder: Path, kind: str = TAGS) -> tuple[ModelSpec, dict]:
         pre = json.loads(preprocessor.read_text())
         fbank = replace(fbank, norm_mean=pre.get("mean", fbank.norm_mean), norm_std=pre.get("std", fbank.norm_std))
     # learned positions fix the input length: the window is that many frames
-    return ModelSpec(encoder, fbank, heads, StreamConfig.spanning(frames, fbank, HOP)), weights
+    return ModelSpec(encoder, fbank, heads, StreamConfig.spanning(frames, fbank)), weights
 
 
 def from_ssast(path: Path, kind: str = TAGS, labels: list[str] | None = None) -> tuple[ModelSpec, dict]:
@@ -189,7 +188,7 @@ def from_ssast(path: Path, kind: str = TAGS, labels: list[str] | None = None) ->
     # pretraining-only parts: input size records, mask embedding, prediction heads, timm's ImageNet heads
     _check_consumed(state, used, ignore=r"p_input_[ft]dim|mask_embed|[cg]predlayer\..*|v\.head(_dist)?\..*")
     fbank = preset("ast")
-    return ModelSpec(encoder, fbank, heads, StreamConfig.spanning(t * tshape, fbank, HOP)), weights
+    return ModelSpec(encoder, fbank, heads, StreamConfig.spanning(t * tshape, fbank)), weights
 
 
 def from_mae_ast(path: Path, tokens: str = "", heads_hint: int = 0) -> tuple[ModelSpec, dict]:

@@ -243,6 +243,7 @@ def setup(c: FinetuneConfig, learn: HardLabels, device: str) -> Run:
     the fbank from the strategy, else --init, else --preset."""
     torch.manual_seed(c.seed)
     fbank = learn.fbank or (checkpoint.read_spec(c.init).fbank if c.init else preset(c.preset))
+    c.stream.frames(fbank)  # a window or hop off the frame grid fails here, before the data is read
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         tasks = build_tasks(c, fbank, learn.labels)

@@ -21,6 +21,7 @@ from dataclasses import field, fields, is_dataclass
 import typer
 
 from edgetag.checkpoint import CheckpointError
+from edgetag.runtime import BackendError
 
 
 def setting(default, help: str, required: bool = False):
@@ -58,7 +59,7 @@ def _build(cls, defaults, values: dict):
                   else values[f.name] for f in fields(cls)})
 
 
-def command(cls, run: Callable, defaults=None, errors: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, CheckpointError),
+def command(cls, run: Callable, defaults=None, errors: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, CheckpointError, BackendError),
             **extra: tuple[type, object]) -> Callable:
     """A function for `typer.run` whose options are `cls`'s fields (defaults from `defaults`, an
     instance, else the class's) and then `extra` ones (name=(type, typer.Option(...)), passed to
