@@ -73,6 +73,21 @@ def test_quick_start_spots_yes(quick_start):
     assert keywords[0]["start"] <= YES[0] and keywords[0]["end"] >= YES[0]  # a window over the word
 
 
+def test_tag_file_is_what_edgetag_file_prints(quick_start):
+    """The Python API and the command run one engine: the same events, and a stream pushed by
+    hand in 0.1 s blocks gives them too."""
+    import edgetag
+    from edgetag import audio
+
+    strip = lambda rows: [{k: r[k] for k in ("kind", "label", "start", "end", "score")} for r in rows]  # noqa: E731
+    assert strip(e.to_dict() for e in edgetag.tag_file(EXAMPLE)) == strip(quick_start)
+    stream = edgetag.open_stream()
+    x = audio.load(EXAMPLE, stream.spec.fbank.sample_rate)
+    hops = [hop for i in range(0, len(x), 1600) for hop in stream.push(x[i : i + 1600])]
+    tail, closing = stream.flush()
+    assert strip(e.to_dict() for hop in hops + tail for e in hop.events) + strip(e.to_dict() for e in closing) == strip(quick_start)
+
+
 def edgetag_model_id() -> str:
     import edgetag
 

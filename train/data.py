@@ -288,6 +288,10 @@ class Source:
         split, percent, label = options.pop("split", None), options.pop("percent", "10"), options.pop("label", None)
         if split not in (None, "train", "val"):
             raise ValueError(f"{text}: split must be train or val, not {split!r}")
+        try:
+            percent = float(percent)
+        except ValueError:
+            raise ValueError(f"{text}: percent must be a number, not {percent!r}") from None
         groups = options.pop("groups", None)
         if groups is not None:
             try:
@@ -302,7 +306,7 @@ class Source:
         if set(options) - set(accepted):
             raise ValueError(f"{text}: the {reader} reader takes no option {', '.join(sorted(set(options) - set(accepted)))} "
                              f"(it takes: {', '.join(accepted + ['split', 'percent', 'groups', 'label'])})")
-        return cls(Path(path), reader, head or READERS[reader].head, tuple(sorted(options.items())), split, float(percent), groups, label)
+        return cls(Path(path), reader, head or READERS[reader].head, tuple(sorted(options.items())), split, percent, groups, label)
 
     def read(self) -> list[Example]:
         path = self.path / "manifest.csv" if self.path.is_dir() and self.reader == "manifest" else self.path
