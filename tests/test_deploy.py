@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, make_model
 from edgetag.checkpoint import save
 from edgetag.runtime import BackendError, TorchBackend, l4t_release, load_backend, mismatch, resolve
-from edgetag.stream import Engine, process_file
+from edgetag.stream import Engine, PostConfig, process_file
 
 pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'edgetag[deploy]')")
 pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
@@ -61,20 +61,23 @@ def test_export_writes_checked_files(exported):
 
 def test_onnx_backend_matches_torch_through_the_engine(exported):
     ckpt, out, _ = exported
-    torch_run = process_file(Engine(TorchBackend.load(ckpt)), EXAMPLE)
-    onnx_run = process_file(Engine(load_backend(out / "model.onnx")), EXAMPLE)
+    # thresholds an untrained model reaches: events to compare, not [] == []
+    post = PostConfig(tag_on=0.3, tag_off=0.25, keyword_on=0.0, refractory=0.5)
+    torch_run = process_file(Engine(TorchBackend.load(ckpt), post), EXAMPLE)
+    onnx_run = process_file(Engine(load_backend(out / "model.onnx"), post), EXAMPLE)
     assert len(torch_run.hops) == len(onnx_run.hops) == 25
     for a, b in zip(torch_run.hops, onnx_run.hops):
         for head in a.probabilities:
             np.testing.assert_allclose(a.probabilities[head], b.probabilities[head], atol=1e-4)
+    events = [(e.kind, e.label, e.start, e.end) for e in torch_run.events]
+    assert {kind for kind, *_ in events} == {"tag", "keyword"} and [(e.kind, e.label, e.start, e.end) for e in onnx_run.events] == events
     int8 = process_file(Engine(load_backend(out)), EXAMPLE)  # a folder: the int8 model
     assert load_backend(out).path.name == "model.int8.onnx"
     diff = max(np.abs(a.probabilities[h] - b.probabilities[h]).max() for a, b in zip(torch_run.hops, int8.hops) for h in a.probabilities)
-    # Measured 0.004, alike on AVX-512 VNNI and on an AVX2-only CPU (Zen 3, emulated with
-    # qemu-x86_64 -cpu EPYC-Milan); 8-bit weights gave 0.052 there (int16 saturation, see
-    # test_dynamic_int8_is_exact_integer_arithmetic).
+    # Measured 0.0027-0.0048 over seeds 0-5, the same on AVX-512 VNNI and on an AVX2-only CPU
+    # (Zen 3, emulated with qemu-x86_64 -cpu EPYC-Milan). 8-bit weights gave 0.036-0.072 on the
+    # AVX2 CPU (int16 saturation, see test_dynamic_int8_is_exact_integer_arithmetic).
     assert diff < 0.02
-    assert [(e.kind, e.label, e.start, e.end) for e in onnx_run.events] == [(e.kind, e.label, e.start, e.end) for e in torch_run.events]
 
 
 def dynamic_quantize_linear(x: np.ndarray) -> tuple[np.ndarray, float, np.float32]:
