@@ -209,6 +209,8 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
     (["train.finetune", "--train", "esc50:DATA,fold=4"], "train.finetune: error: esc50:DATA,fold=4: the esc50 reader takes no option fold"),
     (["train.finetune", "--train", "DATA", "--hop", "0.125"], "train.finetune: error: a hop of 0.125 s is not a whole number of 10 ms frames"),
     (["train.distill", "--teacher", "/no/such.safetensors", "--train", "DATA"], "train.distill: error: /no/such.safetensors: no such file or folder"),
+    (["train.finetune", "--train", "DATA", "--mode", "half"], "train.finetune: error: mode must be one of full, linear, adapter, not 'half'"),
+    (["train.pretrain", "--data", "DATA", "--method", "byol"], "train.pretrain: error: method must be one of mae-ast, ssast, not 'byol'"),
 ])
 def test_training_commands_refuse_bad_input_in_one_line(args, message, dataset, tmp_path):
     args, message = [a.replace("DATA", str(dataset)) for a in args], message.replace("DATA", str(dataset))

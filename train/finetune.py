@@ -31,14 +31,14 @@ import torch.nn.functional as F
 import typer
 
 from edgetag import checkpoint
-from edgetag.features import FbankConfig, normalize, preset, windows
-from edgetag.model import SIZES, TAGS, AudioTransformer, EncoderConfig, HeadConfig, num_parameters
+from edgetag.features import PRESETS, FbankConfig, normalize, preset, windows
+from edgetag.model import SIZES, TAGS, TOKENS, AudioTransformer, EncoderConfig, HeadConfig, num_parameters
 from edgetag.runtime import TorchBackend
 from edgetag.spec import ModelSpec, StreamConfig
 from train.augment import AugmentConfig, augment, spec_augment
 from train.data import Example, Source, find_audio, labels_of, load_features, split_examples
 from train.evaluate import clip_scores, primary, report, targets
-from train.options import command, setting
+from train.options import choose, command, setting
 
 MODES = ("full", "linear", "adapter")
 
@@ -65,6 +65,10 @@ class FinetuneConfig:
     warmup_epochs: float = setting(1.0, "Epochs of linear warm-up.")
     augment: AugmentConfig = setting(AugmentConfig(), "Augmentation of the log-mel batches.")
     seed: int = setting(0, "Seed of the splits' crops, the augmentation and the initial weights.")
+
+    def __post_init__(self):
+        for name, allowed in (("size", SIZES), ("tokens", TOKENS), ("preset", PRESETS), ("mode", MODES)):
+            choose(name, getattr(self, name), allowed)
 
 
 @dataclass
@@ -204,8 +208,7 @@ def build_model(c: FinetuneConfig, heads: dict[str, HeadConfig], fbank: FbankCon
 
 
 def set_trainable(model: AudioTransformer, mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    choose("mode", mode, MODES)
     for name, p in model.named_parameters():
         p.requires_grad = mode == "full" or name.startswith("heads.") or (mode == "adapter" and ".adapter." in name)
 

@@ -33,6 +33,13 @@ def setting(default, help: str, required: bool = False):
     return field(default=default, metadata=metadata)
 
 
+def choose(name: str, value, allowed) -> None:
+    """Refuse a setting outside its choices, naming the setting (configs call it on construction,
+    so a command fails before it reads any data)."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+
+
 def _options(cls, defaults) -> list[inspect.Parameter]:
     """The command-line parameter of every leaf field, nested configs flattened."""
     hints = typing.get_type_hints(cls)

@@ -22,11 +22,13 @@ import torch
 import typer
 
 from edgetag import checkpoint
-from edgetag.features import preset
-from edgetag.model import SIZES, AudioTransformer, EncoderConfig
+from edgetag.features import PRESETS, preset
+from edgetag.model import SIZES, TOKENS, AudioTransformer, EncoderConfig
 from edgetag.spec import ModelSpec
 from train.data import CropDataset, collate, find_audio
-from train.options import command, setting
+from train.objectives.mae import MASKINGS, MAEAST
+from train.objectives.ssast import SSAST
+from train.options import choose, command, setting
 
 
 METHODS = ("mae-ast", "ssast")
@@ -54,18 +56,16 @@ class PretrainConfig:
     seed: int = setting(0, "Seed of the crops, masks and initial weights.")
     compile: bool = setting(False, "torch.compile the model.")
 
+    def __post_init__(self):
+        for name, allowed in (("method", METHODS), ("size", SIZES), ("tokens", TOKENS), ("masking", MASKINGS), ("preset", PRESETS)):
+            choose(name, getattr(self, name), allowed)
+
 
 def build_model(c: PretrainConfig) -> torch.nn.Module:
     encoder = EncoderConfig.named(c.size, tokens=c.tokens)
-    if c.method == "mae-ast":
-        from train.objectives.mae import MAEAST
-
-        return MAEAST(encoder, decoder_depth=c.decoder_depth, masking=c.masking, mask_ratio=c.mask_ratio)
     if c.method == "ssast":
-        from train.objectives.ssast import SSAST
-
         return SSAST(encoder, mask_ratio=c.mask_ratio)
-    raise ValueError(f"method must be one of {', '.join(METHODS)}, not {c.method!r}")
+    return MAEAST(encoder, decoder_depth=c.decoder_depth, masking=c.masking, mask_ratio=c.mask_ratio)
 
 
 def lr_at(step: int, c: PretrainConfig) -> float:
