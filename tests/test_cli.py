@@ -76,3 +76,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, setup, reason):
 def test_unwritable_output_is_a_user_error(tmp_path):
     result = edgetag("fbank", EXAMPLE, "-o", tmp_path / "no" / "such" / "dir" / "f.npy")
     assert result.returncode == 2 and "cannot write" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("option, reason", [
+    (["--hop", "0.125"], "a hop of 0.125 s is not a whole number of 10 ms frames (12.5 of them)"),
+    (["--hop", "0"], "a hop of 0 s is shorter than one 10 ms frame"),
+    (["--window", "0.05"], "a window of 0.05 s makes 3 frames, fewer than one token (16 frames)"),
+    (["--window", "2", "--backend", "onnx"], "the onnx model takes 1 s windows only (its input length is fixed)"),
+])
+def test_a_window_or_hop_the_model_cannot_take_is_one_line_and_exit_2(option, reason):
+    """Never rounded to the nearest frame, never the model's own instead."""
+    if "onnx" in option:
+        pytest.importorskip("onnxruntime", reason="the bundled ONNX export needs onnxruntime (pip install 'edgetag[deploy]')")
+    result = edgetag("file", EXAMPLE, *option)
+    assert result.returncode == 2 and result.stderr.strip() == f"edgetag: error: {reason}"
