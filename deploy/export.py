@@ -184,7 +184,8 @@ def export(ckpt, out: Path, calibration: list[str], calibration_windows_count: i
     spec, heads = model.spec, list(model.spec.heads)
     if not heads:
         raise ExportError(f"{ckpt}: the checkpoint has no heads (an encoder alone); fine-tune it first")
-    torch_outputs = lambda x: list(TorchBackend(model).forward(torch.from_numpy(x)).values())  # noqa: E731  head order
+    backend = TorchBackend(model)
+    torch_outputs = lambda x: list(backend.forward(torch.from_numpy(x)).values())  # noqa: E731  in head order
 
     export_onnx(model, spec.window_frames, out / FILES["fp32"])
     calib = calibration_windows(calibration, spec, calibration_windows_count)

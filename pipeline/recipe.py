@@ -177,20 +177,18 @@ def pretrain_stage(c: PretrainConfig) -> dict:
     return {"steps": len(rows), "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"], "train_seconds": rows[-1].get("seconds")}
 
 
-def summary(results: dict[str, dict]) -> dict:
-    return {head: {k: r[k] for k in ("n", "accuracy", "macro_f1", "mAP") if k in r} for head, r in results.items()}
-
-
 def finetune_stage(c: FinetuneConfig) -> dict:
+    from train.evaluate import headline
     from train.finetune import finetune
 
-    return summary(finetune(c))
+    return headline(finetune(c))
 
 
 def distill_stage(c: DistillConfig) -> dict:
     from train.distill import distill
+    from train.evaluate import headline
 
-    return summary(distill(c))
+    return headline(distill(c))
 
 
 def calibrate_stage(recipe: Recipe, ckpt: Path, out: Path) -> dict:
@@ -222,7 +220,7 @@ def evaluate_stage(recipe: Recipe, models: dict[str, str], folder: Path) -> dict
     from edgetag.runtime import load_backend
     from pipeline.model_card import plot_results
     from train.data import Source
-    from train.evaluate import evaluate, plot_confusion, spotting
+    from train.evaluate import FIGURES, evaluate, plot_confusion, spotting
 
     e = recipe.evaluation
     tasks = {name: spec for name, spec in e.items() if isinstance(spec, dict) and "data" in spec}
@@ -239,7 +237,7 @@ def evaluate_stage(recipe: Recipe, models: dict[str, str], folder: Path) -> dict
                 kind = backend.spec.heads[spec["head"]].kind
                 classes = sorted({label for x in Source.parse(spec["classes_from"], kind).read() for label in x.labels}) if "classes_from" in spec else None
                 r = evaluate(backend, Source.parse(spec["data"], kind).read(), spec["head"], classes)
-                entry[task] = {k: r[k] for k in ("n", "accuracy", "macro_f1", "mAP")} | {"classes": len(r["labels"])}
+                entry[task] = {k: r[k] for k in FIGURES} | {"classes": len(r["labels"])}
                 if name == SHIPPED[0]:
                     plot_confusion(r["confusion"], r["labels"], folder / f"confusion_{task}.png", f"{recipe.model_id}: {task}")
         positives = Source.parse(tasks["keywords"]["data"], KEYWORDS).read()

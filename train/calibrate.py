@@ -32,7 +32,7 @@ from edgetag import checkpoint
 from edgetag.model import KEYWORDS, NOT_SPOTTED, TAGS
 from edgetag.runtime import TorchBackend
 from edgetag.spec import ModelSpec
-from edgetag.stream import Engine, Event, PostConfig, PostProcessor
+from edgetag.stream import Engine, Event, PostConfig, PostProcessor, process_file
 from train.data import Example, Source
 
 GRID = np.round(np.arange(0.30, 1.0, 0.01), 2)
@@ -45,7 +45,6 @@ def hop_probabilities(engine: Engine, examples: list[Example], description: str)
     from rich.progress import track
 
     from edgetag import audio
-    from edgetag.stream import process_file
 
     kept, streams, seconds = [], [], 0.0
     for e in track(examples, description=description, transient=True):

@@ -31,6 +31,14 @@ from train import metrics
 from train.data import Example, Source, load_features
 
 
+FIGURES = ("n", "accuracy", "macro_f1", "mAP")  # a report's headline figures (accuracy and macro-F1: single-label data)
+
+
+def headline(results: dict[str, dict]) -> dict[str, dict]:
+    """Each head's headline figures, without the per-class tables."""
+    return {head: {k: r[k] for k in FIGURES if k in r} for head, r in results.items()}
+
+
 def targets(examples: list[Example], labels: list[str]) -> torch.Tensor:
     """Multi-hot [N, C]; labels outside the head are ignored (the caller filters such clips)."""
     index = {label: i for i, label in enumerate(labels)}

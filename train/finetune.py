@@ -37,7 +37,7 @@ from edgetag.runtime import TorchBackend
 from edgetag.spec import ModelSpec, StreamConfig
 from train.augment import AugmentConfig, augment, spec_augment
 from train.data import Example, Source, find_audio, labels_of, load_features, split_examples
-from train.evaluate import clip_scores, primary, report, targets
+from train.evaluate import FIGURES, clip_scores, headline, primary, report, targets
 from train.options import choose, command, setting
 
 MODES = ("full", "linear", "adapter")
@@ -291,13 +291,9 @@ def validate(model: AudioTransformer, tasks: list[Task]) -> dict[str, dict]:
     return results
 
 
-FIGURES = ("n", "accuracy", "macro_f1", "mAP")
-
-
 def save_best(run: Run, c: FinetuneConfig, learn: HardLabels, epoch: int, results: dict[str, dict]) -> None:
     """best.safetensors, its provenance: the stage, the epoch, the settings, what it scored."""
-    validation = {h: {k: r[k] for k in FIGURES if k in r} for h, r in results.items()}
-    run.model.spec = replace(run.spec, provenance={"stage": learn.stage, "epoch": epoch, "config": asdict(c), "validation": validation,
+    run.model.spec = replace(run.spec, provenance={"stage": learn.stage, "epoch": epoch, "config": asdict(c), "validation": headline(results),
                                                    "init": run.spec.provenance["init"], **learn.provenance()})
     checkpoint.save(Path(c.out) / "best.safetensors", run.model)
 

@@ -62,8 +62,11 @@ def _options(cls, defaults) -> list[inspect.Parameter]:
 
 def _build(cls, defaults, values: dict):
     """The config from the flat option values, nested configs rebuilt in place."""
-    return cls(**{f.name: _build(type(getattr(defaults, f.name)), getattr(defaults, f.name), values) if is_dataclass(getattr(defaults, f.name))
-                  else values[f.name] for f in fields(cls)})
+    kwargs = {}
+    for f in fields(cls):
+        nested = getattr(defaults, f.name)
+        kwargs[f.name] = _build(type(nested), nested, values) if is_dataclass(nested) else values[f.name]
+    return cls(**kwargs)
 
 
 def command(cls, run: Callable, defaults=None, errors: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, CheckpointError, BackendError),
