@@ -30,7 +30,8 @@ def open_stream(model=None, backend: str = "auto", window: float | None = None, 
     """A streaming `Engine` for `model` (a checkpoint, an export folder or .onnx file, a TensorRT
     .plan; None: the bundled model): `push(samples)` audio at the model's sample rate in blocks of
     any size, get the hops it completed with their events; `flush()` at the end. `post` are the
-    `PostConfig` fields (tag_on, tag_off, keyword_on, smoothing, min_duration, refractory)."""
+    `PostConfig` fields (tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, fold,
+    classes)."""
     from edgetag.runtime import load_backend
     from edgetag.stream import Engine, PostConfig
 

@@ -98,17 +98,19 @@ KEYWORD_ON = typer.Option(0.7, help="A keyword is spotted at this probability.")
 SMOOTHING = typer.Option(0.0, help="Average probabilities over this many seconds of hops.")
 MIN_DURATION = typer.Option(0.0, help="Drop tag events shorter than this (seconds).")
 REFRACTORY = typer.Option(1.0, help="Seconds after a keyword spot before the next.")
+ALL_TAGS = typer.Option(False, "--all-tags", help="Also report a tag while a more specific one is on (Animal beside Dog); default: folded into it.")
+CLASSES = typer.Option(None, "--classes", help="Report only this class (repeatable; an exact label, e.g. --classes Dog --classes yes).")
 JSON = typer.Option(False, "--json", help="JSON lines, one event per line.")
 
 
-def _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory):
+def _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes):
     from edgetag import open_stream
     from edgetag.checkpoint import CheckpointError
     from edgetag.runtime import BackendError
 
     try:
         return open_stream(model, backend.value, window, hop, threads, tag_on=tag_on, tag_off=tag_off, keyword_on=keyword_on,
-                           smoothing=smoothing, min_duration=min_duration, refractory=refractory)
+                           smoothing=smoothing, min_duration=min_duration, refractory=refractory, fold=not all_tags, classes=tuple(classes or ()))
     except (CheckpointError, BackendError, ValueError) as e:
         fail(str(e))
 
@@ -126,6 +128,8 @@ def file_(
     smoothing: float = SMOOTHING,
     min_duration: float = MIN_DURATION,
     refractory: float = REFRACTORY,
+    all_tags: bool = ALL_TAGS,
+    classes: list[str] = CLASSES,
     json_out: bool = JSON,
     csv_out: bool = typer.Option(False, "--csv", help="CSV with a header row."),
     plot: Path = typer.Option(None, help="PNG: spectrogram and probability timelines with the events (one per file: NAME_<file>.png when several)."),
@@ -139,7 +143,7 @@ def file_(
     from edgetag.stream import process_file
 
     torch.set_num_threads(threads)
-    engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory)
+    engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes)
     files, errors = audio.expand(paths)
     for error in errors:
         print(f"edgetag: error: {error}", file=sys.stderr)
@@ -186,6 +190,8 @@ def listen(
     smoothing: float = SMOOTHING,
     min_duration: float = MIN_DURATION,
     refractory: float = REFRACTORY,
+    all_tags: bool = ALL_TAGS,
+    classes: list[str] = CLASSES,
     json_out: bool = JSON,
     block: float = typer.Option(0.1, help="Seconds of audio per block read from the device."),
     threads: int = typer.Option(1, help="Inference threads (torch, ONNX Runtime)."),
@@ -198,7 +204,7 @@ def listen(
     from edgetag import audio, live, output
 
     torch.set_num_threads(threads)
-    engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory)
+    engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes)
     rate = engine.spec.fbank.sample_rate
     with contextlib.ExitStack() as stack:
         if input_file is not None:

@@ -10,7 +10,7 @@ Heads read the mean of the token outputs, or of the cls tokens of an imported AS
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -294,11 +294,32 @@ NOT_SPOTTED = (UNKNOWN, SILENCE)
 class HeadConfig:
     kind: str
     labels: tuple[str, ...]
+    # A class's broader classes in this head (AudioSet ontology: "Dog" -> "Domestic animals,
+    # pets" -> "Animal"), so output can fold an ancestor into the specific class firing with it.
+    parents: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
 
     def __post_init__(self):
         if self.kind not in HEAD_KINDS:
             raise ValueError(f"head kind must be one of {', '.join(HEAD_KINDS)}, not {self.kind!r}")
         object.__setattr__(self, "labels", tuple(self.labels))
+        object.__setattr__(self, "parents", {child: tuple(ps) for child, ps in self.parents.items()})
+        unknown = (set(self.parents) | {p for ps in self.parents.values() for p in ps}) - set(self.labels)
+        if unknown:
+            raise ValueError(f"head {self.kind}: parents name classes it does not have: {', '.join(sorted(unknown)[:5])}")
+
+    def ancestors(self) -> list[set[int]]:
+        """Per class, the indices of every broader class (parents of parents, ...)."""
+        index = {label: i for i, label in enumerate(self.labels)}
+        out: list[set[int]] = []
+        for label in self.labels:
+            seen, todo = set(), list(self.parents.get(label, ()))
+            while todo:
+                parent = todo.pop()
+                if index[parent] not in seen:
+                    seen.add(index[parent])
+                    todo.extend(self.parents.get(parent, ()))
+            out.append(seen)
+        return out
 
     @property
     def spotted(self) -> tuple[bool, ...]:
@@ -306,7 +327,7 @@ class HeadConfig:
         return tuple(self.kind == TAGS or label not in NOT_SPOTTED for label in self.labels)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "labels": list(self.labels)}
+        return {"kind": self.kind, "labels": list(self.labels), **({"parents": {c: list(ps) for c, ps in self.parents.items()}} if self.parents else {})}
 
 
 class Head(nn.Module):

@@ -121,7 +121,7 @@ class ModelSpec:
         known = {f.name for f in fields(cls) if f.init}
         if set(d) - known:
             raise SpecError(f"unknown spec entries: {', '.join(sorted(set(d) - known))}")
-        heads = {name: HeadConfig(h["kind"], h["labels"]) for name, h in d.pop("heads", {}).items()}
+        heads = {name: HeadConfig(h["kind"], h["labels"], h.get("parents", {})) for name, h in d.pop("heads", {}).items()}
         thresholds = d.pop("thresholds", {})
         if version == FORMAT_1:
             thresholds = {name: {label: t for label, t in thresholds.items() if label in h.labels} for name, h in heads.items()}

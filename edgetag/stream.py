@@ -36,6 +36,8 @@ class PostConfig:
     smoothing: float = 0.0  # mean over the hops of this many seconds (causal); 0: none
     min_duration: float = 0.0  # shorter tag events are dropped
     refractory: float = 1.0  # after a keyword spot, no other spot for this long
+    fold: bool = True  # drop a tag event while a more specific one (its head's `parents`) is on throughout
+    classes: tuple[str, ...] = ()  # only these labels become events; empty: all
 
 
 @dataclass
@@ -76,16 +78,23 @@ class PostProcessor:
         self.on = {name: np.array([thresholds.get(name, {}).get(label, post.tag_on if h.kind == TAGS else post.keyword_on) for label in h.labels])
                    for name, h in self.heads.items()}
         self.off = {name: np.minimum(on, post.tag_off) for name, on in self.on.items()}
-        self.spotted = {name: np.array(h.spotted) for name, h in self.heads.items()}
+        unknown = set(post.classes) - {label for h in self.heads.values() for label in h.labels}
+        if unknown:
+            raise ValueError(f"classes: the model has no class {', '.join(map(repr, sorted(unknown)))}")
+        reported = {name: np.array([not post.classes or label in post.classes for label in h.labels]) for name, h in self.heads.items()}
+        self.spotted = {name: np.array(h.spotted) & reported[name] for name, h in self.heads.items()}
+        # Per tag class, the classes that fold it away: those more specific than it.
+        self.narrower = {name: [[d for d, up in enumerate(h.ancestors()) if c in up] if post.fold else [] for c in range(len(h.labels))]
+                         for name, h in self.heads.items()}
         self.reset()
 
     def reset(self) -> None:
         self.history = {name: deque(maxlen=self.smooth) for name in self.heads}
-        self.active = {name: {} for name in self.heads}  # class -> (first hop, peak score)
+        self.active = {name: {} for name in self.heads}  # class -> [first hop, peak score, hops no narrower class was on]
         self.last_spot = -(10**9)
 
-    def _tag_event(self, label: str, first: int, last: int, peak: float) -> Event | None:
-        if last - first + 1 < self.min_hops:
+    def _tag_event(self, label: str, first: int, last: int, peak: float, alone: int) -> Event | None:
+        if last - first + 1 < self.min_hops or not alone:
             return None
         return Event(EVENT_KINDS[TAGS], label, first * self.hop, last * self.hop + self.window, peak)
 
@@ -96,14 +105,15 @@ class PostProcessor:
             p = np.mean(self.history[name], axis=0)
             if head.kind == TAGS:
                 active = self.active[name]
-                for c in np.flatnonzero(p >= self.on[name]):
-                    active.setdefault(int(c), (k, 0.0))
-                for c in list(active):
-                    first, peak = active[c]
-                    if p[c] >= self.off[name][c]:
-                        active[c] = (first, max(peak, float(p[c])))
-                    elif (event := self._tag_event(head.labels[c], first, k - 1, active.pop(c)[1])) is not None:
+                for c in np.flatnonzero((p >= self.on[name]) & self.spotted[name]):
+                    active.setdefault(int(c), [k, 0.0, 0])
+                for c in [c for c in active if p[c] < self.off[name][c]]:
+                    first, peak, alone = active.pop(c)
+                    if (event := self._tag_event(head.labels[c], first, k - 1, peak, alone)) is not None:
                         events.append(event)
+                for c, state in active.items():
+                    state[1] = max(state[1], float(p[c]))
+                    state[2] += not any(d in active for d in self.narrower[name][c])
             else:
                 scores = np.where(self.spotted[name], p, -1.0)
                 c = int(scores.argmax())
@@ -116,8 +126,8 @@ class PostProcessor:
         """Close the tags still on at the end of the stream (their end clipped to the audio)."""
         events = []
         for name, head in self.heads.items():
-            for c, (first, peak) in sorted(self.active[name].items()):
-                if (event := self._tag_event(head.labels[c], first, last_hop, peak)) is not None:
+            for c, (first, peak, alone) in sorted(self.active[name].items()):
+                if (event := self._tag_event(head.labels[c], first, last_hop, peak, alone)) is not None:
                     event.end = min(event.end, duration)
                     events.append(event)
             self.active[name] = {}

@@ -189,6 +189,7 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
 
     from train import distill as distill_module
     from train import finetune as finetune_module
+    from train.views import ViewsConfig
 
     def leaves(config) -> list[str]:
         return [n for f in fields(config) for n in (leaves(getattr(config, f.name)) if is_dataclass(getattr(config, f.name)) else [f.name])]
@@ -196,7 +197,8 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
     assert list(inspect.signature(finetune_module.main).parameters) == leaves(FinetuneConfig()) == [
         *"train val out init size tokens preset mode adapter_dim".split(), "window", "hop", *"loudness val_percent noise epochs batch_size lr weight_decay warmup_epochs".split(),
         *"mixup mixup_alpha noise_prob snr_db gain_db shift freq_mask time_mask".split(), "seed"]
-    assert list(inspect.signature(distill_module.main).parameters) == ["teacher", "temperature", "alpha", "cache", *leaves(FinetuneConfig())]
+    assert list(inspect.signature(distill_module.main).parameters) == [
+        *"teacher tag_teacher keyword_teacher audioset backgrounds".split(), *leaves(ViewsConfig()), "temperature", "alpha", "cache", *leaves(FinetuneConfig())]
     run = subprocess.run([sys.executable, "-m", "train.finetune", "--train", str(dataset), "--out", str(tmp_path), "--size", "nano", "--epochs", "1",
                           "--window", "0.5", "--hop", "0.25", "--mixup", "0", "--snr-db", "3", "9", "--val-percent", "25"], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
@@ -209,6 +211,8 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
     (["train.finetune", "--train", "esc50:DATA,fold=4"], "train.finetune: error: esc50:DATA,fold=4: the esc50 reader takes no option fold"),
     (["train.finetune", "--train", "DATA", "--hop", "0.125"], "train.finetune: error: a hop of 0.125 s is not a whole number of 10 ms frames"),
     (["train.distill", "--teacher", "/no/such.safetensors", "--train", "DATA"], "train.distill: error: /no/such.safetensors: no such file or folder"),
+    (["train.distill", "--train", "DATA"], "train.distill: error: give a --teacher, or --views N to learn from augmented views"),
+    (["train.distill", "--train", "DATA", "--keyword-teacher", "k.tflite"], "train.distill: error: --tag-teacher and --keyword-teacher label augmented views: give --views N"),
     (["train.finetune", "--train", "DATA", "--mode", "half"], "train.finetune: error: mode must be one of full, linear, adapter, not 'half'"),
     (["train.pretrain", "--data", "DATA", "--method", "byol"], "train.pretrain: error: method must be one of mae-ast, ssast, not 'byol'"),
 ])

@@ -8,7 +8,7 @@ import torch
 from conftest import make_model, make_spec
 from edgetag import checkpoint, load_model
 from edgetag.features import preset
-from edgetag.model import SIZES, EncoderConfig, num_parameters, patchify
+from edgetag.model import SIZES, EncoderConfig, HeadConfig, num_parameters, patchify
 from edgetag.spec import FORMAT_1, SpecError, StreamConfig
 
 
@@ -98,7 +98,7 @@ def test_every_parameter_gets_a_gradient():
 
 def checkpoint_model(**spec):
     torch.manual_seed(0)
-    heads = {"tags": ["Dog", "Rain"], "keywords": ["yes", "no", "_unknown_", "_silence_"]}
+    heads = {"tags": HeadConfig("tags", ["Animal", "Dog", "Rain"], {"Dog": ["Animal"]}), "keywords": ["yes", "no", "_unknown_", "_silence_"]}
     return make_model(EncoderConfig.named("nano", tokens="frame"), heads, **spec).eval()
 
 
@@ -113,7 +113,7 @@ def test_checkpoint_round_trip_gives_identical_outputs_and_spec(tmp_path):
     assert set(got) == {"tags", "keywords"}
     for name in expected:
         assert torch.equal(expected[name], got[name])
-    assert loaded.spec == model.spec and loaded.spec.fbank == preset("mae-ast", norm_mean=-5.0, norm_std=3.0)
+    assert loaded.spec == model.spec and loaded.spec.heads["tags"].parents == {"Dog": ("Animal",)} and loaded.spec.fbank == preset("mae-ast", norm_mean=-5.0, norm_std=3.0)
     assert (loaded.spec.window_frames, loaded.spec.hop_frames) == (48, 25)
     assert not loaded.training
     probs = loaded.probabilities(x)

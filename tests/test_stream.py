@@ -155,6 +155,35 @@ def test_keywords_refractory_and_specials_never_spotted():
     assert all(e.label != "_unknown_" for e in events)
 
 
+def test_an_ancestor_tag_folds_into_the_specific_one_it_fires_with():
+    """AudioSet's ontology in the head: Animal > Domestic animals, pets > Dog. Animal and Dog on
+    together report Dog (with Dog's score); Animal on alone before Dog starts stays an event."""
+    from edgetag.model import HeadConfig
+
+    labels = ["Animal", "Domestic animals, pets", "Dog", "Speech"]
+    tags = HeadConfig("tags", labels, {"Dog": ["Domestic animals, pets"], "Domestic animals, pets": ["Animal"]})
+    spec = make_spec(heads={"tags": tags}, fbank=preset("ast", frame_length_ms=20.0), stream=(1.0, 0.5))
+
+    def events(hops, **kw):
+        p = PostProcessor(spec, PostConfig(tag_on=0.5, tag_off=0.3, **kw))
+        return sorted((e.label, e.start, e.score) for e in p.replay({"tags": np.array(hops, float)}))
+
+    together = [[0.9, 0.8, 0.7, 0], [0.9, 0.8, 0.6, 0], [0, 0, 0, 0]]
+    assert events(together) == [("Dog", 0.0, 0.7)]
+    assert events(together, fold=False) == [("Animal", 0.0, 0.9), ("Dog", 0.0, 0.7), ("Domestic animals, pets", 0.0, 0.8)]
+    # Animal was on a hop before Dog: not covered throughout, so it stays
+    assert events([[0.9, 0, 0, 0], [0.9, 0, 0.7, 0], [0, 0, 0, 0]]) == [("Animal", 0.0, 0.9), ("Dog", 0.5, 0.7)]
+    # Speech is no relative of Dog: folding leaves it alone
+    assert ("Speech", 0.0, 0.9) in events([[0, 0, 0.7, 0.9], [0, 0, 0, 0]])
+
+
+def test_classes_restrict_the_events_and_an_unknown_class_is_refused():
+    events, _ = feed(post(tag_on=0.5, keyword_on=0.5, classes=("b",)), [[0.9, 0.9], [0, 0]], [[0.9, 0.1], [0, 1]])
+    assert [e.label for e in events] == ["b"]  # neither tag a nor keyword yes
+    with pytest.raises(ValueError, match="no class 'c'"):
+        post(classes=("c",))
+
+
 def cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "edgetag", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=120, **kw)
 

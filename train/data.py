@@ -147,6 +147,17 @@ def read_esc50(root: Path, folds: str = "") -> list[Example]:
     return [Example(str(root / "audio" / r["filename"]), (r["category"],), group=r.get("src_file") or r["filename"], split=f"fold{r['fold']}") for r in rows]
 
 
+def read_urbansound8k(root: Path, folds: str = "") -> list[Example]:
+    """UrbanSound8K: root/manifest.csv (path,label,fold,...), optionally only some folds ("1;2").
+    A group is a freesound recording (the file name's first field): the official folds keep each
+    recording in one fold, so train on some folds and validate on another."""
+    root = Path(root)
+    rows = read_manifest(root / "manifest.csv")
+    if folds:
+        rows = [r for r in rows if str(r["fold"]) in folds.split(";")]
+    return [Example(r["path"], (r["label"],), group=Path(r["path"]).stem.split("-")[0], split=f"fold{r['fold']}") for r in rows]
+
+
 def read_speech_commands(root: Path) -> list[Example]:
     """Speech Commands as the 12-class task. The original layout (a folder per word, files
     <speaker>_nohash_<n>.wav, validation_list.txt/testing_list.txt) or a manifest.csv with
@@ -225,6 +236,7 @@ READERS = {
     "folders": Reader(read_folders, TAGS),
     "audio": Reader(read_audio, TAGS),
     "esc50": Reader(read_esc50, TAGS),
+    "urbansound8k": Reader(read_urbansound8k, TAGS),
     "speech_commands": Reader(read_speech_commands, KEYWORDS),  # the 12-class keyword task
     "audioset": Reader(read_audioset, TAGS),
     "fsdd": Reader(read_fsdd, TAGS),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +29,34 @@ from edgetag.features import windows
 from edgetag.model import TAGS, HeadConfig
 from edgetag.runtime import load_backend
 from edgetag.spec import ModelSpec
-from train.finetune import FinetuneConfig, HardLabels, Task, train
+from train.finetune import FinetuneConfig, HardLabels, Task, head_loss, train
 from train.options import command, setting
+from train.views import ViewsConfig
 
 CACHE_VERSION = "probabilities/1"  # what the cache holds: bumped when its content changes meaning
 
 
 @dataclass
 class DistillConfig:
-    teacher: str = setting("", "The teacher: an edgetag checkpoint (fine-tuned, or imported with train.convert) or export.", required=True)
+    teacher: str = setting("", "An edgetag teacher: a checkpoint (fine-tuned, or imported with train.convert) or an export.")
+    tag_teacher: str = setting("", "EfficientAT mn04 weights (train.teachers): the tag head learns the AudioSet classes from it (needs --views and --audioset).")
+    keyword_teacher: str = setting("", "The MLPerf Tiny keyword model, .tflite (train.teachers; needs --views).")
+    audioset: str = setting("", "Folder with AudioSet's class_labels_indices.csv and ontology.json: the tag head's vocabulary and hierarchy.")
+    backgrounds: list[str] = setting([], "[HEAD=]source of sounds mixed into that head's views (keywords: audio without words); repeatable.")
+    views: ViewsConfig = setting(ViewsConfig(), "Augmented views the student and its teachers hear alike (train.views).")
     temperature: float = setting(2.0, "Softmax temperature of keyword heads.")
     alpha: float = setting(0.7, "Weight of the distillation loss against the hard labels.")
-    cache: str = setting("", "The teacher's cached probabilities (default: OUT/teacher_probabilities.safetensors).")
+    cache: str = setting("", "The teachers' cached outputs (default: OUT/teacher_probabilities.safetensors, or OUT/views.safetensors).")
     student: FinetuneConfig = setting(FinetuneConfig(out="runs/distill", size="mini", lr=1e-3), "The student and its training.")
+
+    def check(self) -> None:
+        """Refuse teachers without the views they label (before any data is read)."""
+        if (self.tag_teacher or self.keyword_teacher) and not self.views.views:
+            raise ValueError("--tag-teacher and --keyword-teacher label augmented views: give --views N")
+        if not (self.teacher or self.views.views):
+            raise ValueError("give a --teacher, or --views N to learn from augmented views (with --tag-teacher, --keyword-teacher, or hard labels alone)")
+        if self.tag_teacher and not self.audioset:
+            raise ValueError("--tag-teacher needs --audioset, the folder of its 527 class names")
 
 
 class TeacherTargets(HardLabels):
@@ -120,19 +135,169 @@ class TeacherTargets(HardLabels):
 
     def loss(self, head: HeadConfig, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         hard, soft = y.split(logits.shape[1], dim=1)
-        if head.kind == TAGS:
-            kd = F.binary_cross_entropy_with_logits(logits, soft)
+        return distillation_loss(head, logits, hard, soft, self.c.temperature, self.c.alpha)
+
+
+def distillation_loss(head: HeadConfig, logits: torch.Tensor, hard: torch.Tensor, soft: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
+    """(1 - alpha) x the hard-label loss + alpha x the distillation loss: BCE against the
+    teacher's sigmoid for tags, KL divergence at temperature T (scaled by T^2) for keywords."""
+    if head.kind == TAGS:
+        kd = F.binary_cross_entropy_with_logits(logits, soft)
+    else:
+        kd = F.kl_div((logits / temperature).log_softmax(-1), soft, reduction="batchmean") * temperature**2
+    return (1 - alpha) * head_loss(logits, hard, head.kind) + alpha * kd
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmented views, labelled by every teacher once
+
+
+VIEWS_VERSION = "views/1"  # what the views cache holds: bumped when its content changes meaning
+
+
+def columns(source: tuple[str, ...] | list[str], labels: list[str]) -> tuple[list[int], list[int]]:
+    """(columns of `labels`, columns of `source`) of the classes both name."""
+    where = {label: i for i, label in enumerate(source)}
+    shared = [(i, where[label]) for i, label in enumerate(labels) if label in where]
+    return [i for i, _ in shared], [j for _, j in shared]
+
+
+class ViewTargets(HardLabels):
+    """The student learns from augmented views of its training windows (train.views) that the
+    teachers labelled: EfficientAT mn04 for tags (the AudioSet vocabulary), the MLPerf Tiny model
+    for keywords, an edgetag teacher for the heads it has; where several teach one class their
+    probabilities are averaged. Tags learn from one target per class: the teachers' probability,
+    raised towards 1 (by 1 - alpha) for the classes a clip's dataset label names and their
+    ontology ancestors. Keywords: (1 - alpha) hard labels + alpha teachers, at temperature T. A
+    head no teacher knows learns from its hard labels."""
+
+    stage = "distill"
+
+    def __init__(self, c: DistillConfig, device: str = "cpu"):
+        from train.labels import EXTRA_TAGS, audioset_vocabulary
+
+        self.c, self.device = c, device
+        self.inhouse = load_backend(c.teacher, device=device) if c.teacher else None
+        self.fbank = self.inhouse.spec.fbank if self.inhouse else None
+        self.labels = {name: list(h.labels) for name, h in self.inhouse.spec.heads.items()} if self.inhouse else {}
+        self.parents: dict[str, dict[str, tuple[str, ...]]] = {}
+        if c.audioset:
+            vocabulary, self.parents[TAGS] = audioset_vocabulary(Path(c.audioset))
+            self.labels[TAGS] = vocabulary + list(EXTRA_TAGS)
+        self.cache = Path(c.cache or Path(c.student.out) / "views.safetensors")
+        self.soft: dict[str, torch.Tensor] = {}
+        self.taught: dict[str, bool] = {}
+
+    def provenance(self) -> dict:
+        return {"teachers": {"teacher": self.c.teacher, "tags": self.c.tag_teacher, "keywords": self.c.keyword_teacher},
+                "alpha": self.c.alpha, "temperature": self.c.temperature, "views": asdict(self.c.views), "backgrounds": self.c.backgrounds}
+
+    def _key(self, task: Task, spec: ModelSpec) -> str:
+        files = [p for p in (self.c.teacher, self.c.tag_teacher, self.c.keyword_teacher) if p]
+        return hashlib.sha256(json.dumps([VIEWS_VERSION, task.head, task.labels, [e.path for e in task.examples], [e.labels for e in task.examples],
+                                          asdict(self.c.views), self.c.backgrounds, self.c.alpha, spec.fbank.to_dict(), spec.window_frames,
+                                          [(p, Path(p).stat().st_size) for p in files]]).encode()).hexdigest()
+
+    def teach(self, head: HeadConfig, name: str, audio: np.ndarray, feats: torch.Tensor) -> torch.Tensor | None:
+        """The teachers' mean probabilities [n, classes] of these views (NaN where none knows a class), or None."""
+        from rich.progress import track
+
+        from train import teachers
+
+        sources = []  # (what, its labels, probabilities of the views in a slice)
+        if head.kind == TAGS and self.c.tag_teacher:
+            mn04 = teachers.AudioSetTeacher(Path(self.c.tag_teacher), Path(self.c.audioset) / "class_labels_indices.csv", self.device)
+            sources.append(("mn04", mn04.labels, lambda b: mn04(audio[b])))
+        if head.kind != TAGS and self.c.keyword_teacher:
+            mlperf = teachers.KeywordTeacher(Path(self.c.keyword_teacher))
+            sources.append(("mlperf", mlperf.labels, lambda b: mlperf(audio[b])))
+        if self.inhouse is not None and name in self.inhouse.spec.heads:
+            sources.append(("teacher", self.inhouse.spec.heads[name].labels, lambda b: self.inhouse(feats[b])[name]))
+        total, count = torch.zeros(len(audio), len(head.labels)), torch.zeros(len(head.labels))
+        for what, labels, probabilities in sources:
+            mine, theirs = columns(labels, list(head.labels))
+            for b in track([slice(i, i + 256) for i in range(0, len(audio), 256)], description=f"{what} on {name} views", transient=True):
+                total[b, mine] += torch.as_tensor(np.asarray(probabilities(b)))[:, theirs].float()
+            count[mine] += 1
+        if not sources:
+            return None
+        return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
+
+    def render(self, task: Task, spec: ModelSpec, head: HeadConfig) -> dict[str, torch.Tensor]:
+        from edgetag.features import fbank
+        from train.data import Source
+        from train.views import load_clips, render
+
+        rate = spec.fbank.sample_rate
+        samples = (spec.window_frames - 1) * spec.fbank.frame_shift + spec.fbank.frame_length
+        backgrounds = [e for source in map(Source.parse, self.c.backgrounds) if source.head == task.head for e in source.read()]
+        views = render(head.kind, task.examples, load_clips(task.examples, rate), [x for x in load_clips(backgrounds, rate) if x is not None],
+                       self.c.views, samples, rate)
+        feats = torch.stack([fbank(x, spec.fbank) for x in views.audio])  # [n, window frames, F]
+        assert feats.shape[1] == spec.window_frames, (feats.shape, spec.window_frames)
+        hard = torch.zeros(len(views.labels), len(head.labels))
+        index, ancestors = {label: i for i, label in enumerate(head.labels)}, head.ancestors()
+        for row, labels in enumerate(views.labels):
+            for label in labels:
+                if label in index:
+                    hard[row, [index[label], *ancestors[index[label]]]] = 1.0
+        taught = self.teach(head, task.head, views.audio, feats)
+        if taught is None:
+            soft = hard.clone()
         else:
-            T = self.c.temperature
-            kd = F.kl_div((logits / T).log_softmax(-1), soft, reduction="batchmean") * T**2
-        return (1 - self.c.alpha) * super().loss(head, logits, hard) + self.c.alpha * kd
+            soft = torch.where(taught.isnan(), hard, taught)
+            if head.kind == TAGS:  # the dataset's label pulls its classes towards 1
+                soft = torch.where(hard > 0, (1 - self.c.alpha) + self.c.alpha * soft, soft)
+        return {"feats": feats.half(), "hard": hard, "soft": soft, "taught": torch.tensor(taught is not None)}
+
+    def prepare(self, tasks: list[Task], spec: ModelSpec) -> None:
+        """Replace each head's training clips by their views and the teachers' targets: from the
+        cache when it matches, else rendered and labelled (and cached)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        cached = {}
+        if self.cache.is_file():
+            with safe_open(str(self.cache), "pt") as f:
+                keys = json.loads((f.metadata() or {}).get("keys", "{}"))
+            cached = load_file(str(self.cache))
+        fresh = {}
+        for t in tasks:
+            key = self._key(t, spec)
+            if keys_match := (cached and keys.get(t.head) == key):
+                views = {k.split(".", 1)[1]: v for k, v in cached.items() if k.startswith(f"{t.head}.")}
+                print(f"{t.head}: {len(views['hard'])} views from {self.cache}")
+            else:
+                views = self.render(t, spec, spec.heads[t.head])
+                print(f"{t.head}: rendered {len(views['hard'])} views of {len(t.examples)} clips")
+            fresh[t.head] = (key, views, keys_match)
+            t.train, t.train_y = list(views["feats"].float()), views["hard"]
+            self.soft[t.head], self.taught[t.head] = views["soft"], bool(views["taught"])
+        if not all(match for _, _, match in fresh.values()):
+            self.cache.parent.mkdir(parents=True, exist_ok=True)
+            save_file({f"{head}.{k}": v.contiguous() for head, (_, views, _) in fresh.items() for k, v in views.items()}, str(self.cache),
+                      metadata={"keys": json.dumps({head: key for head, (key, _, _) in fresh.items()})})
+
+    def targets(self, task: Task, index: list[int], starts: list[int]) -> torch.Tensor:
+        return torch.cat([task.train_y[index], self.soft[task.head][index]], dim=1)
+
+    def loss(self, head: HeadConfig, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        hard, soft = y.split(logits.shape[1], dim=1)
+        if head.kind == TAGS:  # soft already holds the dataset's labels
+            return F.binary_cross_entropy_with_logits(logits, soft)
+        if not self.taught[head.kind]:
+            return head_loss(logits, hard, head.kind)
+        T = self.c.temperature  # a softmax at T of the teachers' probabilities: softmax(log p / T)
+        return distillation_loss(head, logits, hard, (soft.clamp_min(np.finfo(np.float32).tiny).log() / T).softmax(-1), T, self.c.alpha)
 
 
 def distill(c: DistillConfig, device: str | None = None) -> dict[str, dict]:
-    """Distil a teacher into a small student (the teacher's heads, classes and fbank); the best
-    epoch goes to OUT/best.safetensors."""
+    """Distil teachers into a small student; the best epoch goes to OUT/best.safetensors. With
+    --views the student trains on augmented views the teachers labelled (ViewTargets), else on
+    its clips with an edgetag teacher's cached outputs (TeacherTargets)."""
+    c.check()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return train(c.student, TeacherTargets(c, device), device)
+    return train(c.student, ViewTargets(c, device) if c.views.views else TeacherTargets(c, device), device)
 
 
 main = command(DistillConfig, distill)

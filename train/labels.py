@@ -79,7 +79,18 @@ AUDIOSET_NAMES = {
     "speech": "Speech",
     # ESC-50 "can_opening", "drinking_sipping", "washing_machine" and DCASE "pageturn" have no node.
     "pageturn": "page turn",
+    # UrbanSound8K (dog_bark as ESC-50's dog: both are mostly barks, and one name keeps them one class)
+    "air_conditioner": "Air conditioning",
+    "children_playing": "Children playing",
+    "dog_bark": "Dog",
+    "drilling": "Drill",
+    "engine_idling": "Idling",
+    "gun_shot": "Gunshot, gunfire",
+    "jackhammer": "Jackhammer",
+    "street_music": "Music",
 }
+# Dataset classes AudioSet has no node for: the tag head keeps them beside its 527 classes.
+EXTRA_TAGS = ("can opening", "drinking sipping", "washing machine", "page turn")
 
 
 def tag_name(label: str) -> str:
@@ -96,3 +107,28 @@ def audioset_display_names(path: Path) -> dict[str, str]:
 def keyword_label(word: str) -> str:
     """A Speech Commands folder name as a 12-class label."""
     return word if word in COMMAND_WORDS or word == SILENCE else UNKNOWN
+
+
+def audioset_vocabulary(audioset: Path) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+    """The 527 AudioSet classes (class_labels_indices.csv order) and, from ontology.json, each
+    class's nearest broader classes among them ("Dog" -> "Domestic animals, pets"): a node that
+    is not one of the 527 is looked through to its own parents."""
+    import json
+
+    names = audioset_display_names(Path(audioset) / "class_labels_indices.csv")
+    nodes = {n["id"]: n for n in json.loads((Path(audioset) / "ontology.json").read_text())}
+    up: dict[str, list[str]] = {}
+    for node in nodes.values():
+        for child in node["child_ids"]:
+            up.setdefault(child, []).append(node["id"])
+
+    def nearest(mid: str, seen: set) -> list[str]:
+        out = []
+        for parent in up.get(mid, []):
+            if parent not in seen:
+                seen.add(parent)
+                out += [parent] if parent in names else nearest(parent, seen)
+        return out
+
+    parents = {names[mid]: tuple(dict.fromkeys(names[p] for p in nearest(mid, set()))) for mid in names}
+    return list(names.values()), {child: ps for child, ps in parents.items() if ps}

@@ -1,0 +1,48 @@
+"""The running-audio keyword benchmark: scenes place words where they say, and spots are
+counted against the placements (found, wrong, false alarm) at any threshold."""
+
+import numpy as np
+import soundfile as sf
+
+from conftest import make_spec, white_noise
+from train.data import Example
+from train.running import Placed, Scene, calibrate_threshold, compose, curve, score
+from edgetag.stream import PostConfig
+
+
+def test_compose_places_each_word_once_inside_the_background(tmp_path):
+    rate = 16000
+    beds = []
+    for i in range(3):
+        sf.write(tmp_path / f"bed{i}.wav", 0.01 * white_noise(10.0, seed=i), rate)
+        beds.append(Example(str(tmp_path / f"bed{i}.wav"), ()))
+    words = []
+    for i, label in enumerate(["yes", "no", "_silence_"]):
+        sf.write(tmp_path / f"w{i}.wav", 0.3 * white_noise(1.0, seed=10 + i), rate)
+        words.append(Example(str(tmp_path / f"w{i}.wav"), (label,)))
+    sf.write(tmp_path / "other.wav", 0.3 * white_noise(1.0, seed=20), rate)
+    scene = compose(words, [Example(str(tmp_path / "other.wav"), ())], beds, gap=(1.0, 2.0))
+    assert scene.seconds == 30.0
+    assert sorted(w.label for w in scene.words) == ["", "no", "yes"]  # _silence_ is no keyword to place
+    for w in scene.words:
+        assert 0 <= w.start < w.end <= scene.seconds
+        loud = scene.audio[int(w.start * rate) : int(w.end * rate)]
+        assert np.sqrt(np.mean(loud**2)) > 3 * 0.01  # the word is there, over the bed
+    assert all(b.start >= a.end for a, b in zip(scene.words, scene.words[1:]))
+
+
+def test_score_counts_found_wrong_and_false_alarms():
+    spec = make_spec(heads={"keywords": ["yes", "no", "_unknown_"]}, stream=(1.0, 0.5))
+    scene = Scene(np.zeros(16000 * 20, np.float32), [Placed("yes", 2.0, 3.0), Placed("no", 8.0, 9.0), Placed("", 14.0, 15.0)], 16000)
+    hops = np.tile([0.0, 0.0, 1.0], (39, 1))
+    hops[4] = [0.9, 0.05, 0.05]  # hop 4 (2.0-3.0 s): yes, found
+    hops[16] = [0.8, 0.1, 0.1]  # hop 16 (8.0-9.0 s): yes where "no" was said: wrong
+    hops[28] = [0.1, 0.85, 0.05]  # hop 28 (14-15 s): "no" over other speech: a false alarm
+    r = score(spec, PostConfig(), "keywords", {"keywords": hops}, scene, 0.75)
+    assert (r["found"], r["wrong_spots"], r["false_alarms"]) == (1, 1, 1)
+    assert r["false_alarms_per_hour"] == 1 / (20 / 3600)
+    points = curve(spec, PostConfig(), "keywords", {"keywords": hops}, scene)
+    assert calibrate_threshold(points, 0.0)["threshold"] == 0.86  # above 0.85: no false alarm left
+    assert calibrate_threshold(points, 1000.0)["threshold"] == 0.30
+    per = score(spec, PostConfig(), "keywords", {"keywords": hops}, scene, {"yes": 0.95, "no": 0.5})
+    assert (per["found"], per["false_alarms"]) == (0, 1)

@@ -1,0 +1,107 @@
+"""Augmented views for distillation, and the running-audio keyword benchmark built on them."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import data_path, make_spec, white_noise
+from train.data import Example
+from train.views import ViewsConfig, mix, power, render, shifted, window_starts
+
+
+def test_mix_sets_the_snr_and_shifted_pads_with_silence():
+    x, noise = white_noise(1.0, seed=1), white_noise(1.0, seed=2) * 7
+    mixed = mix(x, noise, 10.0)
+    assert 10 * np.log10(power(x) / power(mixed - x)) == pytest.approx(10.0, abs=1e-6)
+    y = np.arange(1, 11, dtype=np.float32)
+    assert shifted(y, -3, 6).tolist() == [0, 0, 0, 1, 2, 3]
+    assert shifted(y, 7, 6).tolist() == [8, 9, 10, 0, 0, 0]
+
+
+def test_window_starts_keep_the_loudest_windows_in_time_order():
+    x = np.zeros(50, np.float32)
+    x[30:40], x[0:10], x[20:30] = 3, 2, 1  # windows of 10 on a hop of 10: loudest 30, then 0
+    assert window_starts(x, 10, 10, keep=2) == [0, 30]
+    assert window_starts(x[:5], 10, 10, keep=2) == [0]  # shorter than a window
+
+
+def test_render_views_of_tags_and_keywords():
+    rate, samples = 16000, 8000
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(3 * rate) / rate)).astype(np.float32)
+    word = np.zeros(rate, np.float32)
+    word[6000:10000] = white_noise(0.25, seed=3)
+    c = ViewsConfig(views=3, clip_hop=0.5, clip_windows=2, mix_prob=1.0, background_prob=1.0)
+    examples = [Example("a", ("Tone",)), Example("b", ("Hiss",))]
+    views = render("tags", examples, [tone, white_noise(0.5, seed=4)], [white_noise(2.0, seed=5)], c, samples, rate)
+    # the two loudest of the 3 s tone's five windows, the 0.5 s hiss's one, three views each
+    assert views.audio.shape == (9, samples) and views.source == [0] * 6 + [1] * 3
+    assert any(np.array_equal(views.audio[0], tone[s : s + samples]) for s in range(0, len(tone) - samples + 1, 8000))  # view 0: a clean grid window
+    assert views.labels[0] == ("Tone",) and ("Hiss", "Tone") in views.labels[1:6]  # a mixed view names both clips
+    assert np.abs(views.audio).max() <= 1.0
+    kws = render("keywords", [Example("w", ("yes",))], [word], [white_noise(2.0, seed=6)], c, rate, rate)
+    assert kws.labels == [("yes",)] * 3  # a keyword is mixed only with background, so it stays a keyword
+    np.testing.assert_array_equal(kws.audio[0], word)
+
+
+def test_views_are_labelled_consistently_and_cached(tmp_path, capsys):
+    """Distillation on views with no external teacher: hard labels only, ontology ancestors
+    included; a second run reads the cached views."""
+    from conftest import make_dataset
+    from train.augment import AugmentConfig
+    from train.distill import DistillConfig, ViewTargets, distill
+    from train.finetune import FinetuneConfig
+    from edgetag.spec import StreamConfig
+
+    data = make_dataset(tmp_path / "data", clips=6)
+    c = DistillConfig(views=ViewsConfig(views=2), student=FinetuneConfig(train=[str(data)], out=str(tmp_path / "s"), size="nano", epochs=1, batch_size=8,
+                                                                         stream=StreamConfig(0.5, 0.25), val_percent=25, augment=AugmentConfig.off()))
+    results = distill(c, device="cpu")
+    assert "tags" in results and (tmp_path / "s" / "views.safetensors").is_file()
+    assert "rendered" in capsys.readouterr().out
+    distill(c, device="cpu")
+    assert "views from" in capsys.readouterr().out
+    learn = ViewTargets(c)
+    assert not learn.taught and learn.labels == {}  # no teacher, no imposed vocabulary
+
+
+def test_teacher_soft_targets_raise_labelled_classes_and_ancestors(tmp_path):
+    """With mn04 as the tag teacher a labelled class (and its AudioSet ancestors) is pulled to
+    at least 1 - alpha; other classes keep the teacher's probability."""
+    from edgetag.model import HeadConfig
+    from train.distill import DistillConfig, ViewTargets
+
+    teachers = data_path("audioset").parent.parent / "teachers" / "efficientat_mn04_as" / "mn04_as_mAP_432.pt"
+    if not teachers.is_file():
+        pytest.skip(f"teacher weights not available: {teachers}")
+    dog = data_path("esc50/audio/4-183992-A-0.flac")
+    c = DistillConfig(tag_teacher=str(teachers), audioset=str(data_path("audioset")), views=ViewsConfig(views=1, clip_windows=1), alpha=0.5)
+    learn = ViewTargets(c)
+    head = HeadConfig("tags", learn.labels["tags"], learn.parents["tags"])
+    spec = make_spec(heads={"tags": head}, stream=(1.0, 0.5))
+    from train.finetune import Task
+
+    task = Task("tags", list(head.labels), [], torch.zeros(0), [], torch.zeros(0), [Example(str(dog), ("Dog",))])
+    views = learn.render(task, spec, head)
+    soft, hard = views["soft"][0], views["hard"][0]
+    index = {label: i for i, label in enumerate(head.labels)}
+    assert hard[[index["Dog"], index["Domestic animals, pets"], index["Animal"]]].tolist() == [1, 1, 1] and hard.sum() == 3
+    assert soft[index["Dog"]] >= 0.5 and soft[index["Animal"]] >= 0.5
+    assert soft[index["Music"]] < 0.5 and hard[index["Music"]] == 0  # the teacher's word where the label is silent
+
+
+def test_audioset_vocabulary_and_hierarchy():
+    from train.labels import audioset_vocabulary
+
+    labels, parents = audioset_vocabulary(data_path("audioset"))
+    assert len(labels) == 527 and labels[0] == "Speech"
+    assert parents["Dog"] == ("Domestic animals, pets",) and parents["Domestic animals, pets"] == ("Animal",)
+    assert all(p in labels for ps in parents.values() for p in ps)
+
+
+def test_urbansound8k_reader_keeps_folds_and_recordings_apart():
+    from train.data import Source
+
+    train = Source.parse(f"urbansound8k:{data_path('urbansound8k')},folds=1;2").read()
+    val = Source.parse(f"urbansound8k:{data_path('urbansound8k')},folds=3").read()
+    assert len(train) and len(val) and not {e.group for e in train} & {e.group for e in val}
+    assert "Dog" in {e.labels[0] for e in train} and "Drill" in {e.labels[0] for e in val}  # AudioSet names

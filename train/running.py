@@ -1,0 +1,209 @@
+"""Keywords in running audio: long recordings of real background with keywords and other speech
+mixed in, spotted the way `edgetag file` spots them.
+
+    python -m train.running --model runs/default/calibrate/model.safetensors \\
+        --keywords ../shared/data/speech_commands,split=val,percent=20 \\
+        --others ../shared/data/fsdd,groups=60-100 --others ../shared/data/wake_words,groups=80-100 \\
+        --backgrounds esc50:../shared/data/esc50,folds=4
+
+A scene (`compose`) strings background clips end to end and drops a word into it every few
+seconds: a keyword, or speech that holds none (digits, wake words, other words, other
+languages), each at a random SNR over the background where it lands. The engine makes the
+scene's hop probabilities once; the post-processor then replays them at any threshold, so a
+whole recall / false-alarm curve costs one pass of the model. A spot that overlaps a keyword of
+its label finds it (once); a spot of another label there is a wrong spot; any other spot is a
+false alarm. Thresholds are chosen on one scene (`calibrate_threshold`) and reported on another
+made of other speakers and other background.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from edgetag.model import KEYWORDS, NOT_SPOTTED, TAGS
+from edgetag.spec import ModelSpec
+from edgetag.stream import Engine, PostConfig, PostProcessor
+from train.data import Example, Source
+from train.views import load_clips, mix, power
+
+GRID = np.round(np.arange(0.30, 1.0, 0.01), 2)
+
+
+@dataclass
+class Placed:
+    label: str  # a keyword, or "" for speech that holds none
+    start: float  # seconds
+    end: float
+
+
+@dataclass
+class Scene:
+    audio: np.ndarray
+    words: list[Placed]
+    rate: int
+
+    @property
+    def seconds(self) -> float:
+        return len(self.audio) / self.rate
+
+    @property
+    def keywords(self) -> list[Placed]:
+        return [w for w in self.words if w.label]
+
+
+def compose(keywords: list[Example], others: list[Example], backgrounds: list[Example], rate: int = 16000, snr_db: tuple[float, float] = (0.0, 15.0),
+            gap: tuple[float, float] = (1.0, 3.0), keyword_share: float = 0.5, seed: int = 0) -> Scene:
+    """One scene: every readable background clip once, in a random order, end to end; then words
+    (keywords with probability `keyword_share`, each clip used at most once) every `gap` seconds."""
+    rng = np.random.default_rng(seed)
+    beds = [x for x in load_clips([backgrounds[i] for i in rng.permutation(len(backgrounds))], rate) if x is not None and len(x)]
+    if not beds:
+        raise ValueError("no readable background audio")
+    audio = np.concatenate(beds).astype(np.float32)
+    spoken = {True: [(e.labels[0], x) for e, x in zip(keywords, load_clips(keywords, rate)) if x is not None and e.labels[0] not in NOT_SPOTTED],
+              False: [("", x) for x in load_clips(others, rate) if x is not None]}
+    for pool in spoken.values():
+        rng.shuffle(pool)
+    words, t = [], rng.uniform(*gap)
+    while spoken[True] or spoken[False]:
+        is_keyword = bool(spoken[True]) and (not spoken[False] or rng.random() < keyword_share)
+        label, x = spoken[is_keyword].pop()
+        start = round(t * rate)
+        if start + len(x) > len(audio):
+            break
+        bed = audio[start : start + len(x)]
+        audio[start : start + len(x)] = mix(x, bed, rng.uniform(*snr_db)) if power(bed) > 1e-10 else x
+        words.append(Placed(label, start / rate, (start + len(x)) / rate))
+        t = words[-1].end + rng.uniform(*gap)
+    peak = np.abs(audio).max()
+    return Scene(audio / peak if peak > 1 else audio, words, rate)
+
+
+def hop_probabilities(engine: Engine, scene: Scene, block_seconds: float = 10.0) -> dict[str, np.ndarray]:
+    """head -> [hops, classes] of the scene through the streaming engine."""
+    engine.reset()
+    block = round(block_seconds * scene.rate)
+    hops = [h for i in range(0, len(scene.audio), block) for h in engine.push(scene.audio[i : i + block])]
+    hops += engine.flush()[0]
+    engine.reset()
+    return {name: np.stack([h.probabilities[name] for h in hops]) for name in engine.spec.heads}
+
+
+def gated(probabilities: dict[str, np.ndarray], spec: ModelSpec, gate: float) -> dict[str, np.ndarray]:
+    """Keyword probabilities set to zero in hops where the model's own Speech tag is under `gate`."""
+    tags = next((name for name, h in spec.heads.items() if h.kind == TAGS and "Speech" in h.labels), None)
+    if not gate or tags is None:
+        return probabilities
+    speech = probabilities[tags][:, list(spec.heads[tags].labels).index("Speech")] >= gate
+    return {name: p * speech[:, None] if spec.heads[name].kind == KEYWORDS else p for name, p in probabilities.items()}
+
+
+def score(spec: ModelSpec, post: PostConfig, head: str, probabilities: dict[str, np.ndarray], scene: Scene, threshold: float | dict[str, float]) -> dict:
+    """Spots of one keyword head at `threshold` (one for all keywords, or per keyword): keywords
+    found, wrong spots, false alarms (and per hour)."""
+    labels = spec.heads[head].labels
+    per = threshold if isinstance(threshold, dict) else {label: float(threshold) for label in labels if label not in NOT_SPOTTED}
+    processor = PostProcessor(replace(spec, heads={head: spec.heads[head]}, thresholds={}), post, {head: dict.fromkeys(labels, math.inf) | per})
+    events = processor.replay({head: probabilities[head]})
+    targets, found, wrong, alarms = scene.keywords, set(), 0, 0
+    for e in events:
+        near = [i for i, w in enumerate(targets) if e.start < w.end and e.end > w.start]
+        hit = next((i for i in near if targets[i].label == e.label and i not in found), None)
+        if hit is not None:
+            found.add(hit)
+        elif any(targets[i].label != e.label for i in near):
+            wrong += 1
+        elif not near:
+            alarms += 1
+    hours = scene.seconds / 3600
+    return {"keywords": len(targets), "found": len(found), "recall": len(found) / max(1, len(targets)), "wrong_spots": wrong,
+            "false_alarms": alarms, "false_alarms_per_hour": alarms / hours, "hours": hours}
+
+
+def curve(spec: ModelSpec, post: PostConfig, head: str, probabilities: dict[str, np.ndarray], scene: Scene) -> list[dict]:
+    """Recall and false alarms per hour at every threshold of the grid (one for all keywords)."""
+    return [{"threshold": float(t), **score(spec, post, head, probabilities, scene, float(t))} for t in GRID]
+
+
+def calibrate_threshold(points: list[dict], target_per_hour: float) -> dict:
+    """The lowest threshold whose false alarms stay within the target (the curve's point)."""
+    within = [p for p in points if p["false_alarms_per_hour"] <= target_per_hour]
+    return min(within, key=lambda p: p["threshold"]) if within else max(points, key=lambda p: p["threshold"])
+
+
+def keyword_head(spec: ModelSpec) -> str:
+    return next(name for name, h in spec.heads.items() if h.kind == KEYWORDS)
+
+
+def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, marks: dict[str, dict] | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for name, points in curves.items():
+        line, = ax.plot([max(p["false_alarms_per_hour"], 0.1) for p in points], [100 * p["recall"] for p in points], label=name)
+        if marks and name in marks:
+            m = marks[name]
+            ax.plot(max(m["false_alarms_per_hour"], 0.1), 100 * m["recall"], "o", color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("false alarms per hour (0 drawn at 0.1)")
+    ax.set_ylabel("keywords spotted (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def scene_of(keywords: list[str], others: list[str], backgrounds: list[str], seed: int) -> Scene:
+    read = lambda sources, head: [e for text in sources for e in Source.parse(text, head).read()]  # noqa: E731
+    return compose(read(keywords, KEYWORDS), read(others, KEYWORDS), read(backgrounds, TAGS), seed=seed)
+
+
+def main(
+    model: str = typer.Option(None, help="A checkpoint or export (default: the bundled model)."),
+    keywords: list[str] = typer.Option(..., help="Keyword clips (sources, train.data.Source)."),
+    others: list[str] = typer.Option([], help="Speech without keywords (sources)."),
+    backgrounds: list[str] = typer.Option(..., help="Background sound the words are mixed into (sources)."),
+    seed: int = typer.Option(0, help="Seed of the scene."),
+    gate: float = typer.Option(0.0, help="Also try gating keywords on the model's Speech tag at this probability."),
+    plot: Path = typer.Option(None, help="PNG of the recall / false-alarm curve."),
+) -> None:
+    """Recall and false alarms per hour of keywords in running audio, at the model's thresholds and over a grid."""
+    from edgetag.runtime import load_backend
+
+    try:
+        backend = load_backend(model)
+        scene = scene_of(keywords, others, backgrounds, seed)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"train.running: error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from e
+    engine, post = Engine(backend), PostConfig()
+    head = keyword_head(engine.spec)
+    probabilities = hop_probabilities(engine, scene)
+    at = score(engine.spec, post, head, probabilities, scene, {k: v for k, v in engine.spec.thresholds.get(head, {}).items()} or post.keyword_on)
+    print(f"{scene.seconds / 60:.1f} min, {len(scene.keywords)} keywords, {len(scene.words) - len(scene.keywords)} other words")
+    print("at the model's thresholds:", json.dumps(at))
+    curves = {"model": curve(engine.spec, post, head, probabilities, scene)}
+    if gate:
+        curves[f"gated on Speech >= {gate:g}"] = curve(engine.spec, post, head, gated(probabilities, engine.spec, gate), scene)
+    for name, points in curves.items():
+        print(name)
+        for p in points[::5]:
+            print(f"  threshold {p['threshold']:.2f}: {100 * p['recall']:.1f}% spotted, {p['false_alarms_per_hour']:.1f} false alarms / hour")
+    if plot:
+        plot_curves(curves, plot, "keywords in running audio", {"model": at})
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,126 @@
+"""Augmented views of the training audio, for consistent distillation.
+
+A teacher's soft targets are only right for the audio it heard. So the augmentation happens to
+waveforms, before anyone listens: each training window is rendered as several views (view 0
+clean; the others moved in time, at another gain, mixed with another clip or with background
+noise at a random SNR), and the student and its teachers hear the same views. Teachers label
+every view once (the expensive part), and the student then trains on them for as many epochs
+as it likes (Beyer et al. 2022, "Knowledge distillation: a good teacher is patient and
+consistent", with the views cached as EfficientAT caches its teacher's outputs).
+
+Tag views come from windows of every clip on a hop grid; keyword clips (1 s each) keep the word
+inside the window and are only ever mixed with sounds that hold no word, so the word's label
+stays true. A view's hard labels are those of every clip mixed into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgetag import audio
+from edgetag.model import TAGS
+from train.data import Example
+from train.options import setting
+
+
+@dataclass
+class ViewsConfig:
+    views: int = setting(0, "Views of each window (view 0 is the clean window); 0: train on the clips themselves.")
+    clip_hop: float = setting(1.0, "Seconds between the windows taken from a long clip.")
+    clip_windows: int = setting(6, "At most this many windows of one clip (the loudest), so long clips do not crowd out short ones.")
+    time_jitter: float = setting(0.2, "A view moves its window by up to this many seconds either way.")
+    level_db: float = setting(6.0, "A view's gain is uniform in +-this many dB.")
+    mix_prob: float = setting(0.4, "Probability that a tag view is mixed with a window of another clip.")
+    mix_snr_db: tuple[float, float] = setting((-5.0, 10.0), "The clip's level over the clip mixed in, uniform in this range (dB).")
+    background_prob: float = setting(0.6, "Probability of background sound in a view (--backgrounds).")
+    background_snr_db: tuple[float, float] = setting((0.0, 20.0), "Signal over background, uniform in this range (dB).")
+    views_seed: int = setting(0, "Seed of the views.")
+
+
+def power(x: np.ndarray) -> float:
+    return float(np.mean(np.square(x), dtype=np.float64)) + 1e-12
+
+
+def mix(x: np.ndarray, other: np.ndarray, snr_db: float) -> np.ndarray:
+    """x plus `other` scaled to sit snr_db below it (mean power)."""
+    return x + other * np.sqrt(power(x) / power(other) / 10 ** (snr_db / 10))
+
+
+def shifted(x: np.ndarray, start: int, samples: int) -> np.ndarray:
+    """x[start : start + samples], silence where that runs outside x (start may be negative)."""
+    out = np.zeros(samples, np.float32)
+    lo, hi = max(0, start), min(len(x), start + samples)
+    if hi > lo:
+        out[lo - start : hi - start] = x[lo:hi]
+    return out
+
+
+def window_starts(x: np.ndarray, samples: int, hop: int, keep: int) -> list[int]:
+    """Starts of the `keep` loudest windows on the hop grid (a clip shorter than one window: 0)."""
+    starts = list(range(0, max(1, len(x) - samples + 1), hop))
+    if len(starts) > keep:
+        level = [power(x[s : s + samples]) for s in starts]
+        starts = sorted(np.argsort(level)[::-1][:keep].tolist())
+        starts = [s * hop for s in starts]
+    return starts
+
+
+@dataclass
+class Views:
+    """Rendered views: waveforms [n, samples] and the labels of what each holds."""
+
+    audio: np.ndarray
+    labels: list[tuple[str, ...]]
+    source: list[int]  # the example each view was made from
+
+
+def load_clips(examples: list[Example], rate: int) -> list[np.ndarray | None]:
+    """Waveforms of examples (their start/end honoured); None for an unreadable file, with a warning."""
+    from rich.progress import track
+
+    out = []
+    for e in track(examples, description="audio", transient=True):
+        try:
+            x = audio.load(e.path, rate)
+        except audio.AudioError as error:
+            print(f"skipping {error}")
+            out.append(None)
+            continue
+        start = round((e.start or 0.0) * rate)
+        out.append(x[start : len(x) if e.end is None else round(e.end * rate)])
+    return out
+
+
+def render(kind: str, examples: list[Example], clips: list[np.ndarray | None], backgrounds: list[np.ndarray],
+           c: ViewsConfig, samples: int, rate: int) -> Views:
+    """Every view of every window of `examples` (a head of `kind`); `backgrounds` are the sounds
+    mixed in as noise (for keywords: audio that holds no word)."""
+    rng = np.random.default_rng(c.views_seed)
+    shift, hop = round(c.time_jitter * rate), round(c.clip_hop * rate)
+    kept = [(i, x) for i, x in enumerate(clips) if x is not None and len(x)]
+    out, labels, source = [], [], []
+    for i, x in kept:
+        starts = window_starts(x, samples, hop, c.clip_windows) if kind == TAGS else [(len(x) - samples) // 2]
+        for start in starts:
+            for v in range(c.views):
+                labelled = set(examples[i].labels)
+                if v == 0:
+                    view = shifted(x, start, samples)
+                else:
+                    view = shifted(x, start + int(rng.integers(-shift, shift + 1)), samples)
+                    if kind == TAGS and rng.random() < c.mix_prob and len(kept) > 1:
+                        j, other = kept[int(rng.integers(len(kept)))]
+                        if j != i:
+                            view = mix(view, shifted(other, int(rng.integers(0, max(1, len(other) - samples + 1))), samples), rng.uniform(*c.mix_snr_db))
+                            labelled |= set(examples[j].labels)
+                    if backgrounds and rng.random() < c.background_prob:
+                        noise = backgrounds[int(rng.integers(len(backgrounds)))]
+                        view = mix(view, shifted(noise, int(rng.integers(0, max(1, len(noise) - samples + 1))), samples), rng.uniform(*c.background_snr_db))
+                    view = view * 10 ** (rng.uniform(-c.level_db, c.level_db) / 20)
+                peak = np.abs(view).max()
+                out.append(view / peak if peak > 1 else view)  # a mix never clips
+                labels.append(tuple(sorted(labelled)))
+                source.append(i)
+    return Views(np.stack(out).astype(np.float32) if out else np.zeros((0, samples), np.float32), labels, source)
