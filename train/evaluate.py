@@ -127,6 +127,35 @@ def evaluate(backend, examples: list[Example], head: str, classes: list[str] | N
     return result
 
 
+def teacher_windows(x: np.ndarray, samples: int, hop: int) -> np.ndarray:
+    """A clip's windows as the streaming engine cuts them: every hop, the last padded with silence."""
+    starts = range(0, max(1, len(x) - samples + hop), hop) if len(x) > samples else [0]
+    return np.stack([np.pad(x[s : s + samples], (0, max(0, samples - len(x[s : s + samples])))) for s in starts])
+
+
+def evaluate_teacher(teacher, examples: list[Example], classes: list[str], window: float = 1.0, hop: float = 0.5, rate: int = 16000) -> dict:
+    """A third-party teacher (train.teachers) as a peer on the task `evaluate` runs: its
+    probabilities averaged over a clip's 1 s windows, every 0.5 s, among `classes` (those it has)."""
+    from rich.progress import track
+
+    from edgetag import audio
+
+    scored = [label for label in classes if label in teacher.labels]
+    columns = [list(teacher.labels).index(label) for label in scored]
+    known = [e for e in examples if any(label in scored for label in e.labels)]
+    kept, scores = [], []
+    for e in track(known, description="teacher", transient=True):
+        try:
+            x = audio.load(e.path, rate)
+        except audio.AudioError:
+            continue
+        kept.append(e)
+        scores.append(np.asarray(teacher(teacher_windows(x, round(window * rate), round(hop * rate))))[:, columns].mean(0))
+    result = report(np.stack(scores), targets(kept, scored), scored)
+    result.update(labels=scored, skipped_unknown_label=len(examples) - len(known), skipped_unreadable=len(known) - len(kept))
+    return result
+
+
 def spotting(backend, positives: list[Example], negatives: list[Example], post=None) -> dict:
     """Keyword spots as `edgetag file` makes them (the streaming engine with the backend's
     calibrated thresholds): false alarms per hour of `negatives` (audio without keywords; any

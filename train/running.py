@@ -59,14 +59,15 @@ class Scene:
 
 
 def compose(keywords: list[Example], others: list[Example], backgrounds: list[Example], rate: int = 16000, snr_db: tuple[float, float] = (0.0, 15.0),
-            gap: tuple[float, float] = (1.0, 3.0), keyword_share: float = 0.5, seed: int = 0) -> Scene:
-    """One scene: every readable background clip once, in a random order, end to end; then words
-    (keywords with probability `keyword_share`, each clip used at most once) every `gap` seconds."""
+            gap: tuple[float, float] = (1.0, 3.0), keyword_share: float = 0.5, repeat: int = 1, seed: int = 0) -> Scene:
+    """One scene: every readable background clip `repeat` times, each pass in another random
+    order, end to end; then words (keywords with probability `keyword_share`, each clip used at
+    most once) every `gap` seconds, until the words or the background run out."""
     rng = np.random.default_rng(seed)
-    beds = [x for x in load_clips([backgrounds[i] for i in rng.permutation(len(backgrounds))], rate) if x is not None and len(x)]
+    beds = [x for x in load_clips(backgrounds, rate) if x is not None and len(x)]
     if not beds:
         raise ValueError("no readable background audio")
-    audio = np.concatenate(beds).astype(np.float32)
+    audio = np.concatenate([beds[i] for _ in range(repeat) for i in rng.permutation(len(beds))]).astype(np.float32)
     spoken = {True: [(e.labels[0], x) for e, x in zip(keywords, load_clips(keywords, rate)) if x is not None and e.labels[0] not in NOT_SPOTTED],
               False: [("", x) for x in load_clips(others, rate) if x is not None]}
     for pool in spoken.values():
@@ -165,9 +166,10 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, marks: di
     plt.close(fig)
 
 
-def scene_of(keywords: list[str], others: list[str], backgrounds: list[str], seed: int) -> Scene:
+def scene_of(keywords: list[str], others: list[str], backgrounds: list[str], seed: int = 0, repeat: int = 1) -> Scene:
+    """A scene from sources (train.data.Source): keyword clips, other speech, background."""
     read = lambda sources, head: [e for text in sources for e in Source.parse(text, head).read()]  # noqa: E731
-    return compose(read(keywords, KEYWORDS), read(others, KEYWORDS), read(backgrounds, TAGS), seed=seed)
+    return compose(read(keywords, KEYWORDS), read(others, KEYWORDS), read(backgrounds, TAGS), repeat=repeat, seed=seed)
 
 
 def main(
