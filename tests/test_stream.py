@@ -276,3 +276,12 @@ def test_listen_ctrl_c_ends_cleanly_with_a_summary(random_model):
     assert run.returncode == 0, err
     summary = json.loads(out.splitlines()[-1])
     assert summary["kind"] == "summary" and 0 < summary["seconds"] < 7.0
+
+
+def test_file_classes_restricts_the_output_and_names_an_unknown_class(detector, scene):
+    every = {json.loads(line)["label"] for line in cli("file", scene, "--model", detector, "--json").stdout.splitlines()}
+    assert {"tone", "noise"} <= every
+    run = cli("file", scene, "--model", detector, "--json", "--classes", "tone")
+    assert run.returncode == 0 and {json.loads(line)["label"] for line in run.stdout.splitlines()} == {"tone"}
+    run = cli("file", scene, "--model", detector, "--classes", "bell")
+    assert run.returncode == 2 and run.stderr.strip() == "edgetag: error: classes: the model has no class 'bell'"
