@@ -151,7 +151,10 @@ def default(data: str = "../shared/data", out: str = "runs/default", previous: s
     # Sounds without a word, so the keyword head meets dogs and drills (`_silence_`: no keyword)
     sounds = [f"keywords={esc50_train},groups=0-50,label=_silence_", f"keywords={us8k_train},groups=0-50,label=_silence_"]
     student = FinetuneConfig(
-        train=[f"tags={esc50_train}", f"tags={us8k_train}", f"tags={dcase_train}", f"tags={speech_commands},split=train,percent=20,label=Speech",
+        # a quarter of UrbanSound8K's recordings: its ten classes then have about as many windows
+        # as an ESC-50 class (all of them gave "Engine" and "Siren" four times ESC-50's share,
+        # and the tag head learned to answer them for anything: 18.9% on ESC-50 fold 4)
+        train=[f"tags={esc50_train}", f"tags={us8k_train},groups=0-25", f"tags={dcase_train}", f"tags={speech_commands},split=train,percent=20,label=Speech",
                f"keywords={speech_commands},split=train,percent=20", *other_words, *sounds],
         val=[f"tags={esc50_val}", f"tags={dcase_val}", f"keywords={keywords_val}"],
         out=str(o / "student"), init=str(Path(previous) / "model.safetensors"), stream=StreamConfig(window=1.0, hop=0.5),

@@ -83,6 +83,7 @@ def test_unwritable_output_is_a_user_error(tmp_path):
     (["--hop", "0"], "a hop of 0 s is shorter than one 10 ms frame"),
     (["--window", "0.05"], "a window of 0.05 s makes 3 frames, fewer than one token (16 frames)"),
     (["--window", "2", "--backend", "onnx"], "the onnx model takes 1 s windows only (its input length is fixed)"),
+    (["--classes", "Doggo"], "classes: the model has no class 'Doggo'"),
 ])
 def test_a_window_or_hop_the_model_cannot_take_is_one_line_and_exit_2(option, reason):
     """Never rounded to the nearest frame, never the model's own instead."""

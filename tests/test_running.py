@@ -46,3 +46,14 @@ def test_score_counts_found_wrong_and_false_alarms():
     assert calibrate_threshold(points, 1000.0)["threshold"] == 0.30
     per = score(spec, PostConfig(), "keywords", {"keywords": hops}, scene, {"yes": 0.95, "no": 0.5})
     assert (per["found"], per["false_alarms"]) == (0, 1)
+
+
+def test_the_benchmark_command_refuses_bad_sources_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run = subprocess.run([sys.executable, "-m", "train.running", "--keywords", str(tmp_path / "none"), "--backgrounds", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip() == f"train.running: error: {tmp_path / 'none'}: no such file or folder"
