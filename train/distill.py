@@ -256,27 +256,26 @@ class ViewTargets(HardLabels):
         from safetensors import safe_open
         from safetensors.torch import load_file, save_file
 
-        cached = {}
+        cached, keys = {}, {}
         if self.cache.is_file():
             with safe_open(str(self.cache), "pt") as f:
                 keys = json.loads((f.metadata() or {}).get("keys", "{}"))
             cached = load_file(str(self.cache))
-        fresh = {}
+        current, rendered = {}, False
         for t in tasks:
-            key = self._key(t, spec)
-            if keys_match := (cached and keys.get(t.head) == key):
+            current[t.head] = self._key(t, spec)
+            if keys.get(t.head) == current[t.head]:
                 views = {k.split(".", 1)[1]: v for k, v in cached.items() if k.startswith(f"{t.head}.")}
                 print(f"{t.head}: {len(views['hard'])} views from {self.cache}")
             else:
-                views = self.render(t, spec, spec.heads[t.head])
+                views, rendered = self.render(t, spec, spec.heads[t.head]), True
                 print(f"{t.head}: rendered {len(views['hard'])} views of {len(t.examples)} clips")
-            fresh[t.head] = (key, views, keys_match)
+            cached.update({f"{t.head}.{k}": v.contiguous() for k, v in views.items()})
             t.train, t.train_y = list(views["feats"].float()), views["hard"]
             self.soft[t.head], self.taught[t.head] = views["soft"], bool(views["taught"])
-        if not all(match for _, _, match in fresh.values()):
+        if rendered:
             self.cache.parent.mkdir(parents=True, exist_ok=True)
-            save_file({f"{head}.{k}": v.contiguous() for head, (_, views, _) in fresh.items() for k, v in views.items()}, str(self.cache),
-                      metadata={"keys": json.dumps({head: key for head, (key, _, _) in fresh.items()})})
+            save_file({k: v for k, v in cached.items() if k.split(".", 1)[0] in current}, str(self.cache), metadata={"keys": json.dumps(current)})
 
     def targets(self, task: Task, index: list[int], starts: list[int]) -> torch.Tensor:
         return torch.cat([task.train_y[index], self.soft[task.head][index]], dim=1)
