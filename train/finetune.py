@@ -103,15 +103,16 @@ def build_tasks(c: FinetuneConfig, fbank: FbankConfig, labels: dict[str, list[st
     for head, examples in train.items():
         train_examples, val_examples = (examples, val[head]) if head in val else split_examples(examples, c.val_percent)
         head_labels = (labels or {}).get(head) or labels_of(train_examples)
-        sets = []
+        sides = {}  # name -> (features, examples) of the readable clips
         for name, subset in (("train", train_examples), ("val", val_examples)):
             subset = [e for e in subset if any(label in head_labels for label in e.labels)]
             feats = load_features(subset, fbank, description=f"{head} {name}")
             kept = [(e, f) for e, f in zip(subset, feats) if f is not None]
             if len(kept) < len(subset):
                 print(f"{head} {name}: skipped {len(subset) - len(kept)} unreadable clip(s)")
-            sets.append(([f for _, f in kept], targets([e for e, _ in kept], head_labels), [e for e, _ in kept]))
-        tasks.append(Task(head, head_labels, *sets[0][:2], *sets[1][:2], sets[0][2]))
+            sides[name] = ([f for _, f in kept], [e for e, _ in kept])
+        (train_x, train_e), (val_x, val_e) = sides["train"], sides["val"]
+        tasks.append(Task(head, head_labels, train_x, targets(train_e, head_labels), val_x, targets(val_e, head_labels), train_e))
     return tasks
 
 
