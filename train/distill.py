@@ -10,7 +10,14 @@ for keywords. Training crops start on the hop grid, so the teacher runs once per
 training data, through the runtime's own windows -> probabilities path (any backend: a
 checkpoint, an ONNX export), and its probabilities are cached (as EfficientAT does) in
 OUT/teacher_probabilities.safetensors, reused while teacher, data and window stay the same.
-Every other option (data, augmentation, modes) is train.finetune's.
+
+    python -m train.distill --views 2 --tag-teacher mn04_as_mAP_432.pt --audioset ../shared/data/audioset \
+        --keyword-teacher kws_ref_model.tflite --train ... --out runs/student
+
+With --views the student learns from augmented views of its training windows instead
+(`ViewTargets`, train.views): waveforms mixed, moved and scaled before anyone hears them, labelled
+once by the third-party teachers (train.teachers) and any edgetag --teacher, and cached in
+OUT/views.safetensors. Every other option (data, augmentation, modes) is train.finetune's.
 """
 
 from __future__ import annotations
