@@ -3,6 +3,7 @@ skips them all, a changed setting reruns only the stages that build on it, and i
 model that loads and agrees across backends."""
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import soundfile as sf
 import torch
 
 from conftest import make_dataset
+from edgetag.checkpoint import load_model
 from pipeline.recipe import Recipe, digest, run, stages_of
 from train.augment import AugmentConfig
 from train.distill import DistillConfig
@@ -137,3 +139,39 @@ def test_installed_model_loads_with_its_id_thresholds_and_onnx_parity(recipe_run
 def test_unknown_stage_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown stage"):
         run(small_recipe(tmp_path, tmp_path), tmp_path, ["pretrain", "polish"])
+
+
+@pytest.mark.slow
+def test_a_recipe_that_continues_a_model_on_views_with_running_audio(recipe_run, tmp_path):
+    """default-3's shape: no pretraining or teacher stage; the student continues a finished
+    model on augmented views (hard labels here: no third-party teacher on a CI machine); a
+    keyword threshold chosen on a running-audio scene; the previous model and the running-audio
+    benchmark in the report and the card."""
+    from train.views import ViewsConfig
+
+    first, first_out, _ = recipe_run
+    data, out = Path(first.pretrain.data[0]), tmp_path / "runs"
+    previous = tmp_path / "previous"
+    shutil.copytree(first_out / "export", previous / "export")
+    shutil.copy2(first_out / "calibrate" / "model.safetensors", previous / "model.safetensors")
+    commands, negatives = str(data / "commands"), str(data / "negatives")
+    student = replace(first.student.student, out=str(out / "student"), init=str(previous / "model.safetensors"), epochs=1)
+    scene = {"keywords": [f"{commands},split=val,percent=25"], "others": [negatives], "backgrounds": [negatives], "seed": 1, "repeat": 2}
+    recipe = replace(first, model_id="test-model-3", pretrain=None, teacher=None,
+                     student=DistillConfig(views=ViewsConfig(views=2), student=student),
+                     baselines={"nokd": DistillConfig(views=ViewsConfig(views=1), student=replace(student, out=str(out / "nokd")))},
+                     calibrate={**first.calibrate, "keywords": [], "negatives": [], "scene": scene},
+                     evaluation={**first.evaluation, "running": {**scene, "gates": [0.5]}, "previous": str(previous)},
+                     targets={"accuracy": {"keywords": 0.5}, "running": (1000.0, 0.0)})
+    assert stages_of(recipe) == ["student", "nokd", "calibrate", "export", "evaluate", "card"]
+    run(recipe, out)
+    report = json.loads((out / "evaluate" / "stage.json").read_text())["result"]
+    assert {"student", "baseline: nokd", "previous", "previous, ONNX Runtime int8"} <= set(report["models"])
+    running = report["running"]
+    assert running["keywords"] > 0 and set(running["models"]) >= {"student", "previous", "baseline: nokd"}
+    chosen = json.loads((out / "calibrate" / "stage.json").read_text())["result"]["scene"]["chosen"]
+    model = load_model(out / "calibrate" / "model.safetensors")
+    assert set(model.spec.thresholds["keywords"].values()) == {chosen["threshold"]}  # one threshold, from the scene
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "## Keywords in running audio" in card and "## Targets" in card and (out / "running.png").is_file()
+    assert f"{100 * report['models']['student']['keywords']['accuracy']:.1f}%" in card
