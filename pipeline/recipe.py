@@ -1,10 +1,13 @@
-"""The bundled default model, reproduced end to end from the shared data folder.
+"""The default models, reproduced end to end from the shared data folder.
 
-    python -m pipeline.recipe default                                  # ../shared/data -> runs/default
-    python -m pipeline.recipe default --data D --out runs/default --install
-    python -m pipeline.recipe default --stages scratch,nokd           # some stages (e.g. baselines in a second process)
+    python -m pipeline.recipe default2 --out runs/d2                   # edgetag-default-2, the bundled model
+    python -m pipeline.recipe default2 --out runs/d2 --install         # ... copied into edgetag/assets
+    python -m pipeline.recipe default --previous runs/default-2       # edgetag-default-3 from default-2 (laid out as edgetag/assets)
+    python -m pipeline.recipe default --stages nokd                   # some stages (e.g. a baseline in a second process)
 
-Stages, each in its own folder under --out:
+Stages, each in its own folder under --out (default-3 has no pretrain or teacher stage: its
+student continues default-2 on augmented views that third-party teachers label, and its keyword
+threshold comes from a running-audio scene):
 
 1. pretrain   MAE-AST on every clip under --data, labels unused (train.pretrain)
 2. teacher    the pretrained tiny encoder fine-tuned on both heads: tags (ESC-50 folds 1-3, 5 and
