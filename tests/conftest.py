@@ -81,3 +81,16 @@ def make_dataset(root: Path, clips: int = 16, seconds: float = 0.6, silence: boo
             (root / label).mkdir(parents=True, exist_ok=True)
             sf.write(root / label / f"{i:02d}.wav", x.astype(np.float32), 16000)
     return root
+
+
+def pytest_terminal_summary(terminalreporter):
+    """What was skipped and why, one line per reason, so a skipped module cannot pass for one test."""
+    from collections import Counter
+
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    reasons = Counter((r.longrepr[2] if isinstance(r.longrepr, tuple) else str(r.longrepr)).removeprefix("Skipped: ") for r in skipped)
+    terminalreporter.write_sep("-", f"{len(skipped)} skipped, by reason")
+    for reason, count in reasons.most_common():
+        terminalreporter.write_line(f"{count:5d}  {reason}")
