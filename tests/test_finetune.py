@@ -220,3 +220,21 @@ def test_training_commands_refuse_bad_input_in_one_line(args, message, dataset, 
     args, message = [a.replace("DATA", str(dataset)) for a in args], message.replace("DATA", str(dataset))
     run = subprocess.run([sys.executable, "-m", *args, "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith(message) and "Traceback" not in run.stderr
+
+
+def test_tag_head_distillation_is_bce_against_the_teacher_weighted_with_the_labels():
+    """Tags: (1 - alpha) BCE(hard) + alpha BCE(teacher's sigmoid), no temperature; a student at
+    the teacher's logits with alpha 1 sits at the targets' entropy, the loss's floor."""
+    from edgetag.model import HeadConfig
+    from train.distill import distillation_loss
+
+    torch.manual_seed(0)
+    head, logits = HeadConfig("tags", ["a", "b", "c"]), torch.randn(5, 3)
+    hard, soft = (torch.rand(5, 3) > 0.5).float(), torch.rand(5, 3)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected = 0.3 * bce(logits, hard) + 0.7 * bce(logits, soft)
+    torch.testing.assert_close(distillation_loss(head, logits, hard, soft, temperature=4.0, alpha=0.7), expected)
+    floor = distillation_loss(head, soft.logit(), hard, soft, 4.0, 1.0)
+    entropy = -(soft * soft.log() + (1 - soft) * (1 - soft).log()).mean()
+    torch.testing.assert_close(floor, entropy)
+    assert distillation_loss(head, soft.logit() + 0.5, hard, soft, 4.0, 1.0) > floor
