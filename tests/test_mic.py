@@ -87,3 +87,30 @@ def test_bundled_model_hears_the_example_through_the_microphone(tmp_path):
     assert {r["model"] for r in live} == {r["model"] for r in offline} == {load_model().spec.model_id}
     assert set(labels(live, "keyword")) <= set(labels(offline, "keyword")) == {"yes"}
     assert set(labels(live, "tag")) & set(labels(offline, "tag"))
+
+
+def test_devices_lists_the_microphone_and_listen_finds_it_by_index_and_by_name(tmp_path):
+    """`edgetag devices` on the virtual microphone's stack, then `listen --device` with an index and
+    a name from that list, and a device that is not there: one line, exit 2."""
+    script = f"""
+    export VMIC_DIR={tmp_path / 'vmic'}
+    . {VMIC / 'up.sh'} > /dev/null
+    {sys.executable} -m edgetag devices > {tmp_path / 'devices.txt'}
+    for device in $(awk '{{print $(NF-5)}}' {tmp_path / 'devices.txt'} | head -1) $(awk '{{print $(NF-4)}}' {tmp_path / 'devices.txt'} | head -1) nosuch; do
+        {sys.executable} -m edgetag listen --device $device --duration 0.6 --json > {tmp_path}/listen_$device.jsonl 2> {tmp_path}/listen_$device.err
+        echo "$device $?" >> {tmp_path / 'codes.txt'}
+    done
+    . {VMIC / 'down.sh'} > /dev/null
+    """
+    subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                   env={k: v for k, v in os.environ.items() if not k.startswith("PULSE")})
+    rows = [line.split() for line in (tmp_path / "devices.txt").read_text().splitlines()]
+    assert rows and all(r[-4].startswith("(") and r[-3] == "ch," and r[-1] == "Hz)" for r in rows)  # index  name  (N ch, R Hz)
+    assert sum(line.startswith("*") for line in (tmp_path / "devices.txt").read_text().splitlines()) == 1  # one default
+    codes = dict(line.split() for line in (tmp_path / "codes.txt").read_text().splitlines())
+    index, name = rows[0][-6], rows[0][-5]
+    assert codes == {index: "0", name: "0", "nosuch": "2"}
+    for device in (index, name):
+        summary = json.loads((tmp_path / f"listen_{device}.jsonl").read_text().splitlines()[-1])
+        assert summary["kind"] == "summary" and summary["seconds"] == pytest.approx(0.6, abs=0.05)
+    assert (tmp_path / "listen_nosuch.err").read_text().strip() == "edgetag: error: no input device matches 'nosuch' (see `edgetag devices`)"
