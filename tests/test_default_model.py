@@ -137,3 +137,23 @@ def test_card_keyword_and_esc50_accuracy_are_measured_again(tmp_path):
         run = subprocess.run([sys.executable, "-m", "train.evaluate", *args, "--json", str(report)], cwd=REPO, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
         assert f"{100 * json.loads(report.read_text())['accuracy']:.1f}%" == cell.split()[0]  # "85.2% (12-way)"
+
+
+def test_torch_int8_backend_from_the_cli_agrees_with_fp32_where_fp32_is_clear():
+    """`--backend torch-int8` (torchao dynamic int8 of the bundled checkpoint) runs from the CLI on
+    the bundled model, and per hop picks fp32's keyword wherever fp32's top two classes are more
+    than 0.1 apart (int8 moves probabilities by ~0.01: a closer call may flip, a clear one not)."""
+    pytest.importorskip("torchao", reason="torch-int8 needs torchao (pip install 'edgetag[deploy]')")
+    import edgetag
+    from edgetag.stream import process_file
+
+    events = edgetag_file("--backend", "torch-int8")
+    assert events and {e["model"] for e in events} == {edgetag_model_id()}
+    hops = {backend: process_file(edgetag.open_stream(backend=backend), EXAMPLE).hops for backend in ("torch", "torch-int8")}
+    clear = 0
+    for fp32, int8 in zip(hops["torch"], hops["torch-int8"]):
+        top2 = np.sort(fp32.probabilities["keywords"])[-2:]
+        if top2[1] - top2[0] > 0.1:
+            clear += 1
+            assert int8.probabilities["keywords"].argmax() == fp32.probabilities["keywords"].argmax(), fp32.start
+    assert clear >= len(hops["torch"]) // 2  # the check covers most hops, not a lucky few
