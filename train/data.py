@@ -359,22 +359,26 @@ def labels_of(examples: list[Example]) -> list[str]:
     return sorted(labels, key=lambda x: (x in NOT_SPOTTED, x == SILENCE, x))
 
 
-def load_features(examples: list[Example], config: FbankConfig, description: str = "fbank") -> list[torch.Tensor | None]:
-    """Each example's log-mel fbank [T, n_mels] (not normalised), computed once; None, with one
-    warning, for a file that cannot be read."""
+def load_clips(examples: list[Example], rate: int, description: str = "audio") -> list[np.ndarray | None]:
+    """Each example's waveform at `rate` (its start/end honoured); None, with one warning, for a
+    file that cannot be read."""
     from rich.progress import track
 
     out = []
     for e in track(examples, description=description, transient=True):
         try:
-            waveform = audio.load(e.path, config.sample_rate)
+            waveform = audio.load(e.path, rate)
         except audio.AudioError as error:
-            warnings.warn(f"skipping {error}", stacklevel=2)
+            warnings.warn(f"skipping {error}", stacklevel=3)
             out.append(None)
             continue
-        if e.start is not None or e.end is not None:
-            start = round((e.start or 0.0) * config.sample_rate)
-            end = len(waveform) if e.end is None else round(e.end * config.sample_rate)
-            waveform = waveform[start:end]
-        out.append(fbank(waveform, config) if len(waveform) >= config.frame_length else None)
+        start = round((e.start or 0.0) * rate)
+        out.append(waveform[start : len(waveform) if e.end is None else round(e.end * rate)])
     return out
+
+
+def load_features(examples: list[Example], config: FbankConfig, description: str = "fbank") -> list[torch.Tensor | None]:
+    """Each example's log-mel fbank [T, n_mels] (not normalised), computed once; None, with one
+    warning, for a file that cannot be read (or shorter than one frame)."""
+    return [fbank(x, config) if x is not None and len(x) >= config.frame_length else None
+            for x in load_clips(examples, config.sample_rate, description)]

@@ -232,8 +232,8 @@ class ViewTargets(HardLabels):
 
     def render(self, task: Task, spec: ModelSpec, head: HeadConfig) -> dict[str, torch.Tensor]:
         from edgetag.features import fbank
-        from train.data import Source
-        from train.views import load_clips, render
+        from train.data import Source, load_clips
+        from train.views import render
 
         rate = spec.fbank.sample_rate
         samples = (spec.window_frames - 1) * spec.fbank.frame_shift + spec.fbank.frame_length

@@ -28,7 +28,7 @@ from edgetag.checkpoint import CheckpointError
 from edgetag.model import EVENT_KINDS, HEAD_KINDS, KEYWORDS, NOT_SPOTTED
 from edgetag.runtime import BACKENDS, BackendError, clip_probabilities, load_backend
 from train import metrics
-from train.data import Example, Source, load_features
+from train.data import Example, Source, load_clips, load_features
 
 
 FIGURES = ("n", "accuracy", "macro_f1", "mAP")  # a report's headline figures (accuracy and macro-F1: single-label data)
@@ -136,21 +136,12 @@ def teacher_windows(x: np.ndarray, samples: int, hop: int) -> np.ndarray:
 def evaluate_teacher(teacher, examples: list[Example], classes: list[str], window: float = 1.0, hop: float = 0.5, rate: int = 16000) -> dict:
     """A third-party teacher (train.teachers) as a peer on the task `evaluate` runs: its
     probabilities averaged over a clip's 1 s windows, every 0.5 s, among `classes` (those it has)."""
-    from rich.progress import track
-
-    from edgetag import audio
-
     scored = [label for label in classes if label in teacher.labels]
     columns = [list(teacher.labels).index(label) for label in scored]
     known = [e for e in examples if any(label in scored for label in e.labels)]
-    kept, scores = [], []
-    for e in track(known, description="teacher", transient=True):
-        try:
-            x = audio.load(e.path, rate)
-        except audio.AudioError:
-            continue
-        kept.append(e)
-        scores.append(np.asarray(teacher(teacher_windows(x, round(window * rate), round(hop * rate))))[:, columns].mean(0))
+    readable = [(e, x) for e, x in zip(known, load_clips(known, rate, "teacher")) if x is not None]
+    kept = [e for e, _ in readable]
+    scores = [np.asarray(teacher(teacher_windows(x, round(window * rate), round(hop * rate))))[:, columns].mean(0) for _, x in readable]
     result = report(np.stack(scores), targets(kept, scored), scored)
     result.update(labels=scored, skipped_unknown_label=len(examples) - len(known), skipped_unreadable=len(known) - len(kept))
     return result

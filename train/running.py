@@ -19,9 +19,8 @@ made of other speakers and other background.
 from __future__ import annotations
 
 import json
-import math
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +28,10 @@ import typer
 
 from edgetag.model import KEYWORDS, NOT_SPOTTED, TAGS
 from edgetag.spec import ModelSpec
-from edgetag.stream import Engine, PostConfig, PostProcessor
-from train.data import Example, Source
-from train.views import load_clips, mix, power
-
-GRID = np.round(np.arange(0.30, 1.0, 0.01), 2)
+from edgetag.stream import Engine, PostConfig
+from train.calibrate import GRID, replay
+from train.data import Example, Source, load_clips
+from train.views import mix, power
 
 
 @dataclass
@@ -111,8 +109,7 @@ def score(spec: ModelSpec, post: PostConfig, head: str, probabilities: dict[str,
     found, wrong spots, false alarms (and per hour)."""
     labels = spec.heads[head].labels
     per = threshold if isinstance(threshold, dict) else {label: float(threshold) for label in labels if label not in NOT_SPOTTED}
-    processor = PostProcessor(replace(spec, heads={head: spec.heads[head]}, thresholds={}), post, {head: dict.fromkeys(labels, math.inf) | per})
-    events = processor.replay({head: probabilities[head]})
+    events = replay(spec, post, head, per, [probabilities])[0]
     targets, found, wrong, alarms = scene.keywords, set(), 0, 0
     for e in events:
         near = [i for i, w in enumerate(targets) if e.start < w.end and e.end > w.start]

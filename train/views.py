@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgetag import audio
 from edgetag.model import TAGS
 from train.data import Example
 from train.options import setting
@@ -74,23 +73,6 @@ class Views:
     audio: np.ndarray
     labels: list[tuple[str, ...]]
     source: list[int]  # the example each view was made from
-
-
-def load_clips(examples: list[Example], rate: int) -> list[np.ndarray | None]:
-    """Waveforms of examples (their start/end honoured); None for an unreadable file, with a warning."""
-    from rich.progress import track
-
-    out = []
-    for e in track(examples, description="audio", transient=True):
-        try:
-            x = audio.load(e.path, rate)
-        except audio.AudioError as error:
-            print(f"skipping {error}")
-            out.append(None)
-            continue
-        start = round((e.start or 0.0) * rate)
-        out.append(x[start : len(x) if e.end is None else round(e.end * rate)])
-    return out
 
 
 def render(kind: str, examples: list[Example], clips: list[np.ndarray | None], backgrounds: list[np.ndarray],
