@@ -18,7 +18,7 @@ from train.augment import AugmentConfig
 from train.data import Source, split_examples
 from train.distill import DistillConfig, TeacherTargets, distill
 from train.evaluate import evaluate
-from train.finetune import FinetuneConfig, finetune, random_crops, set_trainable
+from train.finetune import FinetuneConfig, build_model, finetune, random_crops, set_trainable
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,28 @@ def test_linear_probe_and_adapters_leave_the_encoder_alone(trained, dataset, tmp
         assert (tuned.spec.encoder.adapter_dim > 0) == (mode == "adapter")
     adapter_weights = [v for k, v in tuned.state_dict().items() if ".adapter.up." in k]
     assert any(v.abs().sum() > 0 for v in adapter_weights)  # the adapters did train
+
+
+def test_a_grown_head_keeps_the_classes_it_shares_with_init(tmp_path):
+    """--init with a head of other classes: shared classes keep their rows (by name, in any
+    order), new ones start fresh at the one-in-N prior, and the encoder comes over whole."""
+    from edgetag.model import HeadConfig
+
+    source = make_model("nano", {"tags": ["dog", "cat", "rain"], "keywords": ["yes", "no"]})
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_()
+    save(tmp_path / "init.safetensors", source)
+    heads = {"tags": HeadConfig("tags", ("wind", "rain", "dog", "siren", "bird")), "keywords": HeadConfig("keywords", ("yes", "no"))}
+    model = build_model(FinetuneConfig(train=["x"], init=str(tmp_path / "init.safetensors")), heads, source.spec.fbank)
+    old, new = source.heads["tags"].fc, model.heads["tags"].fc
+    torch.testing.assert_close(new.weight[[1, 2]], old.weight[[2, 0]], rtol=0, atol=0)
+    torch.testing.assert_close(new.bias[[1, 2]], old.bias[[2, 0]], rtol=0, atol=0)
+    assert torch.all(new.bias[[0, 3, 4]] == -np.log(4)) and not torch.equal(new.weight[0], old.weight[1])
+    torch.testing.assert_close(model.heads["tags"].norm.weight, source.heads["tags"].norm.weight, rtol=0, atol=0)
+    for key, value in source.state_dict().items():
+        if not key.startswith("heads.tags."):
+            torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
 
 
 def test_set_trainable_shares():

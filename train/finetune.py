@@ -192,8 +192,9 @@ class HardLabels:
 
 
 def build_model(c: FinetuneConfig, heads: dict[str, HeadConfig], fbank: FbankConfig) -> AudioTransformer:
-    """A model with these heads reading `fbank`: the encoder (and any head that fits) from
-    --init, whose provenance it keeps under "init", or from scratch."""
+    """A model with these heads reading `fbank`: the encoder from --init, whose provenance it
+    keeps under "init", or from scratch. A head of --init's with the same name and kind lends
+    its norm and the rows of every class the new head shares with it (`carry_head`)."""
     adapter_dim = c.adapter_dim if c.mode == "adapter" else 0
     if not c.init:
         encoder = EncoderConfig.named(c.size, tokens=c.tokens, adapter_dim=adapter_dim)
@@ -203,11 +204,29 @@ def build_model(c: FinetuneConfig, heads: dict[str, HeadConfig], fbank: FbankCon
         raise ValueError(f"{c.init}: its fbank differs from the teacher's; distil from scratch or from an encoder trained on the same features")
     encoder = replace(source.spec.encoder, adapter_dim=adapter_dim or source.spec.encoder.adapter_dim)
     model = AudioTransformer(ModelSpec(encoder, fbank, heads, c.stream, provenance={"init": source.spec.provenance}))
-    same_head = lambda key: not key.startswith("heads.") or source.spec.heads.get(key.split(".")[1]) == heads.get(key.split(".")[1])  # noqa: E731
-    missing, unexpected = model.load_state_dict({k: v for k, v in source.state_dict().items() if same_head(k)}, strict=False)
+    missing, unexpected = model.load_state_dict({k: v for k, v in source.state_dict().items() if not k.startswith("heads.")}, strict=False)
     if unexpected or any(not (k.startswith("heads.") or ".adapter." in k) for k in missing):
         raise ValueError(f"{c.init}: encoder does not fit ({unexpected or missing})")
+    for name, head in heads.items():
+        old = source.spec.heads.get(name)
+        if old is not None and old.kind == head.kind:
+            carry_head(source.heads[name], old.labels, model.heads[name], head.labels)
     return model
+
+
+@torch.no_grad()
+def carry_head(source: torch.nn.Module, source_labels: tuple[str, ...], head: torch.nn.Module, labels: tuple[str, ...]) -> int:
+    """Copy `source`'s norm and, class by class, its output rows into `head`; classes it lacks
+    keep their fresh rows. A 57-class tag head grown to AudioSet's 527 keeps what it knew, so a
+    short schedule spends itself on the new classes. Returns how many classes were carried."""
+    head.norm.load_state_dict(source.norm.state_dict())
+    row = {label: i for i, label in enumerate(source_labels)}
+    shared = [(i, row[label]) for i, label in enumerate(labels) if label in row]
+    if shared:
+        to, frm = (torch.tensor(ix) for ix in zip(*shared))
+        head.fc.weight[to] = source.fc.weight[frm]
+        head.fc.bias[to] = source.fc.bias[frm]
+    return len(shared)
 
 
 def set_trainable(model: AudioTransformer, mode: str) -> None:
