@@ -204,7 +204,7 @@ class Microphone:
         self.device = find_device(device)
         self.native_rate = int(self.device.sample_rate)
         self.blocksize = max(1, int(block_seconds * self.native_rate))
-        self.queue = queue.Queue(maxsize=max(1, int(queue_seconds / block_seconds)))
+        self.queue = queue.Queue(maxsize=max(1, round(queue_seconds / block_seconds)))  # int() made 0.3 / 0.1 two blocks
         self.resampler = None if self.native_rate == rate else soxr.ResampleStream(self.native_rate, rate, 1, dtype="float32")
         self.overflows = 0
         self.dropped = 0

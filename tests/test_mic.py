@@ -114,3 +114,36 @@ def test_devices_lists_the_microphone_and_listen_finds_it_by_index_and_by_name(t
         summary = json.loads((tmp_path / f"listen_{device}.jsonl").read_text().splitlines()[-1])
         assert summary["kind"] == "summary" and summary["seconds"] == pytest.approx(0.6, abs=0.05)
     assert (tmp_path / "listen_nosuch.err").read_text().strip() == "edgetag: error: no input device matches 'nosuch' (see `edgetag devices`)"
+
+
+def test_microphone_counts_what_it_drops_and_what_portaudio_overflows(tmp_path):
+    """A consumer that stops reading loses blocks, counted, while the queue keeps the oldest ones
+    (PortAudio's callback never blocks); an input-overflow flag from PortAudio is counted once."""
+    probe = f"""
+import json, time
+import numpy as np, sounddevice as sd
+from edgetag.audio import Microphone
+with Microphone(None, block_seconds=0.1, queue_seconds=0.3) as mic:  # a queue of 3 blocks
+    time.sleep(2.0)  # ~20 blocks arrive, nobody reads
+    dropped = mic.dropped
+    queued = mic.queue.qsize()
+    overflows = mic.overflows
+    mic._callback(np.zeros((1600, 1), np.float32), 1600, None, sd.CallbackFlags(0x2))  # paInputOverflow
+    print(json.dumps({{"dropped": dropped, "queued": queued, "overflows": overflows, "after": mic.overflows}}))
+"""
+    (tmp_path / "probe.py").write_text(probe)
+    script = f"""
+    export VMIC_DIR={tmp_path / 'vmic'}
+    . {VMIC / 'up.sh'} > /dev/null
+    {sys.executable} {tmp_path / 'probe.py'} > {tmp_path / 'out.json'} 2> {tmp_path / 'err.txt'}
+    rc=$?
+    . {VMIC / 'down.sh'} > /dev/null
+    exit $rc
+    """
+    run = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("PULSE")})
+    assert run.returncode == 0, run.stderr + (tmp_path / "err.txt").read_text()
+    seen = json.loads((tmp_path / "out.json").read_text())
+    assert seen["queued"] == 3
+    assert seen["dropped"] >= 10  # 2 s at 10 blocks/s, less the 3 kept and a slow start
+    assert seen["after"] == seen["overflows"] + 1
