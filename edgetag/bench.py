@@ -152,5 +152,5 @@ def print_stream_benchmark(r: dict) -> None:
         table.add_row(name if name != "fbank" else "fbank increment", f"{r[f'{name}_median_s'] * 1000:.2f} ms", f"{r[f'{name}_p95_s'] * 1000:.2f} ms")
     Console().print(table)
     print(f"a hop costs {100 * r['hop_share']:.2f}% of its {r['hop_s']:.2f} s of audio (real-time factor {r['rtf_1_thread']:.4f}, 1 thread)")
-    print(f"file: {r['audio_s']:.0f} s of audio in {r['file_s']:.2f} s = {r['file_x_realtime']:.0f}x real time (2 threads)")
+    print(f"file: {r['audio_s']:.0f} s of audio in {r['file_s']:.3f} s = {r['file_x_realtime']:.0f}x real time (2 threads)")
     print(f"listen --input: peak RSS {r['listen_peak_rss_mib']:.0f} MiB")

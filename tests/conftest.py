@@ -44,9 +44,12 @@ def data_path(relative: str) -> Path:
     return path
 
 
-@pytest.fixture(params=REAL_CLIPS, ids=lambda p: p.split("/")[0])
+EXAMPLE = "example"  # the bundled example (edgetag/assets): real audio every checkout has
+
+
+@pytest.fixture(params=[EXAMPLE, *REAL_CLIPS], ids=lambda p: p.split("/")[0])
 def real_clip(request) -> Path:
-    return data_path(request.param)
+    return REPO / "edgetag" / "assets" / "example.flac" if request.param == EXAMPLE else data_path(request.param)
 
 
 def white_noise(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:

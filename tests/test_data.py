@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import DATA, data_path, sine_sweep, white_noise
+from conftest import DATA, REPO, data_path, sine_sweep, white_noise
 from edgetag.features import LOG_FLOOR, fbank, preset, windows
 from train import metrics
 from train.augment import AugmentConfig, add_noise, augment, gain, mean_power, mixup, spec_augment, time_shift
@@ -163,10 +163,20 @@ def test_a_source_names_its_head_or_takes_its_readers(tmp_path):
 
 
 def test_hash_split_is_stable_and_near_the_percentage():
+    """The split of a speaker is the same in every process (Python's own hash() is salted per
+    process, so a second interpreter with another PYTHONHASHSEED must agree) and near the share."""
+    import os
+    import subprocess
+    import sys
+
     groups = [f"speaker{i}" for i in range(4000)]
-    share = sum(in_validation(g, 20) for g in groups) / len(groups)
-    assert 0.17 < share < 0.23
-    assert [in_validation(g, 20) for g in groups[:50]] == [in_validation(g, 20) for g in groups[:50]]
+    here = [in_validation(g, 20) for g in groups]
+    assert 0.17 < sum(here) / len(groups) < 0.23
+    code = "from train.data import in_validation; print(''.join('1' if in_validation(f'speaker{i}', 20) else '0' for i in range(4000)))"
+    for seed in ("1", "2"):
+        run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed})
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == "".join("1" if v else "0" for v in here)
 
 
 def test_labels_order_puts_speech_commands_specials_last():

@@ -17,8 +17,15 @@ from edgetag.checkpoint import save
 from edgetag.runtime import BackendError, TorchBackend, l4t_release, load_backend, mismatch, resolve
 from edgetag.stream import Engine, PostConfig, process_file
 
-pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'edgetag[deploy]')")
-pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
+
+
+def needs(*modules: str) -> None:
+    """Skip the test (not the module: the TensorRT builder's logic runs without them) when an
+    export or ONNX Runtime module is missing."""
+    reasons = {"onnxruntime": "needs onnxruntime (pip install 'edgetag[deploy]')", "onnxscript": "the dynamo ONNX exporter needs onnxscript",
+               "onnx": "needs onnx (pip install 'edgetag[deploy]')"}
+    for module in modules:
+        pytest.importorskip(module, reason=reasons[module])
 
 EXAMPLE = REPO / "edgetag" / "assets" / "example.flac"
 HEADS = {"tags": [f"t{i}" for i in range(6)], "keywords": ["yes", "no", "_unknown_", "_silence_"]}
@@ -26,6 +33,7 @@ HEADS = {"tags": [f"t{i}" for i in range(6)], "keywords": ["yes", "no", "_unknow
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
+    needs("onnx", "onnxscript", "onnxruntime")
     from deploy.export import export
 
     root = tmp_path_factory.mktemp("export")
@@ -43,15 +51,29 @@ def test_export_writes_checked_files(exported):
     manifest = json.loads((out / "manifest.json").read_text())
     for name, entry in manifest["files"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["sha256"]
-    assert manifest["opset"] == 20 and manifest["input"]["shape"] == ["batch", 98, 128] and manifest["outputs"] == ["tags", "keywords"]
+    assert manifest["input"]["shape"] == ["batch", 98, 128] and manifest["outputs"] == ["tags", "keywords"]
     assert manifest["spec"] == __import__("edgetag").load_model(ckpt).spec.to_dict()  # the window lives in the spec, in seconds
     model = onnx.load(str(out / "model.onnx"))
     assert not (out / "model.onnx.data").exists() and model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    # the manifest's opset and outputs are what the graph itself declares
+    assert {o.domain: o.version for o in model.opset_import}[""] == manifest["opset"] == 20
+    assert [o.name for o in model.graph.output] == manifest["outputs"]
     qdq = onnx.load(str(out / "model.int8.qdq.onnx"))
     assert sum(n.op_type == "QuantizeLinear" for n in qdq.graph.node) >= 10
     dynamic = [numpy_helper.to_array(t) for t in onnx.load(str(out / "model.int8.onnx")).graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert len(dynamic) >= 10 and max(np.abs(w.astype(int)).max() for w in dynamic) <= 64  # 7-bit weights (quantize_dynamic_int8)
-    assert all(a["max_abs"] <= 1e-4 for a in report["fp32"].values())
+    # export's own fp32 check, run again here through ONNX Runtime on audio export never saw
+    from edgetag.features import fbank, normalize, windows
+    from edgetag.runtime import OnnxBackend
+
+    net = __import__("edgetag").load_model(ckpt)
+    audio = np.random.default_rng(1).standard_normal(3 * 16000).astype(np.float32) * 0.1
+    x = normalize(windows(fbank(torch.from_numpy(audio), net.spec.fbank), net.spec.window_frames, 25), net.spec.fbank)
+    ort = OnnxBackend(out / "model.onnx").forward(x)
+    with torch.no_grad():
+        ref = net.probabilities(x)
+    for head in ref:
+        np.testing.assert_allclose(ort[head], ref[head].numpy(), atol=1e-5)  # fp32 kernels differ by reordering only
     assert all(a["top1"] >= 0.8 for kind in ("int8", "int8-qdq") for a in report[kind].values())
     reference = np.load(out / "reference.npz")
     with torch.no_grad():
@@ -94,6 +116,7 @@ def test_dynamic_int8_is_exact_integer_arithmetic(tmp_path):
     drives every uint8 activation to 255 against a column of equal weights, the worst case for
     the int16 pair sums of AVX2's VPMADDUBSW: with 8-bit weights an AVX2-only CPU returned 2.46
     off here (qemu -cpu EPYC-Milan), with 7-bit weights 1e-6, as on AVX-512 VNNI."""
+    needs("onnx", "onnxruntime")
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -123,15 +146,22 @@ def test_dynamic_int8_is_exact_integer_arithmetic(tmp_path):
     assert np.abs(got - x @ w).max() < 0.5  # and int8 still approximates the float layer
 
 
+# torchao's dynamic int8 (per-token activations, per-channel weights) against fp32, largest
+# probability difference: 0.0011-0.0028 over 3 seeded nano models x 6 seeded inputs on this
+# AVX-512 CPU (not measured on an AVX2-only one). The bound is the ONNX int8 test's: ~7x the
+# measured spread, and a third of what int16 saturation did to 8-bit weights on AVX2 (0.07).
+BOUND_TORCH_INT8 = 0.02
+
+
 def test_torch_int8_backend_stays_close_to_fp32(exported):
     pytest.importorskip("torchao")
     from edgetag.runtime import TorchInt8Backend
 
     ckpt, _, _ = exported
-    x = torch.randn(4, 98, 128)
+    x = torch.randn(4, 98, 128, generator=torch.Generator().manual_seed(0))
     fp32, int8 = TorchBackend.load(ckpt).forward(x), TorchInt8Backend.load(ckpt, compile=False).forward(x)
     for head in fp32:
-        assert np.abs(fp32[head] - int8[head]).max() < 0.05
+        assert np.abs(fp32[head] - int8[head]).max() < BOUND_TORCH_INT8
 
 
 def test_resolve_and_fixed_windows(exported, tmp_path):
@@ -147,6 +177,7 @@ def test_resolve_and_fixed_windows(exported, tmp_path):
 
 
 def test_check_onnx_refuses_non_zero_zero_points(tmp_path):
+    needs("onnx")
     import onnx
     from onnx import TensorProto, helper
 

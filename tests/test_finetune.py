@@ -60,7 +60,9 @@ def test_evaluate_cli_writes_json_and_confusion(trained, dataset, tmp_path):
                           "--head", "tags", "--json", str(report)], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     data = json.loads(report.read_text())
-    assert data["n"] == 32 and 0.5 <= data["accuracy"] <= 1 and set(data["per_class"]) == {"noise", "tone"}
+    # all 32 clips, training ones included: a model that learned tells nearly all apart (a
+    # constant answer would score 0.5 on these balanced classes)
+    assert data["n"] == 32 and data["accuracy"] >= 0.9 and set(data["per_class"]) == {"noise", "tone"}
     assert sum(map(sum, data["confusion"])) == 32
     assert (tmp_path / "report.confusion.png").stat().st_size > 0
     assert "accuracy" in run.stdout and "noise" in run.stdout
@@ -153,7 +155,10 @@ def test_distillation_caches_the_teacher_and_trains_a_student(trained, dataset, 
     c = DistillConfig(teacher=str(out / "best.safetensors"), temperature=2.0, alpha=0.5, cache=str(tmp_path / "cache.safetensors"),
                       student=quick_config(dataset, tmp_path / "student", size="nano", epochs=2))
     results = distill(c, device="cpu")
-    assert (tmp_path / "cache.safetensors").is_file() and "tags" in results
+    assert (tmp_path / "cache.safetensors").is_file()
+    assert results["tags"]["accuracy"] == 1.0  # 6 validation clips, 3 of each class; the teacher gets them all
+    losses = [float(line.split(",")[1]) for line in (tmp_path / "student" / "history.csv").read_text().splitlines()[1:]]
+    assert losses[-1] < 0.5 * losses[0]  # the distillation loss falls under the teacher (measured 0.31 -> 0.07)
     student = load_model(tmp_path / "student" / "best.safetensors")
     assert student.spec.heads == load_model(out / "best.safetensors").spec.heads
     assert student.spec.provenance["stage"] == "distill" and student.spec.provenance["teacher"]["alpha"] == 0.5

@@ -253,11 +253,23 @@ def test_missing_default_model_is_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "--model" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_bench_stream_prints_its_figures(random_model):
+def test_bench_stream_figures_agree_with_each_other(random_model):
+    """The printed figures are one measurement: the hop's share is the table's total median over
+    the hop, the file's speed is its seconds over its time, and the listen RSS is of a process
+    that loaded torch and a model (a figure read from the wrong process would be a few MiB)."""
+    import re
+
     run = cli("bench", "stream", "--model", random_model, "--seconds", "4", "--repeats", "1", "--listen-seconds", "1")
     assert run.returncode == 0, run.stderr
-    for text in ("fbank increment", "encoder", "real-time factor", "x real time (2 threads)", "peak RSS"):
-        assert text in run.stdout
+    out = run.stdout
+    stages = {m[1]: float(m[2]) for m in re.finditer(r"(fbank increment|encoder|post|total)\s*│\s*([\d.]+) ms", out)}
+    assert set(stages) == {"fbank increment", "encoder", "post", "total"} and 0 < stages["encoder"] <= stages["total"]
+    share, hop = map(float, re.search(r"a hop costs ([\d.]+)% of its ([\d.]+) s of audio", out).groups())
+    assert hop == 0.25 and share == pytest.approx(100 * stages["total"] / 1000 / hop, rel=0.02, abs=0.01)
+    audio_s, file_s, speed = map(float, re.search(r"file: ([\d.]+) s of audio in ([\d.]+) s = (\d+)x real time", out).groups())
+    assert audio_s == 4 and audio_s / (file_s + 0.0005) - 1 <= speed <= audio_s / max(file_s - 0.0005, 1e-9) + 1  # printed to 1 ms and 1x
+    rss = float(re.search(r"peak RSS (\d+) MiB", out)[1])
+    assert 100 < rss < 4096
 
 
 def test_listen_ctrl_c_ends_cleanly_with_a_summary(random_model):
