@@ -64,29 +64,45 @@ def test_views_are_labelled_consistently_and_cached(tmp_path, capsys):
     assert not learn.taught and learn.labels == {}  # no teacher, no imposed vocabulary
 
 
-def test_teacher_soft_targets_raise_labelled_classes_and_ancestors(tmp_path):
-    """With mn04 as the tag teacher a labelled class (and its AudioSet ancestors) is pulled to
-    at least 1 - alpha; other classes keep the teacher's probability."""
+def test_teacher_soft_targets_weigh_the_datasets_word_on_the_classes_they_name(tmp_path):
+    """With mn04 as the tag teacher, on the classes the datasets name (Dog, Rain and their
+    ancestors) the target is (1 - alpha) x the clip's label + alpha x mn04; on every other
+    AudioSet class it is mn04's alone. The tag loss is summed over classes and divided by the
+    named ones."""
     from edgetag.model import HeadConfig
+    from train.data import load_clips
     from train.distill import DistillConfig, ViewTargets
+    from train.finetune import Task
 
     teachers = data_path("audioset").parent.parent / "teachers" / "efficientat_mn04_as" / "mn04_as_mAP_432.pt"
     if not teachers.is_file():
         pytest.skip(f"teacher weights not available: {teachers}")
-    dog = data_path("esc50/audio/4-183992-A-0.flac")
-    c = DistillConfig(tag_teacher=str(teachers), audioset=str(data_path("audioset")), views=ViewsConfig(views=1, clip_windows=1), alpha=0.5)
+    dog, rain = data_path("esc50/audio/4-183992-A-0.flac"), data_path("esc50/audio/4-163264-A-10.flac")
+    c = DistillConfig(tag_teacher=str(teachers), audioset=str(data_path("audioset")), views=ViewsConfig(views=1, clip_windows=1), alpha=0.25)
     learn = ViewTargets(c)
     head = HeadConfig("tags", learn.labels["tags"], learn.parents["tags"])
     spec = make_spec(heads={"tags": head}, stream=(1.0, 0.5))
-    from train.finetune import Task
+    examples = [Example(str(dog), ("Dog",)), Example(str(rain), ("Rain",))]
+    views = learn.render(Task("tags", list(head.labels), [], torch.zeros(0), [], torch.zeros(0), examples), spec, head)
+    soft, hard = views["soft"], views["hard"]
+    samples = (spec.window_frames - 1) * spec.fbank.frame_shift + spec.fbank.frame_length  # the same views again: same seed
+    audio = render("tags", examples, load_clips(examples, spec.fbank.sample_rate), [], c.views, samples, spec.fbank.sample_rate).audio
+    mn04 = learn.teach(head, "tags", audio, views["feats"].float())
+    i = {label: k for k, label in enumerate(head.labels)}
+    named = [i[x] for x in ("Dog", "Domestic animals, pets", "Animal", "Rain")] + sorted(head.ancestors()[i["Rain"]])
+    assert hard[0, [i["Dog"], i["Domestic animals, pets"], i["Animal"]]].tolist() == [1, 1, 1] and hard[0].sum() == 3
+    assert set(hard.any(0).nonzero().flatten().tolist()) == set(named)
+    torch.testing.assert_close(soft[:, named], 0.75 * hard[:, named] + 0.25 * mn04[:, named])
+    unknown = mn04.isnan().any(0)  # the dataset classes AudioSet has no node for (train.labels.EXTRA_TAGS)
+    others = [k for k in range(len(head.labels)) if k not in named and not unknown[k]]
+    torch.testing.assert_close(soft[:, others], mn04[:, others])
+    assert unknown.sum() == 4 and torch.equal(soft[:, unknown], hard[:, unknown])  # mn04 has no word: the label's
+    assert soft[0, i["Rain"]] <= 0.25 and soft[1, i["Dog"]] <= 0.25  # the dataset says no, mn04 has a quarter of the word
 
-    task = Task("tags", list(head.labels), [], torch.zeros(0), [], torch.zeros(0), [Example(str(dog), ("Dog",))])
-    views = learn.render(task, spec, head)
-    soft, hard = views["soft"][0], views["hard"][0]
-    index = {label: i for i, label in enumerate(head.labels)}
-    assert hard[[index["Dog"], index["Domestic animals, pets"], index["Animal"]]].tolist() == [1, 1, 1] and hard.sum() == 3
-    assert soft[index["Dog"]] >= 0.5 and soft[index["Animal"]] >= 0.5
-    assert soft[index["Music"]] < 0.5 and hard[index["Music"]] == 0  # the teacher's word where the label is silent
+    learn.soft["tags"], learn.taught["tags"], learn.named["tags"] = soft, True, len(set(named))
+    logits = torch.randn(2, len(head.labels))
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, soft, reduction="sum") / 2 / len(set(named))
+    torch.testing.assert_close(learn.loss(head, logits, torch.cat([hard, soft], 1)), expected)
 
 
 def test_audioset_vocabulary_and_hierarchy():

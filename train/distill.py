@@ -159,7 +159,7 @@ def distillation_loss(head: HeadConfig, logits: torch.Tensor, hard: torch.Tensor
 # Augmented views, labelled by every teacher once
 
 
-VIEWS_VERSION = "views/1"  # what the views cache holds: bumped when its content changes meaning
+VIEWS_VERSION = "views/2"  # what the views cache holds: bumped when its content changes meaning
 
 
 def columns(source: tuple[str, ...] | list[str], labels: list[str]) -> tuple[list[int], list[int]]:
@@ -173,10 +173,13 @@ class ViewTargets(HardLabels):
     """The student learns from augmented views of its training windows (train.views) that the
     teachers labelled: EfficientAT mn04 for tags (the AudioSet vocabulary), the MLPerf Tiny model
     for keywords, an edgetag teacher for the heads it has; where several teach one class their
-    probabilities are averaged. Tags learn from one target per class: the teachers' probability,
-    raised towards 1 (by 1 - alpha) for the classes a clip's dataset label names and their
-    ontology ancestors. Keywords: (1 - alpha) hard labels + alpha teachers, at temperature T. A
-    head no teacher knows learns from its hard labels."""
+    probabilities are averaged. Tags learn from one target per class: for the classes some
+    dataset here names (with their ontology ancestors) (1 - alpha) x the clip's label + alpha x
+    the teachers', for the others the teachers' alone. Their loss is summed over classes and
+    divided by the named ones, so the encoder hears the tags as loudly beside the keywords as a
+    head of the named classes alone would make it (a mean over AudioSet's 531 made them a ninth
+    as loud, and the tags stalled). Keywords: (1 - alpha) hard labels + alpha teachers, at
+    temperature T. A head no teacher knows learns from its hard labels."""
 
     stage = "distill"
 
@@ -194,6 +197,7 @@ class ViewTargets(HardLabels):
         self.cache = Path(c.cache or Path(c.student.out) / "views.safetensors")
         self.soft: dict[str, torch.Tensor] = {}
         self.taught: dict[str, bool] = {}
+        self.named: dict[str, int] = {}  # per head, how many classes the datasets name
 
     def provenance(self) -> dict:
         return {"teachers": {"teacher": self.c.teacher, "tags": self.c.tag_teacher, "keywords": self.c.keyword_teacher},
@@ -253,8 +257,8 @@ class ViewTargets(HardLabels):
             soft = hard.clone()
         else:
             soft = torch.where(taught.isnan(), hard, taught)
-            if head.kind == TAGS:  # the dataset's label pulls its classes towards 1
-                soft = torch.where(hard > 0, (1 - self.c.alpha) + self.c.alpha * soft, soft)
+            if head.kind == TAGS:  # a clip's dataset speaks for the classes the datasets name, positive or not
+                soft = torch.where(hard.any(0), (1 - self.c.alpha) * hard + self.c.alpha * soft, soft)
         return {"feats": feats.half(), "hard": hard, "soft": soft, "taught": torch.tensor(taught is not None)}
 
     def prepare(self, tasks: list[Task], spec: ModelSpec) -> None:
@@ -280,6 +284,7 @@ class ViewTargets(HardLabels):
             cached.update({f"{t.head}.{k}": v.contiguous() for k, v in views.items()})
             t.train, t.train_y = list(views["feats"].float()), views["hard"]
             self.soft[t.head], self.taught[t.head] = views["soft"], bool(views["taught"])
+            self.named[t.head] = max(1, int(views["hard"].any(0).sum()))
         if rendered:
             self.cache.parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v for k, v in cached.items() if k.split(".", 1)[0] in current}, str(self.cache), metadata={"keys": json.dumps(current)})
@@ -290,7 +295,7 @@ class ViewTargets(HardLabels):
     def loss(self, head: HeadConfig, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         hard, soft = y.split(logits.shape[1], dim=1)
         if head.kind == TAGS:  # soft already holds the dataset's labels
-            return F.binary_cross_entropy_with_logits(logits, soft)
+            return F.binary_cross_entropy_with_logits(logits, soft, reduction="none").sum(1).mean() / self.named[head.kind]
         if not self.taught[head.kind]:
             return head_loss(logits, hard, head.kind)
         T = self.c.temperature  # a softmax at T of the teachers' probabilities: softmax(log p / T)
