@@ -116,12 +116,13 @@ class OnnxBackend(Backend):
         if path.is_dir():
             path = path / ("model.int8.onnx" if (path / "model.int8.onnx").is_file() else "model.onnx")
         manifest = read_manifest(path.parent)
+        model = verified_bytes(path, manifest)
         super().__init__(manifest["spec"], path.parent)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise BackendError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
         self.path = path
@@ -149,6 +150,21 @@ def read_manifest(folder: Path) -> dict:
     if frames != spec.window_frames:
         raise BackendError(f"{path}: the ONNX input holds {frames} frames, its spec's window {spec.window_frames}; export it again")
     return {**manifest, "spec": spec}
+
+
+def verified_bytes(path: Path, manifest: dict) -> bytes:
+    """The file's bytes, once they hash to what the export's manifest lists for it: a flipped
+    byte, or another model copied under its name, would otherwise run under the manifest's
+    model id and thresholds."""
+    import hashlib
+
+    data = Path(path).read_bytes()
+    entry = manifest.get("files", {}).get(Path(path).name)
+    if entry is None:
+        raise BackendError(f"{path}: not listed in its folder's manifest.json; export the model again")
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise BackendError(f"{path}: its sha256 differs from manifest.json's (changed or damaged since export); export the model again")
+    return data
 
 
 # ---------------------------------------------------------------------------------------------

@@ -364,3 +364,26 @@ def test_real_tensorrt_engine(exported, tmp_path):
     _, out, _ = exported
     build(out / "model.onnx", "fp32", tmp_path / "m.plan")
     assert self_test(tmp_path / "m.plan", "fp32") == []
+
+
+def test_a_changed_export_file_is_refused_by_name(exported, tmp_path):
+    """An ONNX file whose bytes no longer hash to its manifest entry (a flipped byte, or the fp32
+    model copied over the int8 one) is refused before it runs: one line naming the file, exit 2."""
+    import shutil
+
+    _, out, _ = exported
+    for name, damage in (("model.int8.onnx", "flip"), ("model.int8.onnx", "swap"), ("model.onnx", "flip")):
+        folder = tmp_path / f"{damage}-{name}"
+        shutil.copytree(out, folder)
+        target = folder / name
+        if damage == "flip":
+            data = bytearray(target.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            target.write_bytes(bytes(data))
+        else:
+            shutil.copy(folder / "model.onnx", target)
+        with pytest.raises(BackendError, match=f"{name}: its sha256 differs"):
+            load_backend(target)
+        run = subprocess.run([sys.executable, "-m", "edgetag", "file", str(EXAMPLE), "--model", str(target)], cwd=REPO, capture_output=True, text=True)
+        assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "sha256 differs" in run.stderr, run.stderr
+    load_backend(out)  # the untouched export still loads
