@@ -112,6 +112,22 @@ def test_a_grown_head_keeps_the_classes_it_shares_with_init(tmp_path):
             torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
 
 
+def test_balanced_epochs_draw_every_class_about_equally():
+    """Class-balanced draws: 300 clips of one class and 100 of another are drawn about 1:1 (each
+    clip's weight is its rarest class's share; the broad class every clip carries counts for
+    nothing); without balance an epoch is a permutation of the clips."""
+    from train.finetune import Task, epoch_order
+
+    y = torch.zeros(400, 3)
+    y[:300, 0], y[300:, 1], y[:, 2] = 1, 1, 1  # two classes and an ancestor of both
+    task = Task("tags", ["a", "b", "any"], [torch.zeros(1)] * 400, y, [], torch.zeros(0))
+    g = torch.Generator().manual_seed(0)
+    assert sorted(epoch_order(task, False, g)) == list(range(400))
+    draws = [i for _ in range(20) for i in epoch_order(task, True, g)]
+    share_b = sum(i >= 300 for i in draws) / len(draws)
+    assert 0.47 < share_b < 0.53  # 8000 draws: a standard error of 0.006
+
+
 def test_set_trainable_shares():
     model = make_model(EncoderConfig.named("mini", adapter_dim=16), {"tags": ["a", "b"]})
     share = {}
@@ -223,7 +239,7 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
 
     assert list(inspect.signature(finetune_module.main).parameters) == leaves(FinetuneConfig()) == [
         *"train val out init size tokens preset mode adapter_dim".split(), "window", "hop", *"loudness val_percent noise epochs batch_size lr weight_decay warmup_epochs".split(),
-        *"mixup mixup_alpha noise_prob snr_db gain_db shift freq_mask time_mask".split(), "seed"]
+        *"mixup mixup_alpha noise_prob snr_db gain_db shift freq_mask time_mask".split(), "balance", "seed"]
     assert list(inspect.signature(distill_module.main).parameters) == [
         *"teacher tag_teacher keyword_teacher audioset backgrounds".split(), *leaves(ViewsConfig()), "temperature", "alpha", "cache", *leaves(FinetuneConfig())]
     run = subprocess.run([sys.executable, "-m", "train.finetune", "--train", str(dataset), "--out", str(tmp_path), "--size", "nano", "--epochs", "1",

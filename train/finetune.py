@@ -64,6 +64,7 @@ class FinetuneConfig:
     weight_decay: float = setting(0.05, "AdamW weight decay.")
     warmup_epochs: float = setting(1.0, "Epochs of linear warm-up.")
     augment: AugmentConfig = setting(AugmentConfig(), "Augmentation of the log-mel batches.")
+    balance: bool = setting(False, "Draw tag clips class-balanced: a clip as often as its rarest class allows, so a class with three times the clips is not heard three times as often.")
     seed: int = setting(0, "Seed of the splits' crops, the augmentation and the initial weights.")
 
     def __post_init__(self):
@@ -358,6 +359,19 @@ def plot_history(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def epoch_order(task: Task, balance: bool, generator: torch.Generator) -> list[int]:
+    """One epoch's clips: a permutation, or (balance) as many draws with replacement, each clip
+    weighted by 1 / the clip count of its rarest class, so every class is drawn about equally."""
+    n = len(task.train)
+    if not balance:
+        return torch.randperm(n, generator=generator).tolist()
+    labelled = task.train_y > 0  # [n, classes]
+    per_class = labelled.sum(0).clamp_min(1).float()
+    weight = torch.where(labelled, 1 / per_class, torch.zeros(())).amax(1)  # [n]: the rarest class's share
+    weight = torch.where(weight > 0, weight, weight[weight > 0].mean() if (weight > 0).any() else torch.ones(()))  # an unlabelled clip: an average one
+    return torch.multinomial(weight, n, replacement=True, generator=generator).tolist()
+
+
 def train(c: FinetuneConfig, learn: HardLabels, device: str | None = None) -> dict[str, dict]:
     """Train heads (and, by --mode, the encoder) on `learn`'s targets; keeps the best epoch and
     returns its validation results."""
@@ -373,7 +387,7 @@ def train(c: FinetuneConfig, learn: HardLabels, device: str | None = None) -> di
         bar = progress.add_task(learn.stage, total=total, epoch=0, stats="")
         for epoch in range(1, c.epochs + 1):
             start, losses = time.perf_counter(), []
-            orders = [torch.randperm(len(t.train), generator=run.generator).tolist() for t in run.tasks]
+            orders = [epoch_order(t, c.balance and run.spec.heads[t.head].kind == TAGS, run.generator) for t in run.tasks]
             for i in range(run.steps_per_epoch):
                 for group in run.optimizer.param_groups:
                     group["lr"] = c.lr * lr_factor(step, warmup, total)
