@@ -16,6 +16,7 @@ import numpy as np
 
 SAMPLE_RATE = 16000
 BLOCK_SECONDS = 10.0
+MIN_RATE, MAX_RATE = 1000, 768000  # Hz: telephone-band recordings to DXD
 
 
 class AudioError(Exception):
@@ -64,6 +65,9 @@ def _open(path):
     if f.frames == 0:
         f.close()
         raise AudioError(path, "no audio samples")
+    if not MIN_RATE <= f.samplerate <= MAX_RATE:  # a 32 KB WAV claiming 1 Hz would resample to hours
+        f.close()
+        raise AudioError(path, f"sample rate {f.samplerate} Hz is outside {MIN_RATE}-{MAX_RATE} Hz")
     return f
 
 
@@ -97,6 +101,9 @@ def stream(path, rate: int = SAMPLE_RATE, block_seconds: float = BLOCK_SECONDS) 
                 block = f.read(blocksize, dtype="float32", always_2d=True)
             except Exception as e:
                 raise AudioError(path, f"corrupt or truncated audio at {seen / f.samplerate:.2f} s ({_reason(e)})") from e
+            if not np.isfinite(block).all():  # a float file holding NaN or infinity would poison every window after it
+                at = seen + int(np.argmin(np.isfinite(block).all(axis=1)))
+                raise AudioError(path, f"non-finite samples (NaN or infinity) at {at / f.samplerate:.2f} s")
             last = len(block) < blocksize
             seen += len(block)
             mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
@@ -110,7 +117,7 @@ def stream(path, rate: int = SAMPLE_RATE, block_seconds: float = BLOCK_SECONDS) 
             raise AudioError(path, "no audio samples")
 
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif")
 
 
 def expand(inputs: list[str]) -> tuple[list[str], list[AudioError]]:

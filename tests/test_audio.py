@@ -111,6 +111,10 @@ BAD_FILES = {
     "truncated-flac": (lambda p: write_truncated(p, "FLAC"), "truncated"),
     "truncated-ogg": (lambda p: write_truncated(p, "OGG"), "truncated"),
     "garbage-after-header": (lambda p: p.write_bytes(b"fLaC" + bytes(range(256)) * 8), "not readable as audio"),
+    "nan-float-wav": (lambda p: sf.write(p, np.where(np.arange(16000) == 12000, np.nan, white_noise(1.0)).astype(np.float32), 16000, subtype="FLOAT"),
+                      "non-finite samples (NaN or infinity) at 0.75 s"),
+    "inf-float-wav": (lambda p: sf.write(p, np.full(800, np.inf, np.float32), 16000, subtype="FLOAT"), "non-finite samples (NaN or infinity) at 0.00 s"),
+    "rate-1-hz": (lambda p: sf.write(p, white_noise(1.0), 1, format="WAV"), "sample rate 1 Hz is outside"),
 }
 
 

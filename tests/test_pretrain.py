@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import DATA, data_path, sine_sweep, white_noise
+from conftest import DATA, REPO, data_path, sine_sweep, white_noise
 from edgetag import load_model
 from edgetag.model import EncoderConfig, patchify
 from train.objectives.mae import MAEAST, chunk_noise, info_nce, num_masked, random_masking
@@ -203,3 +203,22 @@ def test_pretraining_benchmark_shows_mae_asts_memory_saving():
     assert {r["tokens"] for r in results.values()} == {512}  # 8 frequency x 64 time patches of 16 x 16
     assert 0 < results["mae-ast"]["peak_bytes"] < 0.7 * results["ssast"]["peak_bytes"]
     assert results["mae-ast"]["params"] > results["ssast"]["params"]  # a decoder of its own vs two MLP heads
+
+
+def test_pretraining_on_nothing_readable_stops_with_one_line(tmp_path):
+    """A folder whose audio files are all unreadable (text, NaN samples) is one line and exit 2,
+    not a loop that warns for ever; an empty folder is refused before any work."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.wav").write_text("not audio\n" * 50)
+    sf.write(bad / "b.wav", np.full(16000, np.nan, np.float32), 16000, subtype="FLOAT")
+    (tmp_path / "empty").mkdir()
+    for folder, message in ((bad, "none of the 2 audio files"), (tmp_path / "empty", "no audio files found")):
+        run = subprocess.run([sys.executable, "-m", "train.pretrain", "--data", str(folder), "--out", str(tmp_path / "out"), "--size", "nano",
+                              "--steps", "2", "--batch-size", "2", "--num-workers", "0"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+        assert run.stderr.strip().splitlines()[-1].startswith("train.pretrain: error:")
+    assert not (tmp_path / "out" / "encoder.safetensors").exists()

@@ -196,12 +196,16 @@ def pretrain(c: PretrainConfig, resume: bool = False, device: str | None = None)
             dataset.epoch = epoch
             if sampler is not None:
                 sampler.set_epoch(epoch)
+            readable = False
             for batch, n_skipped in loader:
                 skipped += n_skipped
                 if not len(batch):
                     continue
+                readable = True
                 start, lr = time.perf_counter(), lr_at(step, c)
                 loss, metrics = train_step(forward, model, optimizer, batch.to(device, non_blocking=True), lr, autocast)
+                if not torch.isfinite(loss):  # stop before a NaN encoder is saved over the last good checkpoint
+                    raise ValueError(f"the loss became {loss.item()} at step {step + 1}; {c.out} keeps its last checkpoint")
                 step += 1
                 rows.append({"step": step, "loss": loss.item(), **{k: float(v) for k, v in metrics.items()}, "lr": lr, "seconds": elapsed + time.perf_counter() - tick})
                 progress.update(task, completed=step, stats=f"loss {rows[-1]['loss']:.3f}  {len(batch) / (time.perf_counter() - start):.0f} clips/s  skipped {skipped}")
@@ -209,6 +213,8 @@ def pretrain(c: PretrainConfig, resume: bool = False, device: str | None = None)
                     save_state(c, model, optimizer, step, rows)
                 if step >= c.steps:
                     break
+            if not readable:  # else a folder of unreadable files loops here for ever
+                raise ValueError(f"none of the {len(dataset)} audio files under {', '.join(c.data)} is readable")
             epoch += 1
     if rank == 0:
         write_log(rows, Path(c.out))
