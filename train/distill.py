@@ -52,7 +52,7 @@ class DistillConfig:
     backgrounds: list[str] = setting([], "[HEAD=]source of sounds mixed into that head's views (keywords: audio without words); repeatable.")
     views: ViewsConfig = setting(ViewsConfig(), "Augmented views the student and its teachers hear alike (train.views).")
     temperature: float = setting(2.0, "Softmax temperature of keyword heads.")
-    alpha: float = setting(0.7, "Weight of the distillation loss against the hard labels.")
+    alpha: float = setting(0.7, "Weight of the distillation loss against the hard labels (with --views: keywords only; tags take the datasets' labels on their classes).")
     cache: str = setting("", "The teachers' cached outputs (default: OUT/teacher_probabilities.safetensors, or OUT/views.safetensors).")
     student: FinetuneConfig = setting(FinetuneConfig(out="runs/distill", size="mini", lr=1e-3), "The student and its training.")
 
@@ -159,7 +159,7 @@ def distillation_loss(head: HeadConfig, logits: torch.Tensor, hard: torch.Tensor
 # Augmented views, labelled by every teacher once
 
 
-VIEWS_VERSION = "views/2"  # what the views cache holds: bumped when its content changes meaning
+VIEWS_VERSION = "views/4"  # what the views cache holds: bumped when its content changes meaning
 
 
 def columns(source: tuple[str, ...] | list[str], labels: list[str]) -> tuple[list[int], list[int]]:
@@ -173,9 +173,12 @@ class ViewTargets(HardLabels):
     """The student learns from augmented views of its training windows (train.views) that the
     teachers labelled: EfficientAT mn04 for tags (the AudioSet vocabulary), the MLPerf Tiny model
     for keywords, an edgetag teacher for the heads it has; where several teach one class their
-    probabilities are averaged. Tags learn from one target per class: for the classes some
-    dataset here names (with their ontology ancestors) (1 - alpha) x the clip's label + alpha x
-    the teachers', for the others the teachers' alone. Their loss is summed over classes and
+    probabilities are averaged. Tags learn from one target per class: on the classes some dataset
+    here names (with their ontology ancestors) the clip's label, on the others the teachers'
+    probability: mn04 teaches the AudioSet vocabulary beyond the datasets' classes, not
+    different answers on them. (Mixing its probabilities into the named classes' targets made
+    its AudioSet priors the student's: "Music" became the answer for most UrbanSound8K clips,
+    and labelled classes mn04 was unsure of were out-voted by the ones it was sure of.) Their loss is summed over classes and
     divided by the named ones, so the encoder hears the tags as loudly beside the keywords as a
     head of the named classes alone would make it (a mean over AudioSet's 531 made them a ninth
     as loud, and the tags stalled). Keywords: (1 - alpha) hard labels + alpha teachers, at
@@ -258,7 +261,7 @@ class ViewTargets(HardLabels):
         else:
             soft = torch.where(taught.isnan(), hard, taught)
             if head.kind == TAGS:  # a clip's dataset speaks for the classes the datasets name, positive or not
-                soft = torch.where(hard.any(0), (1 - self.c.alpha) * hard + self.c.alpha * soft, soft)
+                soft = torch.where(hard.any(0), hard, soft)
         return {"feats": feats.half(), "hard": hard, "soft": soft, "taught": torch.tensor(taught is not None)}
 
     def prepare(self, tasks: list[Task], spec: ModelSpec) -> None:
