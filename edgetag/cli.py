@@ -6,6 +6,7 @@ option value) end as one line `edgetag: error: <what>: <reason>` on stderr and e
 
 from __future__ import annotations
 
+import math
 import sys
 from enum import Enum
 from pathlib import Path
@@ -88,16 +89,31 @@ class BackendName(str, Enum):
     tensorrt = "tensorrt"
 
 
+def bounded(option: str, lo: float, hi: float, lo_open: bool = False):
+    """A callback that lets through a value in [lo, hi] ((lo, hi] with lo_open) and ends anything
+    else (NaN and infinity included) as one line naming the option."""
+
+    def check(value):
+        if value is None:
+            return value
+        ok = math.isfinite(value) and (lo < value if lo_open else lo <= value) and value <= hi
+        if not ok:
+            fail(f"{option}: {value} is not in {'(' if lo_open else '['}{lo:g}, {hi:g}]")
+        return value
+
+    return check
+
+
 MODEL = typer.Option(None, "--model", "-m", help="A checkpoint (.safetensors), an export folder or .onnx file, or a TensorRT .plan; default: the bundled model.")
 BACKEND = typer.Option(BackendName.auto, help="Inference backend; auto: tensorrt for .plan, onnx for exports, torch for checkpoints.")
-WINDOW = typer.Option(None, help="Seconds per window (default: the model's).")
-HOP = typer.Option(None, help="Seconds between windows (default: the model's).")
-TAG_ON = typer.Option(0.5, help="A tag starts at this probability...")
-TAG_OFF = typer.Option(0.35, help="...and ends below this one.")
-KEYWORD_ON = typer.Option(0.7, help="A keyword is spotted at this probability.")
-SMOOTHING = typer.Option(0.0, help="Average probabilities over this many seconds of hops.")
-MIN_DURATION = typer.Option(0.0, help="Drop tag events shorter than this (seconds).")
-REFRACTORY = typer.Option(1.0, help="Seconds after a keyword spot before the next.")
+WINDOW = typer.Option(None, callback=bounded("--window", 0, 60, lo_open=True), help="Seconds per window (default: the model's).")
+HOP = typer.Option(None, callback=bounded("--hop", 0, 60, lo_open=True), help="Seconds between windows (default: the model's).")
+TAG_ON = typer.Option(0.5, callback=bounded("--tag-on", 0, 1), help="A tag starts at this probability...")
+TAG_OFF = typer.Option(0.35, callback=bounded("--tag-off", 0, 1), help="...and ends below this one.")
+KEYWORD_ON = typer.Option(0.7, callback=bounded("--keyword-on", 0, 1), help="A keyword is spotted at this probability.")
+SMOOTHING = typer.Option(0.0, callback=bounded("--smoothing", 0, 3600), help="Average probabilities over this many seconds of hops.")
+MIN_DURATION = typer.Option(0.0, callback=bounded("--min-duration", 0, 3600), help="Drop tag events shorter than this (seconds).")
+REFRACTORY = typer.Option(1.0, callback=bounded("--refractory", 0, 3600), help="Seconds after a keyword spot before the next.")
 ALL_TAGS = typer.Option(False, "--all-tags", help="Also report a tag while a more specific one is on (Animal beside Dog); default: folded into it.")
 CLASSES = typer.Option(None, "--classes", help="Report only this class (repeatable; an exact label, e.g. --classes Dog --classes yes).")
 JSON = typer.Option(False, "--json", help="JSON lines, one event per line.")
@@ -133,7 +149,7 @@ def file_(
     json_out: bool = JSON,
     csv_out: bool = typer.Option(False, "--csv", help="CSV with a header row."),
     plot: Path = typer.Option(None, help="PNG: spectrogram and probability timelines with the events (one per file: NAME_<file>.png when several)."),
-    threads: int = typer.Option(2, help="Inference threads (torch, ONNX Runtime)."),
+    threads: int = typer.Option(2, callback=bounded("--threads", 1, 1024), help="Inference threads (torch, ONNX Runtime)."),
 ) -> None:
     """Tag sound events and spot keywords in files. Exit 0 when every file was processed, 2 when
     any failed (the others are still processed)."""
@@ -181,7 +197,7 @@ def listen(
     backend: BackendName = BACKEND,
     device: str = typer.Option(None, help="Input device: index or part of its name (see `edgetag devices`)."),
     input_file: Path = typer.Option(None, "--input", help="Play this file through the live path in real time instead of a microphone."),
-    duration: float = typer.Option(None, help="Stop after this many seconds of audio."),
+    duration: float = typer.Option(None, callback=bounded("--duration", 0, 10**9, lo_open=True), help="Stop after this many seconds of audio."),
     window: float = WINDOW,
     hop: float = HOP,
     tag_on: float = TAG_ON,
@@ -193,8 +209,8 @@ def listen(
     all_tags: bool = ALL_TAGS,
     classes: list[str] = CLASSES,
     json_out: bool = JSON,
-    block: float = typer.Option(0.1, help="Seconds of audio per block read from the device."),
-    threads: int = typer.Option(1, help="Inference threads (torch, ONNX Runtime)."),
+    block: float = typer.Option(0.1, callback=bounded("--block", 0, 10, lo_open=True), help="Seconds of audio per block read from the device."),
+    threads: int = typer.Option(1, callback=bounded("--threads", 1, 1024), help="Inference threads (torch, ONNX Runtime)."),
 ) -> None:
     """Live tags and keyword spots from a microphone. Ctrl-C stops with a summary."""
     import contextlib
@@ -263,7 +279,7 @@ def bench_fbank(
     seconds: float = typer.Option(60.0, help="Length of the audio for the throughput figures."),
     hop_ms: float = typer.Option(100.0, help="Streaming hop."),
     window_s: float = typer.Option(1.0, help="Window recomputed by the non-streaming baseline."),
-    threads: int = typer.Option(1, help="Inference threads (torch, ONNX Runtime)."),
+    threads: int = typer.Option(1, callback=bounded("--threads", 1, 1024), help="Inference threads (torch, ONNX Runtime)."),
 ) -> None:
     """fbank throughput against kaldi-native-fbank, and a streaming hop against a recompute."""
     from edgetag import bench

@@ -42,17 +42,38 @@ def test_fbank_writes_what_the_library_computes(tmp_path, name, normalized):
     np.testing.assert_allclose(written, expected.numpy(), rtol=1e-6, atol=1e-5)
 
 
-def test_fbank_mfcc(tmp_path):
+def test_fbank_mfcc_is_the_dct_of_the_log_mel(tmp_path):
+    """`--mfcc` writes the Kaldi DCT-II (orthonormal, cepstral lifter 22) of the log-mel, worked
+    out here with numpy from the plain fbank the library computes, not by the library's MFCC
+    (which test_features also checks against kaldi-native-fbank)."""
     out = tmp_path / "mfcc.npy"
     assert edgetag("fbank", EXAMPLE, "-o", out, "--mfcc").returncode == 0
-    assert np.load(out).shape == (698, 13)
+    written = np.load(out)
+    config = preset("ast", mfcc=True)
+    log_mel = fbank(audio.load(EXAMPLE), preset("ast")).numpy().astype(np.float64)
+    n, k = config.n_mels, np.arange(config.n_ceps)[:, None]
+    dct = np.sqrt(2 / n) * np.cos(np.pi / n * (np.arange(n)[None, :] + 0.5) * k)
+    dct[0] /= np.sqrt(2)
+    lifter = 1 + 0.5 * config.cepstral_lifter * np.sin(np.pi * np.arange(config.n_ceps) / config.cepstral_lifter)
+    ceps = log_mel @ dct.T * lifter
+    assert config.htk_compat and not config.use_energy  # the AST preset: HTK order, C0 (x sqrt 2) last
+    expected = np.concatenate([ceps[:, 1:], ceps[:, :1] * np.sqrt(2)], axis=1)
+    assert written.shape == (698, 13)
+    np.testing.assert_allclose(written, expected, rtol=1e-4, atol=1e-3)
 
 
 def test_raw_fbank_of_a_resampled_file(tmp_path):
+    """A 44.1 kHz file is resampled to 16 kHz before the fbank: the written features are those of
+    the resampled audio (soxr, as `audio.load` does it), 98 frames for one second."""
+    import soxr
+
     wav, out = tmp_path / "clip44k.wav", tmp_path / "f.npy"
-    sf.write(wav, white_noise(1.0, 44100), 44100)
+    x = white_noise(1.0, 44100)
+    sf.write(wav, x, 44100, subtype="FLOAT")
     assert edgetag("fbank", wav, "-o", out).returncode == 0
+    expected = fbank(soxr.resample(x, 44100, 16000).astype(np.float32), preset("ast"))
     assert np.load(out).shape == (98, 128)
+    np.testing.assert_allclose(np.load(out), expected.numpy(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -80,7 +101,13 @@ def test_unwritable_output_is_a_user_error(tmp_path):
 
 @pytest.mark.parametrize("option, reason", [
     (["--hop", "0.125"], "a hop of 0.125 s is not a whole number of 10 ms frames (12.5 of them)"),
-    (["--hop", "0"], "a hop of 0 s is shorter than one 10 ms frame"),
+    (["--hop", "0.005"], "a hop of 0.005 s is not a whole number of 10 ms frames (0.5 of them)"),
+    (["--hop", "0"], "--hop: 0.0 is not in (0, 60]"),
+    (["--window", "inf"], "--window: inf is not in (0, 60]"),
+    (["--tag-on", "2"], "--tag-on: 2.0 is not in [0, 1]"),
+    (["--keyword-on", "-1"], "--keyword-on: -1.0 is not in [0, 1]"),
+    (["--refractory", "-1"], "--refractory: -1.0 is not in [0, 3600]"),
+    (["--threads", "0"], "--threads: 0 is not in [1, 1024]"),
     (["--window", "0.05"], "a window of 0.05 s makes 3 frames, fewer than one token (16 frames)"),
     (["--window", "2", "--backend", "onnx"], "the onnx model takes 1 s windows only (its input length is fixed)"),
     (["--classes", "Doggo"], "classes: the model has no class 'Doggo'"),
