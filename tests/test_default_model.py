@@ -68,6 +68,9 @@ def test_quick_start_tags_the_dog_and_hears_no_word_in_the_bark(quick_start):
 
 
 def test_quick_start_spots_yes(quick_start):
+    """What the README shows. "yes" peaks at 0.9919 against its 0.99 threshold: thin, but fp32
+    differs across CPUs by float rounding (~1e-6), far inside that; the phase test below says
+    how much the hop grid's placement decides."""
     keywords = [e for e in quick_start if e["kind"] == "keyword"]
     assert [e["label"] for e in keywords] == ["yes"]
     assert keywords[0]["start"] <= YES[0] and keywords[0]["end"] >= YES[0]  # a window over the word
@@ -115,11 +118,68 @@ def test_the_export_is_the_checkpoint():
         np.testing.assert_allclose(reference[head], expected[head].numpy(), atol=1e-5)
 
 
-def test_int8_backend_tells_the_same_story(quick_start):
-    """`--backend onnx` without --model runs the bundled dynamic-int8 export."""
-    events, fp32 = edgetag_file("--backend", "onnx"), quick_start
-    assert [e["label"] for e in events if e["kind"] == "keyword"] == [e["label"] for e in fp32 if e["kind"] == "keyword"]
-    assert any(e["kind"] == "tag" and e["label"] == "Dog" for e in events)
+PHASES = (0.0, 0.1, 0.2, 0.3, 0.4)  # leading silence: the 0.5 s hop grid at five offsets against the clip
+# The dynamic-int8 export computes exact integer arithmetic on any x86 CPU (7-bit weights, see
+# test_deploy.test_dynamic_int8_is_exact_integer_arithmetic), so its distance from fp32 is the
+# model's, not the machine's: at most 0.057 (keywords, where a softmax is steep) and 0.012 (tags)
+# over every hop of the five phases. The bound leaves that margin again.
+INT8_SPREAD = 0.1
+
+
+def phase_runs(backend: str) -> list[dict]:
+    """The example behind each lead of silence, through the bundled model on `backend`: the
+    events (times back on the clip's clock) and every hop's probabilities."""
+    import edgetag
+    from edgetag import audio
+
+    stream = edgetag.open_stream(backend=backend)
+    rate = stream.spec.fbank.sample_rate
+    x = audio.load(EXAMPLE, rate)
+    runs = []
+    for lead in PHASES:
+        stream.reset()
+        hops = stream.push(np.concatenate([np.zeros(round(lead * rate), np.float32), x]))
+        tail, closing = stream.flush()
+        hops += tail
+        events = [e for h in hops for e in h.events] + closing
+        runs.append({"lead": lead, "hops": hops, "events": [(e.kind, e.label, e.start - lead, e.end - lead, e.score) for e in events]})
+    return runs
+
+
+@pytest.fixture(scope="module")
+def phases() -> dict[str, list[dict]]:
+    pytest.importorskip("onnxruntime", reason="the bundled int8 export needs onnxruntime (pip install 'edgetag[deploy]')")
+    return {backend: phase_runs(backend) for backend in ("torch", "onnx")}
+
+
+@pytest.mark.xfail(strict=True, reason="edgetag-default-2 spots yes at 2 of the 5 phases (peaks 0.962-0.994 against 0.99) and hears "
+                   "'down' in a bark at one (measured on the bundled model; issue 14). Strict: when a new model passes, this marker goes.")
+def test_yes_is_heard_at_every_hop_phase_and_no_other_word(phases):
+    """Where the hops fall against the word must not decide whether it is spotted: "yes" at all
+    five phases, on the word, and no other keyword anywhere in the clip."""
+    for run in phases["torch"]:
+        keywords = [(label, start, end) for kind, label, start, end, _ in run["events"] if kind == "keyword"]
+        assert [k[0] for k in keywords] == ["yes"], (run["lead"], keywords)
+        assert keywords[0][1] < YES[1] and keywords[0][2] > YES[0], (run["lead"], keywords)
+
+
+def test_int8_backend_tells_the_same_story(phases):
+    """`--backend onnx` without --model runs the bundled dynamic-int8 export. Its probabilities
+    stay within INT8_SPREAD of fp32's at every hop of every phase, and so every spot or tag that
+    clears its threshold by more than that in one backend is in the other too."""
+    import edgetag
+
+    spec = edgetag.load_model().spec
+    for fp32, int8 in zip(phases["torch"], phases["onnx"]):
+        for a, b in zip(fp32["hops"], int8["hops"], strict=True):
+            for head in a.probabilities:
+                assert np.abs(a.probabilities[head] - b.probabilities[head]).max() < INT8_SPREAD, (fp32["lead"], a.start, head)
+        for this, other in ((fp32, int8), (int8, fp32)):
+            for kind, label, start, end, score in this["events"]:
+                head = "keywords" if kind == "keyword" else "tags"
+                threshold = spec.thresholds.get(head, {}).get(label, 0.5)
+                if score > threshold + INT8_SPREAD:
+                    assert any(k == kind and lab == label and s < end and e > start for k, lab, s, e, _ in other["events"]), (this["lead"], label, start)
 
 
 def test_card_names_this_model():
