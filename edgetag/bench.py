@@ -86,7 +86,6 @@ def print_fbank_benchmark(r: dict) -> None:
 def stream_benchmark(model=None, seconds: float = 30.0, repeats: int = 3, listen_seconds: float = 5.0, hop: float | None = None) -> dict:
     """The streaming engine on real-time hops (1 thread) and on a file (2 threads), and the
     peak memory of `edgetag listen --input` on the bundled example."""
-    import resource
     import subprocess
     import sys
     import tempfile
@@ -136,8 +135,11 @@ def stream_benchmark(model=None, seconds: float = 30.0, repeats: int = 3, listen
     command = [sys.executable, "-m", "edgetag", "listen", "--input", str(example), "--duration", str(listen_seconds), "--json"]
     if model is not None:
         command += ["--model", str(model)]
-    subprocess.run(command, check=True, capture_output=True)
-    r["listen_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    # RUSAGE_CHILDREN is the largest of every child this process ever waited for (an export, a
+    # teacher...): a fresh process whose one child is `listen` reports listen's own peak
+    probe = "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    peak_kib = subprocess.run([sys.executable, "-c", probe, *command], check=True, capture_output=True, text=True).stdout.strip()
+    r["listen_peak_rss_mib"] = int(peak_kib) / 1024
     return r
 
 

@@ -297,3 +297,13 @@ def test_file_classes_restricts_the_output_and_names_an_unknown_class(detector, 
     assert run.returncode == 0 and {json.loads(line)["label"] for line in run.stdout.splitlines()} == {"tone"}
     run = cli("file", scene, "--model", detector, "--classes", "bell")
     assert run.returncode == 2 and run.stderr.strip() == "edgetag: error: classes: the model has no class 'bell'"
+
+
+def test_bench_listen_rss_is_listens_own(random_model):
+    """The listen RSS figure is of the listen process alone, not the largest child this process
+    ever had (the card once said 1707 MiB for every model: an earlier child's peak)."""
+    from edgetag.bench import stream_benchmark
+
+    subprocess.run([sys.executable, "-c", "x = b'x' * (900 * 2**20)"], check=True)  # a 900 MiB child first
+    r = stream_benchmark(random_model, seconds=2, repeats=1, listen_seconds=1)
+    assert 100 < r["listen_peak_rss_mib"] < 800
