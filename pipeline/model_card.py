@@ -19,17 +19,17 @@ TASKS = {  # report key -> how the card names the task
 }
 
 DATA = [
-    ("Speech Commands v0.02 (12-class task)", "speech_commands/", "keywords: training (80% of speakers) and validation; the validation speakers' keywords make the running-audio scenes; tags: its clips as Speech", "CC BY 4.0, Warden 2018"),
+    ("Speech Commands v0.02 (12-class task)", "speech_commands/", "keywords: training (80% of speakers) and validation; the validation speakers' keywords make the running-audio scenes; tags: 5% of the training speakers' clips as Speech", "CC BY 4.0, Warden 2018"),
     ("Speech Commands v0.01 bed/cat/happy", "speech_commands_v1_extra/", "keywords: `_unknown_` (30% of speakers); other speech in the scenes (validation speakers)", "CC BY 4.0, Warden 2018"),
     ("Arabic Speech Commands", "arabic_speech_commands/", "keywords: `_unknown_` (15% of speakers); other speech in the scenes (other speakers)", "CC BY 4.0, Ghandoura et al. 2021"),
     ("ESC-50, folds 1-3 and 5", "esc50_other_folds/", "tags: training; keywords: half its sources as `_silence_` (no word), half mixed into keyword views", "CC BY-NC 3.0 (ESC-10 subset CC BY 3.0), Piczak 2015"),
     ("ESC-50, fold 4", "esc50/", "tags: validation and thresholds; background of the running-audio scenes", "as above"),
-    ("UrbanSound8K folds 1-2 / 3", "urbansound8k/", "tags: training / validation; keywords: as ESC-50; scene background (fold 3)", "CC BY-NC 3.0, Salamon et al. 2014"),
+    ("UrbanSound8K folds 1-2 / 3", "urbansound8k/", "tags: training (a quarter of folds 1-2's recordings) / validation; keywords: as ESC-50; scene background (fold 3)", "CC BY-NC 3.0, Salamon et al. 2014"),
     ("DCASE 2016 task 2", "dcase2016_task2/", "tags: training and validation (20% of clips)", "DCASE 2016 challenge data, Lafay et al."),
     ("Speech Commands background noise", "background_noise/", "mixed into views", "CC BY 4.0"),
     ("Free Spoken Digit Dataset", "fsdd/", "keywords: `_unknown_` (one speaker); other speech in the scenes and held-out negatives (the rest)", "CC BY-SA 4.0, Jackson et al."),
     ("Picovoice wake words", "wake_words/", "keywords: `_unknown_` (30% of clips); other speech in the scenes and held-out negatives", "Apache-2.0, Picovoice"),
-    ("EfficientAT mn04 (AudioSet, mAP 0.432)", "../teachers/efficientat_mn04_as/", "teacher of the tag head; peer", "MIT, Schmid et al. 2023"),
+    ("EfficientAT mn04 (AudioSet, mAP 0.432)", "../teachers/efficientat_mn04_as/", "teacher of the tag head on the AudioSet classes no dataset here names; peer", "MIT, Schmid et al. 2023"),
     ("MLPerf Tiny keyword model (DS-CNN)", "../teachers/mlperf_tiny_kws/", "teacher of the keyword head; peer", "Apache-2.0, MLCommons"),
 ]
 
