@@ -37,6 +37,7 @@ from edgetag.model import TAGS, HeadConfig
 from edgetag.runtime import load_backend
 from edgetag.spec import ModelSpec
 from train.finetune import FinetuneConfig, HardLabels, Task, head_loss, train
+from train.labels import columns
 from train.options import command, setting
 from train.views import ViewsConfig
 
@@ -162,13 +163,6 @@ def distillation_loss(head: HeadConfig, logits: torch.Tensor, hard: torch.Tensor
 VIEWS_VERSION = "views/4"  # what the views cache holds: bumped when its content changes meaning
 
 
-def columns(source: tuple[str, ...] | list[str], labels: list[str]) -> tuple[list[int], list[int]]:
-    """(columns of `labels`, columns of `source`) of the classes both name."""
-    where = {label: i for i, label in enumerate(source)}
-    shared = [(i, where[label]) for i, label in enumerate(labels) if label in where]
-    return [i for i, _ in shared], [j for _, j in shared]
-
-
 class ViewTargets(HardLabels):
     """The student learns from augmented views of its training windows (train.views) that the
     teachers labelled: EfficientAT mn04 for tags (the AudioSet vocabulary), the MLPerf Tiny model
@@ -178,10 +172,10 @@ class ViewTargets(HardLabels):
     probability: mn04 teaches the AudioSet vocabulary beyond the datasets' classes, not
     different answers on them. (Mixing its probabilities into the named classes' targets made
     its AudioSet priors the student's: "Music" became the answer for most UrbanSound8K clips,
-    and labelled classes mn04 was unsure of were out-voted by the ones it was sure of.) Their loss is summed over classes and
-    divided by the named ones, so the encoder hears the tags as loudly beside the keywords as a
-    head of the named classes alone would make it (a mean over AudioSet's 531 made them a ninth
-    as loud, and the tags stalled). Keywords: (1 - alpha) hard labels + alpha teachers, at
+    and labelled classes mn04 was unsure of were out-voted by those it was sure of.) The loss is
+    summed over classes and divided by the named ones, so the encoder hears the tags as loudly
+    beside the keywords as a head of the named classes alone would make it (a mean over
+    AudioSet's 531 made them a ninth as loud, and the tags stalled). Keywords: (1 - alpha) hard labels + alpha teachers, at
     temperature T. A head no teacher knows learns from its hard labels."""
 
     stage = "distill"

@@ -38,6 +38,7 @@ from edgetag.spec import ModelSpec, StreamConfig
 from train.augment import AugmentConfig, augment, spec_augment
 from train.data import Example, Source, find_audio, labels_of, load_features, split_examples
 from train.evaluate import FIGURES, clip_scores, headline, primary, report, targets
+from train.labels import columns
 from train.options import choose, command, setting
 
 MODES = ("full", "linear", "adapter")
@@ -216,18 +217,14 @@ def build_model(c: FinetuneConfig, heads: dict[str, HeadConfig], fbank: FbankCon
 
 
 @torch.no_grad()
-def carry_head(source: torch.nn.Module, source_labels: tuple[str, ...], head: torch.nn.Module, labels: tuple[str, ...]) -> int:
+def carry_head(source: torch.nn.Module, source_labels: tuple[str, ...], head: torch.nn.Module, labels: tuple[str, ...]) -> None:
     """Copy `source`'s norm and, class by class, its output rows into `head`; classes it lacks
     keep their fresh rows. A 57-class tag head grown to AudioSet's 527 keeps what it knew, so a
-    short schedule spends itself on the new classes. Returns how many classes were carried."""
+    short schedule spends itself on the new classes."""
     head.norm.load_state_dict(source.norm.state_dict())
-    row = {label: i for i, label in enumerate(source_labels)}
-    shared = [(i, row[label]) for i, label in enumerate(labels) if label in row]
-    if shared:
-        to, frm = (torch.tensor(ix) for ix in zip(*shared))
-        head.fc.weight[to] = source.fc.weight[frm]
-        head.fc.bias[to] = source.fc.bias[frm]
-    return len(shared)
+    mine, theirs = columns(source_labels, labels)
+    head.fc.weight[mine] = source.fc.weight[theirs]
+    head.fc.bias[mine] = source.fc.bias[theirs]
 
 
 def set_trainable(model: AudioTransformer, mode: str) -> None:

@@ -132,3 +132,10 @@ def audioset_vocabulary(audioset: Path) -> tuple[list[str], dict[str, tuple[str,
 
     parents = {names[mid]: tuple(dict.fromkeys(names[p] for p in nearest(mid, set()))) for mid in names}
     return list(names.values()), {child: ps for child, ps in parents.items() if ps}
+
+
+def columns(source: tuple[str, ...] | list[str], labels: tuple[str, ...] | list[str]) -> tuple[list[int], list[int]]:
+    """(columns of `labels`, columns of `source`) of the classes both name."""
+    where = {label: i for i, label in enumerate(source)}
+    shared = [(i, where[label]) for i, label in enumerate(labels) if label in where]
+    return [i for i, _ in shared], [j for _, j in shared]
