@@ -119,7 +119,7 @@ def test_devices_lists_the_microphone_and_listen_finds_it_by_index_and_by_name(t
 def test_microphone_counts_what_it_drops_and_what_portaudio_overflows(tmp_path):
     """A consumer that stops reading loses blocks, counted, while the queue keeps the oldest ones
     (PortAudio's callback never blocks); an input-overflow flag from PortAudio is counted once."""
-    probe = f"""
+    probe = """
 import json, time
 import numpy as np, sounddevice as sd
 from edgetag.audio import Microphone
@@ -129,7 +129,7 @@ with Microphone(None, block_seconds=0.1, queue_seconds=0.3) as mic:  # a queue o
     queued = mic.queue.qsize()
     overflows = mic.overflows
     mic._callback(np.zeros((1600, 1), np.float32), 1600, None, sd.CallbackFlags(0x2))  # paInputOverflow
-    print(json.dumps({{"dropped": dropped, "queued": queued, "overflows": overflows, "after": mic.overflows}}))
+    print(json.dumps({"dropped": dropped, "queued": queued, "overflows": overflows, "after": mic.overflows}))
 """
     (tmp_path / "probe.py").write_text(probe)
     script = f"""
