@@ -164,8 +164,8 @@ def default(data: str = "../shared/data", out: str = "runs/default", previous: s
         val=[f"tags={esc50_val}", f"tags={dcase_val}", f"keywords={keywords_val}"],
         out=str(o / "student"), init=str(Path(previous) / "model.safetensors"), stream=StreamConfig(window=1.0, hop=0.5),
         # default-2's heads come along (its 57 tag classes are AudioSet names), so a gentler
-        # rate than default-2's 1e-3 (on the views the keyword head still loses 8-9 points in the
-        # first epoch, at 5e-4 and at 3e-4 alike, and wins most of them back by the eighth)
+        # rate than default-2's 1e-3 (on the views the keyword head still loses 7.5 points in the
+        # first epoch at 5e-4 and 9-10 at 3e-4, and wins most of them back by the eighth)
         epochs=8, batch_size=64, lr=3e-4, warmup_epochs=0.5,
         # class-balanced tag draws: UrbanSound8K's Siren and Engine (three times an ESC-50 class's
         # clips) were the answer for 66 of 227 ESC-50 validation clips without them
