@@ -3,8 +3,9 @@
     python -m train.bench_pretrain --size tiny --frames 1024 --batch-size 8 --steps 10 --device cpu
 
 A step is forward + backward + AdamW step. Peak memory: CUDA's max allocated bytes on a GPU; on
-CPU, the growth of the process's peak RSS (ru_maxrss) over the step, each method measured in a
-fresh subprocess so one does not inherit the other's high-water mark. Last line:
+CPU, the process's peak RSS over the steps above its RSS before them (Linux: the peak is reset
+through /proc/self/clear_refs first, since a high-water mark left by start-up would hide the
+steps'; elsewhere ru_maxrss), each method in a fresh subprocess. Last line:
 `speedup <x>x memory <y>x` (SSAST / MAE-AST). The paper reports about 3x and 2x.
 """
 
@@ -26,6 +27,31 @@ from train.pretrain import PretrainConfig, build_model
 METHODS = ("mae-ast", "ssast")
 
 
+def _status(field: str) -> int:
+    """A /proc/self/status size in bytes (VmRSS, VmHWM)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> int:
+    """Reset the peak RSS to the current RSS where Linux allows it; returns the baseline to subtract."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss() -> int:
+    try:
+        return _status("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def measure(method: str, size: str, tokens: str, frames: int, batch_size: int, steps: int, device: str, threads: int = 0) -> dict:
     """Median step time, and peak memory above what the model and optimizer hold at rest
     (activations, gradients, optimizer state), over one warm-up step and `steps` timed ones."""
@@ -43,7 +69,7 @@ def measure(method: str, size: str, tokens: str, frames: int, batch_size: int, s
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = reset_peak_rss()
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()
@@ -59,7 +85,7 @@ def measure(method: str, size: str, tokens: str, frames: int, batch_size: int, s
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = peak_rss() - base
     return {"method": method, "params": num_parameters(model), "step_s": statistics.median(times), "peak_bytes": peak, "tokens": config.num_tokens(frames)}
 
 
