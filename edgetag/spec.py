@@ -94,6 +94,13 @@ class ModelSpec:
     def model_id(self) -> str | None:
         return self.provenance.get("id")
 
+    def head_of(self, kind: str) -> str:
+        """The name of the model's head of this kind ("tags" or "keywords")."""
+        name = next((name for name, h in self.heads.items() if h.kind == kind), None)
+        if name is None:
+            raise SpecError(f"the model has no {kind} head")
+        return name
+
     def with_stream(self, window: float | None = None, hop: float | None = None) -> ModelSpec:
         """The same model listening with another window and/or hop (None keeps its own)."""
         if window is None and hop is None:

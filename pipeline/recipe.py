@@ -295,7 +295,7 @@ def calibrate_stage(recipe: Recipe, ckpt: Path, out: Path) -> dict:
         from train import running
 
         engine, post = Engine(TorchBackend(model, out)), PostConfig()
-        head, scene = running.keyword_head(engine.spec), running.scene_of(**recipe.calibrate["scene"])
+        head, scene = engine.spec.head_of(KEYWORDS), running.scene_of(**recipe.calibrate["scene"])
         points = running.curve(engine.spec, post, head, running.hop_probabilities(engine, scene), scene)
         chosen = running.calibrate_threshold(points, recipe.calibrate["target_per_hour"])
         thresholds[head] = {label: chosen["threshold"] for label in engine.spec.heads[head].labels if label not in NOT_SPOTTED}
@@ -353,7 +353,7 @@ def running_stage(recipe: Recipe, models: dict[str, str], peers: dict, folder: P
     curves, marks = {}, {}
     for name, path in models.items():
         engine = Engine(load_backend(path))
-        head, spec = running.keyword_head(engine.spec), engine.spec
+        head, spec = engine.spec.head_of(KEYWORDS), engine.spec
         probabilities = running.hop_probabilities(engine, scene)
         own = spec.thresholds.get(head) or post.keyword_on
         r = out["models"][name] = {"at_thresholds": running.score(spec, post, head, probabilities, scene, own),

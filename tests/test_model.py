@@ -235,3 +235,10 @@ def test_fresh_tag_heads_start_at_the_one_class_prior():
     model = make_model("nano", {"tags": list("abcdefghij")})
     probs = model.probabilities(torch.randn(8, 64, 128))["tags"]
     assert abs(probs.mean().item() - 0.1) < 0.05  # 1 in 10, not 0.5
+
+
+def test_head_of_names_the_head_of_a_kind():
+    spec = make_spec(heads={"events": HeadConfig("tags", ("a", "b")), "words": HeadConfig("keywords", ("yes", "no", "_unknown_", "_silence_"))})
+    assert spec.head_of("tags") == "events" and spec.head_of("keywords") == "words"
+    with pytest.raises(SpecError, match="no keywords head"):
+        make_spec(heads={"events": HeadConfig("tags", ("a",))}).head_of("keywords")

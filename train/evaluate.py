@@ -157,7 +157,7 @@ def spotting(backend, positives: list[Example], negatives: list[Example], post=N
     from edgetag.stream import Engine, PostConfig, process_file
 
     engine = Engine(backend, post or PostConfig())
-    head = next(name for name, h in backend.spec.heads.items() if h.kind == KEYWORDS)
+    head = backend.spec.head_of(KEYWORDS)
 
     def spots(examples: list[Example], description: str):
         for e in track(examples, description=description, transient=True):

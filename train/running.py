@@ -136,10 +136,6 @@ def calibrate_threshold(points: list[dict], target_per_hour: float) -> dict:
     return min(within, key=lambda p: p["threshold"]) if within else max(points, key=lambda p: p["threshold"])
 
 
-def keyword_head(spec: ModelSpec) -> str:
-    return next(name for name, h in spec.heads.items() if h.kind == KEYWORDS)
-
-
 def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, marks: dict[str, dict] | None = None) -> None:
     import matplotlib
 
@@ -188,9 +184,9 @@ def main(
         print(f"train.running: error: {e}", file=sys.stderr)
         raise typer.Exit(2) from e
     engine, post = Engine(backend), PostConfig()
-    head = keyword_head(engine.spec)
+    head = engine.spec.head_of(KEYWORDS)
     probabilities = hop_probabilities(engine, scene)
-    at = score(engine.spec, post, head, probabilities, scene, {k: v for k, v in engine.spec.thresholds.get(head, {}).items()} or post.keyword_on)
+    at = score(engine.spec, post, head, probabilities, scene, engine.spec.thresholds.get(head) or post.keyword_on)
     print(f"{scene.seconds / 60:.1f} min, {len(scene.keywords)} keywords, {len(scene.words) - len(scene.keywords)} other words")
     print("at the model's thresholds:", json.dumps(at))
     curves = {"model": curve(engine.spec, post, head, probabilities, scene)}
