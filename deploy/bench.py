@@ -15,13 +15,14 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import typer
 
 from edgetag.runtime import OnnxBackend, TorchBackend, TorchInt8Backend
 
 
-def latency(backend, x: torch.Tensor, repeats: int) -> float:
+def latency(backend, x: np.ndarray, repeats: int) -> float:
     """Median seconds per call on one normalised window."""
     for _ in range(5):
         backend.forward(x)
@@ -60,7 +61,7 @@ def main(
         torch.set_num_threads(threads)
         found = backends(ckpt, export, threads, compile_int8)
         spec = found["torch fp32"].spec
-        x = torch.randn(1, spec.window_frames, spec.encoder.n_mels)
+        x = np.random.default_rng(0).standard_normal((1, spec.window_frames, spec.encoder.n_mels)).astype(np.float32)
         for name, backend in found.items():
             results.setdefault(name, {})[threads] = latency(backend, x, repeats)
 

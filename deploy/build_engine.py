@@ -112,11 +112,9 @@ def build(onnx_path: Path, precision: str, out: Path, workspace_mib: int = 1024,
 
 def self_test(plan: Path, precision: str) -> list[str]:
     """Run the engine on the export's reference.npz; the problems found (none: it passed)."""
-    import torch
-
     backend = TensorRTBackend(plan)
     reference = np.load(backend.export_dir / "reference.npz")
-    got = backend.forward(torch.from_numpy(reference[backend.input]))  # reference inputs are normalised already
+    got = backend.forward(reference[backend.input])  # reference inputs are normalised already
     return verify({head: reference[head] for head in backend.outputs}, got, precision)
 
 

@@ -110,7 +110,7 @@ def calibration_windows(sources: list[str], spec: ModelSpec, limit: int) -> np.n
             x = windows(fbank(audio.load(path, spec.fbank.sample_rate), spec.fbank), spec.window_frames, spec.hop_frames)
         except audio.AudioError:
             continue
-        out.append(normalize(x[: max(1, limit // 50)], spec.fbank).numpy())
+        out.append(normalize(x[: max(1, limit // 50)], spec.fbank))
         n += len(out[-1])
         if n >= limit:
             break
@@ -185,7 +185,7 @@ def export(ckpt, out: Path, calibration: list[str], calibration_windows_count: i
     if not heads:
         raise ExportError(f"{ckpt}: the checkpoint has no heads (an encoder alone); fine-tune it first")
     backend = TorchBackend(model)
-    torch_outputs = lambda x: list(backend.forward(torch.from_numpy(x)).values())  # noqa: E731  in head order
+    torch_outputs = lambda x: list(backend.forward(x).values())  # noqa: E731  in head order
 
     export_onnx(model, spec.window_frames, out / FILES["fp32"])
     calib = calibration_windows(calibration, spec, calibration_windows_count)

@@ -156,7 +156,7 @@ def _sounddevice():
     try:
         import sounddevice
     except ImportError as e:
-        raise MicrophoneError("the microphone needs sounddevice: pip install 'edgetag[mic]'") from e
+        raise MicrophoneError("the microphone needs sounddevice (an edgetag dependency): pip install sounddevice") from e
     except OSError as e:  # sounddevice imports, but cannot load the PortAudio library
         raise MicrophoneError("PortAudio library not found: install libportaudio2 (apt-get install libportaudio2)") from e
     return sounddevice

@@ -1,5 +1,6 @@
 """One checkpoint format: a single .safetensors file, the weights, and the model's `ModelSpec`
-as a JSON dict in its header. Loading never unpickles.
+as a JSON dict in its header. Loading never unpickles. Reading a spec needs no torch; the
+weights become a torch model (`load_model`, `save`), so those import it when called.
 """
 
 from __future__ import annotations
@@ -7,11 +8,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from edgetag.model import AudioTransformer
 from edgetag.spec import ModelSpec, SpecError
+
+if TYPE_CHECKING:
+    import torch
+
+    from edgetag.model import AudioTransformer
 
 METADATA_KEY = "edgetag"
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "model.safetensors"
@@ -53,7 +57,7 @@ def read_spec(path=None) -> ModelSpec:
 
     path = _resolve(path)
     try:
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "np") as f:
             metadata = f.metadata() or {}
     except Exception as e:
         raise CheckpointError(path, f"not a safetensors file ({e})") from e
@@ -68,6 +72,8 @@ def read_spec(path=None) -> ModelSpec:
 def load_model(path=None, device: str | torch.device = "cpu") -> AudioTransformer:
     """The model in eval mode (`None`: the bundled default model), its spec in `model.spec`."""
     from safetensors.torch import load_file
+
+    from edgetag.model import AudioTransformer
 
     path = _resolve(path)
     model = AudioTransformer(read_spec(path))

@@ -71,7 +71,7 @@ def fbank(
     if normalize:
         feats = features.normalize(feats, config)
     try:
-        np.save(out, feats.numpy().astype(np.float32))
+        np.save(out, feats.astype(np.float32))
     except OSError as e:
         fail(f"{out}: cannot write ({e.strerror})")
     print(f"{out}: {feats.shape[0]} frames x {feats.shape[1]} {'ceps' if mfcc else 'bins'}", file=sys.stderr)
@@ -105,7 +105,7 @@ def bounded(option: str, lo: float, hi: float, lo_open: bool = False):
 
 
 MODEL = typer.Option(None, "--model", "-m", help="A checkpoint (.safetensors), an export folder or .onnx file, or a TensorRT .plan; default: the bundled model.")
-BACKEND = typer.Option(BackendName.auto, help="Inference backend; auto: tensorrt for .plan, onnx for exports, torch for checkpoints.")
+BACKEND = typer.Option(BackendName.auto, help="Inference backend; auto: tensorrt for .plan, onnx for exports and the bundled model, torch for checkpoints.")
 WINDOW = typer.Option(None, callback=bounded("--window", 0, 60, lo_open=True), help="Seconds per window (default: the model's).")
 HOP = typer.Option(None, callback=bounded("--hop", 0, 60, lo_open=True), help="Seconds between windows (default: the model's).")
 TAG_ON = typer.Option(0.5, callback=bounded("--tag-on", 0, 1), help="A tag starts at this probability...")
@@ -117,16 +117,19 @@ REFRACTORY = typer.Option(1.0, callback=bounded("--refractory", 0, 3600), help="
 ALL_TAGS = typer.Option(False, "--all-tags", help="Also report a tag while a more specific one is on (Animal beside Dog); default: folded into it.")
 CLASSES = typer.Option(None, "--classes", help="Report only this class (repeatable; an exact label, e.g. --classes Dog --classes yes).")
 JSON = typer.Option(False, "--json", help="JSON lines, one event per line.")
+GATE = typer.Option(0.0, callback=bounded("--gate", 0, 100), help="Skip the encoder on windows whose loudest frame is less than this many dB over the noise floor (0: every window runs).")
 
 
-def _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes):
+def _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes, gate):
     from edgetag import open_stream
     from edgetag.checkpoint import CheckpointError
     from edgetag.runtime import BackendError
+    from edgetag.stream import GateConfig
 
     try:
-        return open_stream(model, backend.value, window, hop, threads, tag_on=tag_on, tag_off=tag_off, keyword_on=keyword_on,
-                           smoothing=smoothing, min_duration=min_duration, refractory=refractory, fold=not all_tags, classes=tuple(classes or ()))
+        return open_stream(model, backend.value, window, hop, threads, gate=GateConfig(margin_db=gate) if gate else None, tag_on=tag_on, tag_off=tag_off,
+                           keyword_on=keyword_on, smoothing=smoothing, min_duration=min_duration, refractory=refractory, fold=not all_tags,
+                           classes=tuple(classes or ()))
     except (CheckpointError, BackendError, ValueError) as e:
         fail(str(e))
 
@@ -146,6 +149,7 @@ def file_(
     refractory: float = REFRACTORY,
     all_tags: bool = ALL_TAGS,
     classes: list[str] = CLASSES,
+    gate: float = GATE,
     json_out: bool = JSON,
     csv_out: bool = typer.Option(False, "--csv", help="CSV with a header row."),
     plot: Path = typer.Option(None, help="PNG: spectrogram and probability timelines with the events (one per file: NAME_<file>.png when several)."),
@@ -153,13 +157,10 @@ def file_(
 ) -> None:
     """Tag sound events and spot keywords in files. Exit 0 when every file was processed, 2 when
     any failed (the others are still processed)."""
-    import torch
-
     from edgetag import audio, output
     from edgetag.stream import process_file
 
-    torch.set_num_threads(threads)
-    engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes)
+    engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes, gate)
     files, errors = audio.expand(paths)
     for error in errors:
         print(f"edgetag: error: {error}", file=sys.stderr)
@@ -173,6 +174,8 @@ def file_(
             errors.append(e)
             continue
         rows = [output.record(e, path, model_id) for e in result.events]
+        if gate:
+            print(f"{path}: the gate skipped {sum(h.skipped for h in result.hops)} of {len(result.hops)} windows", file=sys.stderr)
         if json_out:
             for row in rows:
                 output.json_line(row)
@@ -184,7 +187,7 @@ def file_(
         if plot:
             from edgetag.features import fbank
 
-            features = fbank(audio.load(path, engine.spec.fbank.sample_rate), engine.spec.fbank).numpy()
+            features = fbank(audio.load(path, engine.spec.fbank.sample_rate), engine.spec.fbank)
             target = plot if len(files) == 1 else plot.with_name(f"{plot.stem}_{Path(path).stem}{plot.suffix}")
             output.plot(features, result, engine.spec, target, Path(path).name)
     if errors:
@@ -208,6 +211,7 @@ def listen(
     refractory: float = REFRACTORY,
     all_tags: bool = ALL_TAGS,
     classes: list[str] = CLASSES,
+    gate: float = GATE,
     json_out: bool = JSON,
     block: float = typer.Option(0.1, callback=bounded("--block", 0, 10, lo_open=True), help="Seconds of audio per block read from the device."),
     threads: int = typer.Option(1, callback=bounded("--threads", 1, 1024), help="Inference threads (torch, ONNX Runtime)."),
@@ -215,12 +219,9 @@ def listen(
     """Live tags and keyword spots from a microphone. Ctrl-C stops with a summary."""
     import contextlib
 
-    import torch
-
     from edgetag import audio, live, output
 
-    torch.set_num_threads(threads)
-    engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes)
+    engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes, gate)
     rate = engine.spec.fbank.sample_rate
     with contextlib.ExitStack() as stack:
         if input_file is not None:
@@ -270,8 +271,40 @@ def devices() -> None:
         print(f"{'*' if d.default else ' '} {d.index:3d}  {d.name}  ({d.channels} ch, {d.sample_rate:.0f} Hz)")
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print their figures.")
+bench_app = typer.Typer(help="Benchmarks that print their figures.")
 app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback(invoke_without_command=True)
+def bench_device(
+    ctx: typer.Context,
+    backends: list[BackendName] = typer.Option(None, "--backend", help="Backends whose hop latency is measured (repeatable; default: onnx, and torch when installed)."),
+    hours: float = typer.Option(1.0, callback=bounded("--hours", 0, 1000, lo_open=True), help="Audio pushed through the live path for the memory slope."),
+    gate_minutes: float = typer.Option(10.0, callback=bounded("--gate-minutes", 1, 600), help="Length of the quiet recording the gate is measured on."),
+    data: Path = typer.Option(None, help="Labelled audio for that recording (ESC-50 sounds, Speech Commands words); default: $EDGETAG_DATA or ../shared/data when present, else the bundled example."),
+    runs: int = typer.Option(5, callback=bounded("--runs", 1, 100), help="`edgetag file` processes timed for the start-up figure."),
+) -> None:
+    """Without a subcommand: the device run. Start-up and peak RSS of `edgetag file` on the
+    example, listen's RSS over simulated hours, hop latency per backend, the fbank hop ratio and
+    the gate's saving; ends with one summary line."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import importlib.util
+    import os
+
+    from edgetag import bench
+
+    names = [b.value for b in backends] if backends else ["onnx", *(["torch"] if importlib.util.find_spec("torch") else [])]
+    if data is None:
+        found = [Path(p) for p in (os.environ.get("EDGETAG_DATA"), "../shared/data") if p and Path(p).is_dir()]
+        data = found[0] if found else None
+    elif not data.is_dir():
+        fail(f"--data: {data}: no such folder")
+    try:
+        result = bench.device_benchmark(names, hours, gate_minutes, data, runs)
+    except RuntimeError as e:
+        fail(str(e))
+    bench.print_device_benchmark(result)
 
 
 @bench_app.command("fbank")
@@ -290,18 +323,21 @@ def bench_fbank(
 @bench_app.command("stream")
 def bench_stream(
     model: Path = MODEL,
+    backend: BackendName = BACKEND,
     seconds: float = typer.Option(30.0, help="Audio per measurement (the bundled example, repeated)."),
     repeats: int = typer.Option(3),
     listen_seconds: float = typer.Option(5.0, help="Real-time seconds of `listen --input` for the memory figure."),
     hop: float = HOP,
 ) -> None:
-    """Per-hop latency by stage (median, p95, 1 thread), file throughput (2 threads), listen's peak RSS."""
+    """Per-hop latency by stage (median, p95, 1 thread), file throughput (1 and 2 threads, each in
+    its own process, start-up excluded), listen's peak RSS."""
     from edgetag import bench
     from edgetag.checkpoint import CheckpointError
+    from edgetag.runtime import BackendError
 
     try:
-        bench.print_stream_benchmark(bench.stream_benchmark(model, seconds, repeats, listen_seconds, hop))
-    except CheckpointError as e:
+        bench.print_stream_benchmark(bench.stream_benchmark(model, seconds, repeats, listen_seconds, hop, backend.value))
+    except (CheckpointError, BackendError, RuntimeError) as e:
         fail(str(e))
 
 

@@ -1,11 +1,12 @@
 """Kaldi-compatible log-mel filterbanks and MFCCs (`FbankConfig.mfcc`), offline and streaming.
 
 The recipe is the one of `torchaudio.compliance.kaldi.fbank`, which AST, SSAST and MAE-AST were
-trained with, rewritten on plain torch so the runtime needs no torchaudio. Every frame is
+trained with, written in numpy so the runtime needs neither torch nor torchaudio. Every frame is
 computed on its own from its samples, so `StreamingFbank` can cut the same frames out of audio
 that arrives in pieces and give the very numbers `fbank()` gives on the whole signal.
 
-Waveforms are float samples in [-1, 1] (as soundfile and torchaudio return them), 1-D.
+Waveforms are float samples in [-1, 1] (as soundfile returns them), 1-D: numpy arrays, or
+anything `np.asarray` takes (a CPU torch tensor). Features come back as float32 numpy arrays.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 
 import numpy as np
-import torch
+from numpy.lib.stride_tricks import as_strided
 
 from edgetag.audio import SAMPLE_RATE
 
@@ -131,7 +132,7 @@ def preset(name: str, **overrides) -> FbankConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Constant matrices, cached per configuration
+# Constant matrices, cached per configuration (callers only read them)
 
 
 def _mel(freq):
@@ -139,8 +140,8 @@ def _mel(freq):
 
 
 @lru_cache(maxsize=32)
-def mel_banks(n_mels: int, fft_size: int, sample_rate: int, low_freq: float, high_freq: float) -> torch.Tensor:
-    """Kaldi's triangular filters, equally spaced on the mel scale, as [fft_size // 2 + 1, n_mels].
+def mel_banks(n_mels: int, fft_size: int, sample_rate: int, low_freq: float, high_freq: float) -> np.ndarray:
+    """Kaldi's triangular filters, equally spaced on the mel scale, as float32 [fft_size // 2 + 1, n_mels].
 
     With many bins on a short FFT some triangles fall between two FFT bins and are all zero;
     Kaldi refuses that, torchaudio accepts it and its log-mel sits at log(eps) there. So do we.
@@ -156,11 +157,11 @@ def mel_banks(n_mels: int, fft_size: int, sample_rate: int, low_freq: float, hig
     up, down = (mel - left) / (center - left), (right - mel) / (right - center)
     banks = np.maximum(0.0, np.minimum(up, down))
     banks = np.pad(banks, ((0, 0), (0, 1)))
-    return torch.from_numpy(banks.T.astype(np.float32)).contiguous()  # [fft_size // 2 + 1, n_mels]
+    return _frozen(banks.T.astype(np.float32))  # [fft_size // 2 + 1, n_mels]
 
 
 @lru_cache(maxsize=32)
-def _window(kind: str, length: int, blackman_coeff: float) -> torch.Tensor:
+def _window(kind: str, length: int, blackman_coeff: float) -> np.ndarray:
     n = np.arange(length, dtype=np.float64)
     a = 2 * math.pi / (length - 1)
     if kind == "hanning":
@@ -173,11 +174,11 @@ def _window(kind: str, length: int, blackman_coeff: float) -> torch.Tensor:
         w = blackman_coeff - 0.5 * np.cos(a * n) + (0.5 - blackman_coeff) * np.cos(2 * a * n)
     else:  # rectangular
         w = np.ones(length)
-    return torch.from_numpy(w)
+    return _frozen(w)
 
 
 @lru_cache(maxsize=32)
-def _dct(n_mels: int, n_ceps: int, lifter: float) -> torch.Tensor:
+def _dct(n_mels: int, n_ceps: int, lifter: float) -> np.ndarray:
     """Kaldi's orthonormal DCT-II [n_mels, n_ceps], with the cepstral lifter folded in."""
     k = np.arange(n_ceps)[None, :]
     n = np.arange(n_mels)[:, None]
@@ -185,96 +186,99 @@ def _dct(n_mels: int, n_ceps: int, lifter: float) -> torch.Tensor:
     dct[:, 0] = np.sqrt(1.0 / n_mels)
     if lifter:
         dct = dct * (1.0 + 0.5 * lifter * np.sin(math.pi * np.arange(n_ceps) / lifter))
-    return torch.from_numpy(dct)
+    return _frozen(dct)
+
+
+def _frozen(x: np.ndarray) -> np.ndarray:
+    x.flags.writeable = False  # cached and shared: a caller writing into it would change every later call
+    return x
 
 
 # ---------------------------------------------------------------------------------------------
 # Features
 
 
-def _as_waveform(waveform) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(waveform) if not isinstance(waveform, torch.Tensor) else waveform)
-    if x.dim() == 2 and 1 in x.shape:
+def _as_waveform(waveform) -> np.ndarray:
+    x = np.asarray(waveform)
+    if x.ndim == 2 and 1 in x.shape:
         x = x.reshape(-1)
-    if x.dim() != 1:
+    if x.ndim != 1:
         raise ValueError(f"expected a mono waveform [samples], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
+    if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"expected float samples in [-1, 1], got {x.dtype}")
     # float64 inside: the weak bands of tonal sounds lie 100+ dB under the peak, below what a
     # float32 FFT resolves, and Kaldi-exactness is checked there too.
-    return x.to(torch.float64)
+    return x.astype(np.float64)
 
 
-def _frames(x: torch.Tensor, config: FbankConfig) -> torch.Tensor:
-    """Cut a waveform into frames: [num_frames, frame_length]."""
+def _frames(x: np.ndarray, config: FbankConfig) -> np.ndarray:
+    """Cut a waveform into frames: [num_frames, frame_length] (a view of `x` when it can be)."""
     length, shift = config.frame_length, config.frame_shift
-    n = config.num_frames(x.numel())
+    n = config.num_frames(len(x))
     if n == 0:
-        return x.new_zeros(0, length)
+        return np.zeros((0, length))
     if not config.snip_edges:
         # Kaldi reflects the signal at both ends so frames centre on multiples of the shift.
         pad = length // 2 - shift // 2
-        rev = x.flip(0)
-        x = torch.cat([rev[-pad:], x, rev]) if pad > 0 else torch.cat([x[-pad:], rev])
-        while x.numel() < (n - 1) * shift + length:  # only for signals shorter than a frame
-            x = torch.cat([x, x.flip(0)])
-    return x.unfold(0, length, shift)[:n].contiguous()  # strided views slow every later op
+        rev = x[::-1]
+        x = np.concatenate([rev[-pad:], x, rev] if pad > 0 else [x[-pad:], rev])
+        while len(x) < (n - 1) * shift + length:  # only for signals shorter than a frame
+            x = np.concatenate([x, x[::-1]])
+    x = np.ascontiguousarray(x)
+    return as_strided(x, (n, length), (shift * x.itemsize, x.itemsize), writeable=False)  # [n, length], no copy
 
 
-def _frame_features(frames: torch.Tensor, config: FbankConfig) -> torch.Tensor:
+def _frame_features(frames: np.ndarray, config: FbankConfig) -> np.ndarray:
     """Log-mel (or MFCC) of each frame on its own: [n, frame_length] -> [n, n_features] float32.
 
-    A streaming hop computes a handful of frames, so this keeps the number of torch calls small:
+    A streaming hop computes a handful of frames, so this keeps the number of numpy calls small:
     their fixed cost, not the arithmetic, is what a hop pays.
     """
     c = config
-    if frames.shape[0] == 0:  # MKL's FFT rejects an empty batch
-        return torch.zeros(0, c.n_features)
+    if frames.shape[0] == 0:
+        return np.zeros((0, c.n_features), np.float32)
     if c.dither:
-        frames = frames + c.dither * torch.randn_like(frames)
+        frames = frames + c.dither * np.random.standard_normal(frames.shape)
     if c.remove_dc_offset:
-        frames = frames - frames.mean(dim=1, keepdim=True)
+        frames = frames - frames.mean(axis=1, keepdims=True)
     if c.use_energy and c.raw_energy:
         log_energy = _log_energy(frames, c)
     if c.preemphasis:
         # x[i] - k * x[i - 1], with x[-1] = x[0] as Kaldi has it
-        frames = frames - c.preemphasis * frames[:, _previous_index(c.frame_length)]
+        previous = np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)
+        frames = frames - c.preemphasis * previous
     frames = frames * _window(c.window, c.frame_length, c.blackman_coeff)
     if c.use_energy and not c.raw_energy:
         log_energy = _log_energy(frames, c)
-    spectrum = torch.fft.rfft(frames, n=c.fft_size)
-    spectrum = spectrum.real.square() + spectrum.imag.square()  # power; complex abs() is slower
+    spectrum = np.fft.rfft(frames, n=c.fft_size, axis=1)
+    spectrum = np.square(spectrum.real) + np.square(spectrum.imag)  # power; complex abs() is slower
     if not c.use_power:
-        spectrum = spectrum.sqrt()
+        spectrum = np.sqrt(spectrum)
     # Sums of non-negative terms lose nothing in float32, which halves the cost of this product.
     banks = mel_banks(c.n_mels, c.fft_size, c.sample_rate, c.low_freq, c.high_freq)
-    feats = (spectrum.float() @ banks).clamp_min_(LOG_FLOOR).log_()  # [n, n_mels]
+    feats = spectrum.astype(np.float32) @ banks  # [n, n_mels]
+    np.log(np.maximum(feats, np.float32(LOG_FLOOR), out=feats), out=feats)
     if c.mfcc:
-        feats = (feats.double() @ _dct(c.n_mels, c.n_ceps, c.cepstral_lifter)).float()  # [n, n_ceps]
+        feats = (feats.astype(np.float64) @ _dct(c.n_mels, c.n_ceps, c.cepstral_lifter)).astype(np.float32)  # [n, n_ceps]
         if c.use_energy:
             feats[:, 0] = log_energy
         if c.htk_compat:
-            c0 = feats[:, :1] if c.use_energy else feats[:, :1] * math.sqrt(2.0)
-            feats = torch.cat([feats[:, 1:], c0], dim=1)
+            c0 = feats[:, :1] if c.use_energy else feats[:, :1] * np.float32(math.sqrt(2.0))
+            feats = np.concatenate([feats[:, 1:], c0], axis=1)
     elif c.use_energy:
-        energy = log_energy[:, None].float()
-        feats = torch.cat([feats, energy] if c.htk_compat else [energy, feats], dim=1)
+        energy = log_energy[:, None].astype(np.float32)
+        feats = np.concatenate([feats, energy] if c.htk_compat else [energy, feats], axis=1)
     return feats
 
 
-@lru_cache(maxsize=8)
-def _previous_index(length: int) -> torch.Tensor:
-    return torch.tensor([0, *range(length - 1)])
-
-
-def _log_energy(frames: torch.Tensor, config: FbankConfig) -> torch.Tensor:
-    log_energy = frames.square().sum(dim=1).clamp_min(LOG_FLOOR).log()
+def _log_energy(frames: np.ndarray, config: FbankConfig) -> np.ndarray:
+    log_energy = np.log(np.maximum(np.square(frames).sum(axis=1), LOG_FLOOR))
     if config.energy_floor:
-        log_energy = log_energy.clamp_min(math.log(config.energy_floor))
+        log_energy = np.maximum(log_energy, math.log(config.energy_floor))
     return log_energy
 
 
-def fbank(waveform, config: FbankConfig = PRESETS["ast"]) -> torch.Tensor:
+def fbank(waveform, config: FbankConfig = PRESETS["ast"]) -> np.ndarray:
     """Kaldi log-mel filterbank (or MFCC when `config.mfcc`): [num_frames, n_features] float32.
 
     Raw log values, not normalised: see `normalize()`.
@@ -287,19 +291,22 @@ def fbank(waveform, config: FbankConfig = PRESETS["ast"]) -> torch.Tensor:
     return _frame_features(_frames(x, config), config)
 
 
-def normalize(features: torch.Tensor, config: FbankConfig) -> torch.Tensor:
-    """The AST-family normalisation: (x - mean) / (scale * std)."""
+def normalize(features, config: FbankConfig):
+    """The AST-family normalisation: (x - mean) / (scale * std), in the array's own type and dtype
+    (numpy here, torch tensors in training)."""
     return (features - config.norm_mean) / (config.norm_scale * config.norm_std)
 
 
-def windows(features: torch.Tensor, frames: int, hop: int) -> torch.Tensor:
-    """[T, F] -> [n, frames, F]: windows starting every `hop` frames until one reaches the end.
-    A short tail is padded with the fbank of silence (the log floor), never with the mean,
-    which would read as sound once normalised."""
-    T = features.shape[0]
+def windows(features, frames: int, hop: int) -> np.ndarray:
+    """[T, F] -> [n, frames, F] (a new float32 array): windows starting every `hop` frames until
+    one reaches the end. A short tail is padded with the fbank of silence (the log floor), never
+    with the mean, which would read as sound once normalised."""
+    features = np.asarray(features, dtype=np.float32)
+    T, F = features.shape
     n = 1 + max(0, -(-(T - frames) // hop))  # ceil division
-    padded = torch.nn.functional.pad(features, (0, 0, 0, (n - 1) * hop + frames - T), value=math.log(LOG_FLOOR))
-    return padded.unfold(0, frames, hop).transpose(1, 2)  # [n, F, frames] -> [n, frames, F]
+    padded = np.full(((n - 1) * hop + frames, F), math.log(LOG_FLOOR), np.float32)
+    padded[:T] = features
+    return padded[hop * np.arange(n)[:, None] + np.arange(frames)]  # [n, frames, F]
 
 
 class StreamingFbank:
@@ -318,16 +325,16 @@ class StreamingFbank:
         self.reset()
 
     def reset(self) -> None:
-        self._pending = torch.zeros(0, dtype=torch.float64)  # samples not yet consumed by a frame
+        self._pending = np.zeros(0)  # samples not yet consumed by a frame
         self.num_frames = 0  # frames returned since the last reset
         self.num_samples = 0  # samples pushed since the last reset
 
-    def push(self, samples) -> torch.Tensor:
+    def push(self, samples) -> np.ndarray:
         x = _as_waveform(samples)
-        self.num_samples += x.numel()
-        pending = torch.cat([self._pending, x])
+        self.num_samples += len(x)
+        pending = np.concatenate([self._pending, x])
         frames = _frames(pending, self.config)
         n = frames.shape[0]
-        self._pending = pending[n * self.config.frame_shift :].clone()
+        self._pending = pending[n * self.config.frame_shift :]
         self.num_frames += n
         return _frame_features(frames, self.config)

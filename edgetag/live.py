@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from edgetag.model import EVENT_KINDS, KEYWORDS, TAGS
+from edgetag.spec import EVENT_KINDS, KEYWORDS, TAGS
 from edgetag.stream import Engine, Event, Hop
 
 SILENCE_DBFS = -120.0
@@ -28,6 +28,7 @@ class Session:
 
     seconds: float = 0.0
     hops: int = 0
+    skipped: int = 0  # hops the gate kept from the encoder
     level: float = SILENCE_DBFS  # of the latest block
     peak: float = SILENCE_DBFS
     events: list[Event] = field(default_factory=list)
@@ -37,7 +38,7 @@ class Session:
     def summary(self, overflows: int, dropped: int) -> dict:
         lat = sorted(self.latencies)
         return {
-            "kind": "summary", "seconds": round(self.seconds, 2), "hops": self.hops, "events": len(self.events),
+            "kind": "summary", "seconds": round(self.seconds, 2), "hops": self.hops, "skipped_hops": self.skipped, "events": len(self.events),
             "peak_dbfs": round(self.peak, 1), "overflows": overflows, "dropped_blocks": dropped,
             "hop_latency_ms_median": round(1000 * statistics.median(lat), 2) if lat else None,
             "hop_latency_ms_p95": round(1000 * lat[int(0.95 * (len(lat) - 1))], 2) if lat else None,
@@ -79,6 +80,7 @@ def run(engine: Engine, blocks: Iterator[np.ndarray | None], duration: float | N
 
 def _hop(session: Session, hop: Hop, on_event) -> None:
     session.hops += 1
+    session.skipped += hop.skipped
     session.latest = hop
     _emit(session, hop.events, on_event)
 

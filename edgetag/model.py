@@ -1,4 +1,5 @@
-"""The Audio Spectrogram Transformer encoder that runs on the device, and its heads.
+"""The Audio Spectrogram Transformer encoder that runs on the device, and its heads, in torch
+(their configs, `EncoderConfig` and `HeadConfig`, live in `edgetag.spec`, which needs no torch).
 
 Features [B, T, n_mels] are cut into tokens (16x16 patches or 128x2 frames, overlapping for
 imported AST teachers), ordered time-major as MAE-AST does (all frequency patches of one time
@@ -10,118 +11,13 @@ Heads read the mean of the token outputs, or of the cls tokens of an imported AS
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from edgetag.spec import ModelSpec
-
-TOKENS = ("patch", "frame")
-POSITIONS = ("sincos", "learned")
-POOLS = ("mean", "cls")
-
-# Named sizes: SSAST's tiny/small/base, plus smaller students for the edge.
-SIZES = {
-    "nano": dict(width=64, depth=4, heads=2),
-    "mini": dict(width=128, depth=6, heads=4),
-    "tiny": dict(width=192, depth=12, heads=3),
-    "small": dict(width=384, depth=12, heads=6),
-    "base": dict(width=768, depth=12, heads=12),
-}
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    n_mels: int = 128
-    tokens: str = "patch"  # "patch": 16x16 (freq x time); "frame": n_mels x 2
-    width: int = 192
-    depth: int = 12
-    heads: int = 3
-    mlp_ratio: float = 4.0
-    positions: str = "sincos"
-    max_tokens: int = 4096  # rows of a learned position table
-    norm_first: bool = True  # pre-LN; False is the post-LN stack of MAE-AST's released weights
-    norm_eps: float = 1e-6
-    # What imported AST/SSAST teachers need: overlapping patches (stride < patch size, e.g. 10) and
-    # cls/distillation tokens. Their frequency-major token order becomes time-major on import
-    # (position rows permuted alike), which leaves every output unchanged.
-    stride_freq: int = 0  # 0: the patch height (no overlap)
-    stride_time: int = 0  # 0: the patch width
-    cls_tokens: int = 0
-    pool: str = "mean"  # "mean" of the patch tokens, or of the "cls" tokens
-    adapter_dim: int = 0  # bottleneck adapters beside each MLP (0: none)
-
-    def __post_init__(self):
-        for name, value, allowed in (("tokens", self.tokens, TOKENS), ("positions", self.positions, POSITIONS), ("pool", self.pool, POOLS)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
-        if self.pool == "cls" and not self.cls_tokens:
-            raise ValueError("pool='cls' needs cls_tokens > 0")
-        if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
-        if not self.overlapping and self.n_mels % self.patch_freq:
-            raise ValueError(f"n_mels {self.n_mels} is not a multiple of the patch height {self.patch_freq}")
-
-    @property
-    def patch_freq(self) -> int:
-        return 16 if self.tokens == "patch" else self.n_mels
-
-    @property
-    def patch_time(self) -> int:
-        return 16 if self.tokens == "patch" else 2
-
-    @property
-    def patch_dim(self) -> int:
-        return self.patch_freq * self.patch_time
-
-    @property
-    def step_freq(self) -> int:
-        return self.stride_freq or self.patch_freq
-
-    @property
-    def step_time(self) -> int:
-        return self.stride_time or self.patch_time
-
-    @property
-    def overlapping(self) -> bool:
-        return (self.step_freq, self.step_time) != (self.patch_freq, self.patch_time)
-
-    @property
-    def freq_patches(self) -> int:
-        return (self.n_mels - self.patch_freq) // self.step_freq + 1
-
-    def time_patches(self, frames: int) -> int:
-        return max(0, (frames - self.patch_time) // self.step_time + 1)
-
-    def num_tokens(self, frames: int) -> int:
-        """Patch tokens for `frames` input frames (cls tokens not counted)."""
-        return self.time_patches(frames) * self.freq_patches
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> EncoderConfig:
-        return cls(**_known(cls, d))
-
-    @classmethod
-    def named(cls, size: str, **overrides) -> EncoderConfig:
-        if size not in SIZES:
-            raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
-        return cls(**{**SIZES[size], **overrides})
-
-
-def _known(cls, d: dict) -> dict:
-    unknown = set(d) - {f.name for f in fields(cls)}
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} options: {', '.join(sorted(unknown))}")
-    return d
-
+from edgetag.spec import TAGS, EncoderConfig, ModelSpec
 
 # ---------------------------------------------------------------------------------------------
 # Tokens
@@ -280,55 +176,6 @@ class Encoder(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # Heads and the runtime model
-
-# The two kinds of head, and the events each makes.
-TAGS, KEYWORDS = "tags", "keywords"  # multi-label sigmoid (sound events); one-of-N softmax (keyword spots)
-HEAD_KINDS = (TAGS, KEYWORDS)
-EVENT_KINDS = {TAGS: "tag", KEYWORDS: "keyword"}
-# Keyword classes that say "no keyword here": trained and scored like the others, never spotted.
-UNKNOWN, SILENCE = "_unknown_", "_silence_"
-NOT_SPOTTED = (UNKNOWN, SILENCE)
-
-
-@dataclass(frozen=True)
-class HeadConfig:
-    kind: str
-    labels: tuple[str, ...]
-    # A class's broader classes in this head (AudioSet ontology: "Dog" -> "Domestic animals,
-    # pets" -> "Animal"), so output can fold an ancestor into the specific class firing with it.
-    parents: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
-
-    def __post_init__(self):
-        if self.kind not in HEAD_KINDS:
-            raise ValueError(f"head kind must be one of {', '.join(HEAD_KINDS)}, not {self.kind!r}")
-        object.__setattr__(self, "labels", tuple(self.labels))
-        object.__setattr__(self, "parents", {child: tuple(ps) for child, ps in self.parents.items()})
-        unknown = (set(self.parents) | {p for ps in self.parents.values() for p in ps}) - set(self.labels)
-        if unknown:
-            raise ValueError(f"head {self.kind}: parents name classes it does not have: {', '.join(sorted(unknown)[:5])}")
-
-    def ancestors(self) -> list[set[int]]:
-        """Per class, the indices of every broader class (parents of parents, ...)."""
-        index = {label: i for i, label in enumerate(self.labels)}
-        out: list[set[int]] = []
-        for label in self.labels:
-            seen, todo = set(), list(self.parents.get(label, ()))
-            while todo:
-                parent = todo.pop()
-                if index[parent] not in seen:
-                    seen.add(index[parent])
-                    todo.extend(self.parents.get(parent, ()))
-            out.append(seen)
-        return out
-
-    @property
-    def spotted(self) -> tuple[bool, ...]:
-        """Per class: can it become an event (every tag; keywords but the "no keyword" classes)."""
-        return tuple(self.kind == TAGS or label not in NOT_SPOTTED for label in self.labels)
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "labels": list(self.labels), **({"parents": {c: list(ps) for c, ps in self.parents.items()}} if self.parents else {})}
-
 
 class Head(nn.Module):
     """SSAST's mlp_head: LayerNorm, then a linear layer, on the mean-pooled tokens."""

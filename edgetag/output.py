@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetag.model import EVENT_KINDS, TAGS
-from edgetag.spec import ModelSpec
+from edgetag.spec import EVENT_KINDS, TAGS, ModelSpec
 from edgetag.stream import Event, Result
 
 FIELDS = ("file", "kind", "label", "start", "end", "score", "model")

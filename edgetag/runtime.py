@@ -1,15 +1,16 @@
 """Inference backends behind one small interface: log-mel windows [B, window_frames, n_mels] in,
-per-head probabilities out (sigmoid for tag heads, softmax for keyword heads).
+per-head probabilities out (sigmoid for tag heads, softmax for keyword heads), numpy both ways.
 
 Every backend carries the `ModelSpec` of what it serves (`backend.spec`: heads, fbank, window and
 hop, thresholds, provenance) and normalises its input itself, so no caller can forget to;
 `forward()` takes windows already normalised, as the exported files and reference.npz store them.
 
+- `onnx`: ONNX Runtime on an export from `deploy.export` (model.onnx fp32, model.int8.onnx): the
+  default for the bundled model, and the one backend that needs no torch.
 - `torch`: the checkpoint in eager PyTorch, fp32.
 - `torch-int8`: torchao's dynamic int8 (`Int8DynamicActivationInt8WeightConfig`) on the linear
   layers, compiled with torch.compile, which is where its speed comes from on CPU (eager int8
   is slower than fp32).
-- `onnx`: ONNX Runtime on an export from `deploy.export` (model.onnx fp32, model.int8.onnx).
 - `tensorrt`: a serialized engine built on this device by `deploy.build_engine`.
 """
 
@@ -19,14 +20,16 @@ import json
 import os
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from edgetag.checkpoint import DEFAULT_EXPORT, DEFAULT_MODEL, load_model
 from edgetag.features import normalize, windows
-from edgetag.model import AudioTransformer
 from edgetag.spec import ModelSpec, SpecError
+
+if TYPE_CHECKING:
+    from edgetag.model import AudioTransformer
 
 BACKENDS = ("auto", "torch", "torch-int8", "onnx", "tensorrt")
 EXPORT_FORMAT = "edgetag-export/2"
@@ -40,31 +43,44 @@ class BackendError(Exception):
 class Backend:
     name = ""
     fixed_window = False  # the input length is baked into the file (ONNX, TensorRT)
+    # Windows per forward pass at most. 1 where a window's output would depend on the others in
+    # its batch (dynamic int8 scales activations by the whole input tensor): a file, batched, and
+    # the microphone, hop by hop, must see the same numbers.
+    max_batch = 1 << 30
 
     def __init__(self, spec: ModelSpec, source):
         self.spec = spec
         self.model_id = spec.model_id or Path(str(source)).stem
 
-    def forward(self, x: torch.Tensor) -> dict[str, np.ndarray]:
-        """One batch of normalised windows -> per-head probabilities."""
+    def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """One batch of normalised windows (float32) -> per-head probabilities."""
         raise NotImplementedError
 
-    def __call__(self, windows: torch.Tensor, batch_size: int = 256) -> dict[str, np.ndarray]:
+    def __call__(self, windows: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
         """Log-mel windows [n, frames, n_mels], any n: normalised, run `batch_size` at a time."""
         out: dict[str, list[np.ndarray]] = {}
+        batch_size = min(batch_size, self.max_batch)
         for i in range(0, len(windows), batch_size):
             for name, p in self.forward(normalize(windows[i : i + batch_size], self.spec.fbank)).items():
                 out.setdefault(name, []).append(p)
         return {name: np.concatenate(ps) for name, ps in out.items()}
 
 
-def clip_probabilities(backend: Backend, clips: list[torch.Tensor], batch_size: int = 256) -> list[dict[str, np.ndarray]]:
+def clip_probabilities(backend: Backend, clips: list, batch_size: int = 256) -> list[dict[str, np.ndarray]]:
     """Per clip, per head: the probabilities [windows, classes] of the windows the streaming engine
     runs over it (every hop from its start, the tail padded with silence), batched across clips."""
     per_clip = [windows(f, backend.spec.window_frames, backend.spec.hop_frames) for f in clips]
-    probs = backend(torch.cat(per_clip), batch_size) if per_clip else {}
+    probs = backend(np.concatenate(per_clip), batch_size) if per_clip else {}
     bounds = np.cumsum([0] + [len(w) for w in per_clip])
     return [{name: p[a:b] for name, p in probs.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def import_torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise BackendError("the torch backends need torch: pip install 'edgetag[torch]' (or use the onnx backend)") from e
+    return torch
 
 
 class TorchBackend(Backend):
@@ -78,11 +94,14 @@ class TorchBackend(Backend):
 
     @classmethod
     def load(cls, path=None, device: str = "cpu") -> TorchBackend:
+        import_torch()
         return cls(load_model(path, device), path or DEFAULT_MODEL)
 
-    @torch.inference_mode()
-    def forward(self, x: torch.Tensor) -> dict[str, np.ndarray]:
-        return {name: p.float().cpu().numpy() for name, p in self.probabilities(x.to(self.device)).items()}
+    def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            return {name: p.float().cpu().numpy() for name, p in self.probabilities(torch.from_numpy(x).to(self.device)).items()}
 
 
 class TorchInt8Backend(TorchBackend):
@@ -96,10 +115,12 @@ class TorchInt8Backend(TorchBackend):
         super().__init__(model.cpu(), source)
         quantize_(self.model, Int8DynamicActivationInt8WeightConfig())
         # dynamic: one compiled graph serves a live hop (batch 1) and a file's batches alike
+        torch = import_torch()
         self.probabilities = torch.compile(self.model.probabilities, dynamic=True) if compile else self.model.probabilities
 
     @classmethod
     def load(cls, path=None, compile: bool = True) -> TorchInt8Backend:
+        import_torch()
         return cls(load_model(path), path or DEFAULT_MODEL, compile)
 
 
@@ -111,7 +132,7 @@ class OnnxBackend(Backend):
         try:
             import onnxruntime as ort
         except ImportError as e:
-            raise BackendError("the onnx backend needs onnxruntime: pip install 'edgetag[deploy]'") from e
+            raise BackendError("the onnx backend needs onnxruntime (an edgetag dependency): pip install onnxruntime") from e
         path = Path(path)
         if path.is_dir():
             path = path / ("model.int8.onnx" if (path / "model.int8.onnx").is_file() else "model.onnx")
@@ -127,9 +148,11 @@ class OnnxBackend(Backend):
             raise BackendError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
         self.path = path
         self.input, self.outputs = manifest["input"]["name"], manifest["outputs"]
+        if manifest["files"][path.name].get("kind") == "int8":
+            self.max_batch = 1
 
-    def forward(self, x: torch.Tensor) -> dict[str, np.ndarray]:
-        return dict(zip(self.outputs, self.session.run(self.outputs, {self.input: x.float().numpy()})))
+    def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.session.run(self.outputs, {self.input: np.ascontiguousarray(x, np.float32)})))
 
 
 def read_manifest(folder: Path) -> dict:
@@ -184,6 +207,7 @@ def l4t_release(path: str = "/etc/nv_tegra_release") -> str | None:
 
 def device_description(trt) -> dict:
     """What an engine is bound to: the TensorRT version and the GPU (and the L4T release)."""
+    torch = import_torch()  # its CUDA runtime holds the engine's buffers
     if not torch.cuda.is_available():
         raise BackendError("TensorRT needs an NVIDIA GPU, and torch sees none here")
     major, minor = torch.cuda.get_device_capability()
@@ -228,8 +252,10 @@ class TensorRTBackend(Backend):
             raise BackendError(f"{plan}: TensorRT could not deserialize the engine")
         self.context = self.engine.create_execution_context()
 
-    def forward(self, x: torch.Tensor) -> dict[str, np.ndarray]:
-        x = x.float().contiguous().cuda()
+    def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(x, np.float32)).cuda()
         self.context.set_input_shape(self.input, tuple(x.shape))
         self.context.set_tensor_address(self.input, x.data_ptr())
         outputs = {}
@@ -245,12 +271,13 @@ class TensorRTBackend(Backend):
 
 def resolve(model, backend: str = "auto") -> str:
     """The backend `auto` means for this model file: an engine for .plan files, ONNX Runtime for
-    exports (.onnx files and export folders), eager torch for checkpoints."""
+    exports (.onnx files and export folders) and for the bundled model (its export), eager
+    torch for checkpoints."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    path = Path(model) if model is not None else DEFAULT_MODEL
+    path = Path(model) if model is not None else DEFAULT_EXPORT
     if path.suffix == ".plan":
         return "tensorrt"
     if path.suffix == ".onnx" or (path.is_dir() and (path / "manifest.json").is_file()):
@@ -260,11 +287,14 @@ def resolve(model, backend: str = "auto") -> str:
 
 def load_backend(model=None, backend: str = "auto", device: str = "cpu", threads: int = 0) -> Backend:
     """A backend for `model` (a checkpoint, an export folder or .onnx file, or a .plan engine;
-    None: the bundled model, or its bundled export for `onnx`). `threads` sizes ONNX Runtime's
-    pool (torch's is process-wide: torch.set_num_threads); 0 leaves the library's default."""
+    None: the bundled model: its export for `onnx`, its checkpoint for the torch backends).
+    `threads` sizes ONNX Runtime's pool, or torch's, which is process-wide (set once per process:
+    torch.set_num_threads); 0 leaves the library's default."""
     kind = resolve(model, backend)
     if model is not None and not os.path.exists(model):
         raise BackendError(f"{model}: no such file or folder")
+    if kind.startswith("torch") and threads:
+        import_torch().set_num_threads(threads)
     if kind == "torch":
         return TorchBackend.load(model, device)
     if kind == "torch-int8":

@@ -7,6 +7,9 @@ window padded with silence covers the tail (exactly `features.windows()` over th
 Windows that are ready together run as one batch, so a file pushed in 10 s blocks is batched
 and a microphone pushed in 100 ms blocks runs hop by hop, through the same code: results do
 not depend on the block size.
+
+An optional energy gate (`GateConfig`) skips the encoder on windows whose loudest frame stays
+near the noise floor: such a hop reports zero probabilities and costs only its fbank.
 """
 
 from __future__ import annotations
@@ -17,11 +20,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from edgetag.features import StreamingFbank, windows
-from edgetag.model import EVENT_KINDS, TAGS
-from edgetag.spec import ModelSpec
+from edgetag.features import FbankConfig, StreamingFbank, windows
+from edgetag.spec import EVENT_KINDS, TAGS, ModelSpec
 
 
 @dataclass
@@ -59,8 +60,9 @@ class Hop:
     index: int
     start: float
     end: float
-    probabilities: dict[str, np.ndarray]
+    probabilities: dict[str, np.ndarray]  # zeros where the gate skipped the window
     events: list[Event]
+    skipped: bool = False
 
 
 class PostProcessor:
@@ -144,6 +146,66 @@ class PostProcessor:
         return events
 
 
+@dataclass(frozen=True)
+class GateConfig:
+    """Skip the encoder on a window whose loudest frame is under the noise floor + `margin_db`.
+
+    A frame's level is its total mel power in dB; the noise floor before a window is the
+    `percentile`th level of the frames in the `floor_seconds` of audio up to the window's end, so
+    it follows the room, not the events (a steady sound longer than most of `floor_seconds`
+    becomes the floor). No window is skipped before `warmup_seconds` of audio, when the floor is
+    not known yet. Every decision reads only frames up to the window's end: block sizes do not
+    change it, and a file gates as the microphone does."""
+
+    margin_db: float = 10.0
+    floor_seconds: float = 30.0
+    percentile: float = 10.0
+    warmup_seconds: float = 5.0
+
+    def __post_init__(self):
+        if not (self.margin_db > 0 and self.floor_seconds > 0 and 0 <= self.percentile < 100 and self.warmup_seconds >= 0):
+            raise ValueError(f"gate: need margin_db > 0, floor_seconds > 0, 0 <= percentile < 100, warmup_seconds >= 0 (got {self})")
+
+
+class Gate:
+    """The gate's state: frame levels over the last `floor_seconds` before the next window's end."""
+
+    def __init__(self, config: GateConfig, fbank: FbankConfig):
+        if fbank.mfcc:
+            raise ValueError("the gate reads log-mel frames; this model's features are MFCCs")
+        self.config = config
+        frames_per_second = fbank.sample_rate / fbank.frame_shift
+        self.horizon = max(1, round(config.floor_seconds * frames_per_second))
+        self.warmup = round(config.warmup_seconds * frames_per_second)
+        # the mel columns: an energy column, when there is one, comes last (HTK) or first (Kaldi)
+        start = int(fbank.use_energy and not fbank.htk_compat)
+        self.mels = slice(start, start + fbank.n_mels)
+        self.reset()
+
+    def reset(self) -> None:
+        self.levels = np.zeros(0)  # dB, of frames from index self.offset on
+        self.offset = 0
+
+    def push(self, frames: np.ndarray) -> None:
+        x = frames[:, self.mels].astype(np.float64)
+        peak = x.max(axis=1, keepdims=True) if len(x) else np.zeros((0, 1))
+        total = peak[:, 0] + np.log(np.exp(x - peak).sum(axis=1))  # log of the mel power, overflow-free
+        self.levels = np.concatenate([self.levels, 10 / np.log(10) * total])
+
+    def opens(self, start: int, end: int) -> bool:
+        """Whether the window of frames [start, end) may hold an event."""
+        if end <= self.warmup:
+            return True
+        history = self.levels[max(0, end - self.horizon) - self.offset : end - self.offset]
+        floor = np.percentile(history, self.config.percentile)
+        return bool(self.levels[start - self.offset : end - self.offset].max() >= floor + self.config.margin_db)
+
+    def forget(self, next_end: int) -> None:
+        """Drop the levels no window ending at `next_end` or later reads."""
+        drop = max(0, next_end - self.horizon - self.offset)
+        self.levels, self.offset = self.levels[drop:], self.offset + drop
+
+
 @dataclass
 class Timings:
     """Seconds spent per stage since the last reset, and the hops they served."""
@@ -152,6 +214,7 @@ class Timings:
     encoder: float = 0.0
     post: float = 0.0
     hops: int = 0
+    skipped: int = 0  # hops the gate kept from the encoder
     per_hop: list[float] = field(default_factory=list)  # latency of each hop (its share of a batch)
 
 
@@ -159,20 +222,24 @@ class Engine:
     """The streaming state: push audio (at the model's sample rate), get the hops it completed.
 
     `window`/`hop` (seconds) override the model's own; a model with a fixed input length (an
-    ONNX export, a TensorRT engine) takes its own window only."""
+    ONNX export, a TensorRT engine) takes its own window only. `gate` skips quiet windows."""
 
-    def __init__(self, backend, post: PostConfig | None = None, window: float | None = None, hop: float | None = None, batch_size: int = 64):
+    def __init__(self, backend, post: PostConfig | None = None, window: float | None = None, hop: float | None = None, batch_size: int = 64,
+                 gate: GateConfig | None = None):
         self.backend = backend
         self.spec = backend.spec.with_stream(window, hop)
         if backend.fixed_window and self.spec.window_frames != backend.spec.window_frames:
             raise ValueError(f"the {backend.name} model takes {backend.spec.stream.window:g} s windows only (its input length is fixed)")
         self.post = PostProcessor(self.spec, post or PostConfig())
         self.batch_size = batch_size
+        self.gate = Gate(gate, self.spec.fbank) if gate is not None else None
         self.reset()
 
     def reset(self) -> None:
+        if self.gate is not None:
+            self.gate.reset()
         self.fbank = StreamingFbank(self.spec.fbank)
-        self.frames = torch.zeros(0, self.spec.fbank.n_features)  # frames from index self.offset on
+        self.frames = np.zeros((0, self.spec.fbank.n_features), np.float32)  # frames from index self.offset on
         self.offset = 0
         self.next_hop = 0
         self.post.reset()
@@ -182,25 +249,35 @@ class Engine:
     def seconds(self) -> float:
         return self.fbank.num_samples / self.spec.fbank.sample_rate
 
-    def _run(self, starts: list[int], batch: torch.Tensor, fbank_seconds: float) -> list[Hop]:
+    def _opens(self, k: int, end: int) -> bool:
+        return self.gate is None or self.gate.opens(k * self.spec.hop_frames, end)
+
+    def _run(self, starts: list[int], batch: np.ndarray, fbank_seconds: float, opened: list[bool]) -> list[Hop]:
         t0 = time.perf_counter()
-        probs = self.backend(batch, self.batch_size)
+        run = np.flatnonzero(opened)
+        probs = {name: np.zeros((len(starts), len(h.labels)), np.float32) for name, h in self.spec.heads.items()}
+        if len(run):
+            for name, p in self.backend(batch[run], self.batch_size).items():
+                probs[name][run] = p
         t1 = time.perf_counter()
         hop, window = self.spec.hop_seconds, self.spec.window_seconds
         hops = []
         for j, k in enumerate(starts):
             p = {name: x[j] for name, x in probs.items()}
-            hops.append(Hop(k, k * hop, k * hop + window, p, self.post.update(k, p)))
+            hops.append(Hop(k, k * hop, k * hop + window, p, self.post.update(k, p), not opened[j]))
         t2 = time.perf_counter()
         t = self.timings
         t.fbank, t.encoder, t.post, t.hops = t.fbank + fbank_seconds, t.encoder + t1 - t0, t.post + t2 - t1, t.hops + len(starts)
+        t.skipped += len(starts) - len(run)
         t.per_hop.extend([(fbank_seconds + t2 - t0) / len(starts)] * len(starts))
         return hops
 
     def push(self, samples) -> list[Hop]:
         t0 = time.perf_counter()
         new = self.fbank.push(samples)
-        self.frames = torch.cat([self.frames, new]) if len(new) else self.frames
+        self.frames = np.concatenate([self.frames, new]) if len(new) else self.frames
+        if self.gate is not None:
+            self.gate.push(new)
         fbank_seconds = time.perf_counter() - t0
         total, hop, window = self.offset + len(self.frames), self.spec.hop_frames, self.spec.window_frames
         starts = []
@@ -210,10 +287,13 @@ class Engine:
         if not starts:
             self.timings.fbank += fbank_seconds
             return []
-        batch = torch.stack([self.frames[k * hop - self.offset :][:window] for k in starts])
+        batch = np.stack([self.frames[k * hop - self.offset :][:window] for k in starts])
+        opened = [self._opens(k, k * hop + window) for k in starts]
         drop = self.next_hop * hop - self.offset  # no later window needs these frames
         self.frames, self.offset = self.frames[drop:], self.offset + drop
-        return self._run(starts, batch, fbank_seconds)
+        if self.gate is not None:
+            self.gate.forget(self.next_hop * hop + window)
+        return self._run(starts, batch, fbank_seconds, opened)
 
     def flush(self) -> tuple[list[Hop], list[Event]]:
         """End of stream: the padded window over the tail (when the last window missed it), and
@@ -222,7 +302,7 @@ class Engine:
         hops = []
         if total and (self.next_hop == 0 or (self.next_hop - 1) * hop + window < total):
             k = self.next_hop
-            hops = self._run([k], windows(self.frames[k * hop - self.offset :], window, window)[:1], 0.0)
+            hops = self._run([k], windows(self.frames[k * hop - self.offset :], window, window)[:1], 0.0, [self._opens(k, total)])
             self.next_hop += 1
         return hops, self.post.flush(self.next_hop - 1, self.seconds)
 

@@ -44,8 +44,7 @@ import torch
 import typer
 
 from edgetag import checkpoint
-from edgetag.model import KEYWORDS, NOT_SPOTTED, TAGS
-from edgetag.spec import StreamConfig
+from edgetag.spec import KEYWORDS, NOT_SPOTTED, TAGS, StreamConfig
 from train.augment import AugmentConfig
 from train.distill import DistillConfig
 from train.finetune import FinetuneConfig
@@ -341,8 +340,8 @@ def peers_of(recipe: Recipe) -> dict:
 def running_stage(recipe: Recipe, models: dict[str, str], peers: dict, folder: Path) -> dict:
     """Keywords in running audio (train.running) for every keyword model: the recall / false-alarm
     curve over one threshold for all keywords, and the spots at each model's own thresholds."""
-    from edgetag.model import HeadConfig
     from edgetag.runtime import load_backend
+    from edgetag.spec import HeadConfig
     from edgetag.stream import Engine, PostConfig
     from train import running
     from train.evaluate import teacher_windows

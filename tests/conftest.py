@@ -23,8 +23,7 @@ def make_spec(encoder="nano", heads=None, fbank=None, stream=None, **fields):
     """A ModelSpec for tests: a named size or an EncoderConfig, heads {name: labels} (the name is
     the kind), the AST fbank unless given, stream (window, hop) in seconds."""
     from edgetag.features import preset
-    from edgetag.model import EncoderConfig, HeadConfig
-    from edgetag.spec import ModelSpec, StreamConfig
+    from edgetag.spec import EncoderConfig, HeadConfig, ModelSpec, StreamConfig
 
     encoder = EncoderConfig.named(encoder) if isinstance(encoder, str) else encoder
     heads = {name: h if isinstance(h, HeadConfig) else HeadConfig(name, h) for name, h in (heads or {}).items()}

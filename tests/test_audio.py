@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import data_path, white_noise
+
 from edgetag import audio
 from edgetag.audio import AudioError
 

@@ -1,8 +1,8 @@
 """Threshold calibration: false alarms counted by the engine's own post-processor; thresholds land in the checkpoint."""
 
 import numpy as np
-
 from conftest import make_spec
+
 from edgetag import load_model
 from edgetag.stream import PostConfig
 from train.calibrate import GRID, calibrate, calibrate_keywords, replay
@@ -34,6 +34,7 @@ def test_refractory_period_counts_as_the_engine_counts():
 
 def test_tag_thresholds_are_written_into_a_checkpoint_the_engine_reads(tmp_path):
     from conftest import make_dataset
+
     from edgetag.spec import StreamConfig
     from train.augment import AugmentConfig
     from train.finetune import FinetuneConfig, finetune
@@ -61,8 +62,8 @@ def test_spotting_counts_what_edgetag_file_reports(tmp_path):
 
     import soundfile as sf
     import torch
-
     from conftest import REPO, make_model, white_noise
+
     from edgetag.checkpoint import save
     from edgetag.runtime import load_backend
     from train.data import Example

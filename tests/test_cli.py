@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import REPO, white_noise
+
 from edgetag import audio
 from edgetag.features import fbank, normalize, preset
 
@@ -39,7 +39,7 @@ def test_fbank_writes_what_the_library_computes(tmp_path, name, normalized):
     expected = normalize(expected, config) if normalized else expected
     assert written.dtype == np.float32 and written.shape == (698, 128)
     # another process may split the mel matmul over threads differently: equal to float rounding
-    np.testing.assert_allclose(written, expected.numpy(), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(written, expected, rtol=1e-6, atol=1e-5)
 
 
 def test_fbank_mfcc_is_the_dct_of_the_log_mel(tmp_path):
@@ -50,7 +50,7 @@ def test_fbank_mfcc_is_the_dct_of_the_log_mel(tmp_path):
     assert edgetag("fbank", EXAMPLE, "-o", out, "--mfcc").returncode == 0
     written = np.load(out)
     config = preset("ast", mfcc=True)
-    log_mel = fbank(audio.load(EXAMPLE), preset("ast")).numpy().astype(np.float64)
+    log_mel = fbank(audio.load(EXAMPLE), preset("ast")).astype(np.float64)
     n, k = config.n_mels, np.arange(config.n_ceps)[:, None]
     dct = np.sqrt(2 / n) * np.cos(np.pi / n * (np.arange(n)[None, :] + 0.5) * k)
     dct[0] /= np.sqrt(2)
@@ -73,7 +73,7 @@ def test_raw_fbank_of_a_resampled_file(tmp_path):
     assert edgetag("fbank", wav, "-o", out).returncode == 0
     expected = fbank(soxr.resample(x, 44100, 16000).astype(np.float32), preset("ast"))
     assert np.load(out).shape == (98, 128)
-    np.testing.assert_allclose(np.load(out), expected.numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.load(out), expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -118,3 +118,53 @@ def test_a_window_or_hop_the_model_cannot_take_is_one_line_and_exit_2(option, re
         pytest.importorskip("onnxruntime", reason="the bundled ONNX export needs onnxruntime (pip install 'edgetag[deploy]')")
     result = edgetag("file", EXAMPLE, *option)
     assert result.returncode == 2 and result.stderr.strip() == f"edgetag: error: {reason}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The runtime needs no torch
+
+
+NO_TORCH = """
+import runpy, sys
+sys.modules["torch"] = None  # an import of torch anywhere now fails
+sys.argv = ["edgetag", *sys.argv[1:]]
+try:
+    runpy.run_module("edgetag", run_name="__main__")
+finally:
+    print("torch modules:", sorted(m for m in sys.modules if m.split(".")[0] == "torch" and sys.modules[m] is not None), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("command", [["file", EXAMPLE, "--json"], ["listen", "--input", EXAMPLE, "--json", "--duration", "2"]])
+def test_file_and_listen_run_the_bundled_model_without_torch(command):
+    """The quick start's command and the live path on the bundled model never import torch: with
+    torch made unimportable they still run, and no torch module was loaded."""
+    run = subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, command)], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == "torch modules: []"
+    rows = [__import__("json").loads(line) for line in run.stdout.splitlines()]
+    assert rows and all(r["model"] == rows[0]["model"] for r in rows if "model" in r)
+    if command[0] == "file":
+        assert [r["label"] for r in rows if r["kind"] == "keyword"] == ["yes"]
+
+
+def test_a_torch_backend_without_torch_says_how_to_get_it():
+    run = subprocess.run([sys.executable, "-c", NO_TORCH, "file", str(EXAMPLE), "--backend", "torch"], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[0] == "edgetag: error: the torch backends need torch: pip install 'edgetag[torch]' (or use the onnx backend)"
+
+
+def test_bench_ends_with_its_summary_line_and_the_figures_agree():
+    """`edgetag bench` (short settings): the summary line repeats the figures printed above it."""
+    import re
+
+    run = edgetag("bench", "--hours", "0.02", "--gate-minutes", "2", "--runs", "1", "--backend", "onnx", cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    last = run.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"startup_s ([\d.]+) rss_mib (\d+) hop_ms ([\d.]+) fbank_hop_ratio ([\d.]+)x gate_saved ([\d.]+)%", last)
+    assert m, last
+    startup, rss, hop, ratio, saved = map(float, m.groups())
+    assert f"{startup:.2f} s wall" in run.stdout and f"peak RSS {rss:.0f} MiB" in run.stdout
+    assert 20 < rss < 1024 and 0 < hop and ratio > 1
+    assert f"{ratio:.1f}x" in run.stdout and f"({saved:.1f}%)" in run.stdout
+    assert re.search(r"slope [+-][\d.]+ MiB/h", run.stdout)

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO
+
 from edgetag import load_model
 from edgetag.features import preset
 from edgetag.model import sincos_positions
@@ -49,7 +49,8 @@ def test_patch_and_position_permutation_equals_frequency_major_convolution():
     """A conv over [B, 1, F, T] flattened frequency-major, plus positions in that order, is
     edgetag's time-major patch embedding with permuted positions, token for token."""
     torch.manual_seed(0)
-    from edgetag.model import Encoder, EncoderConfig
+    from edgetag.model import Encoder
+    from edgetag.spec import EncoderConfig
 
     config = EncoderConfig(width=32, depth=1, heads=2, positions="learned", stride_freq=10, stride_time=8, max_tokens=12 * 5)
     encoder = Encoder(config)
@@ -145,7 +146,8 @@ def mae_ast_checkpoint(D: int = 64, depth: int = 2, heads: int = 4):
     s = {k: v.detach().clone() for k, v in s.items()}
 
     def reference(features):  # features already normalised, [B, T, 128]
-        from edgetag.model import EncoderConfig, patchify
+        from edgetag.model import patchify
+        from edgetag.spec import EncoderConfig
 
         x = proj(patchify(features, EncoderConfig(tokens="patch"))) + sincos_positions(features.shape[1] // 16 * 8, D)
         x = input_norm(x)

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, data_path
+
 from edgetag.checkpoint import DEFAULT_EXPORT, DEFAULT_MODEL
 from train.labels import COMMAND_WORDS, KEYWORD_LABELS
 
@@ -42,7 +42,6 @@ def card_row(name: str) -> list[str]:
 
 def test_load_model_without_an_argument_is_the_bundled_model():
     import edgetag
-
     from edgetag.spec import StreamConfig
 
     spec = edgetag.load_model().spec
@@ -217,3 +216,29 @@ def test_torch_int8_backend_from_the_cli_agrees_with_fp32_where_fp32_is_clear():
             clear += 1
             assert int8.probabilities["keywords"].argmax() == fp32.probabilities["keywords"].argmax(), fp32.start
     assert clear >= len(hops["torch"]) // 2  # the check covers most hops, not a lucky few
+
+
+def test_the_default_onnx_model_hears_what_torch_hears():
+    """`edgetag file` without --backend runs the bundled int8 ONNX export; on the example it gives
+    the events the checkpoint gives through torch fp32 (scores within the int8 spread)."""
+    onnx, torch_fp32 = edgetag_file(), edgetag_file("--backend", "torch")
+    assert [(e["kind"], e["label"], e["start"], e["end"]) for e in onnx] == [(e["kind"], e["label"], e["start"], e["end"]) for e in torch_fp32]
+    np.testing.assert_allclose([e["score"] for e in onnx], [e["score"] for e in torch_fp32], atol=INT8_SPREAD)
+
+
+def test_dynamic_int8_gives_each_window_the_same_numbers_in_any_batch():
+    """Dynamic int8 scales activations by the whole input: batched windows would change each
+    other's numbers. The backend runs it a window at a time, so a file (10 s blocks) and the
+    microphone (0.1 s blocks) see identical probabilities."""
+    import edgetag
+    from edgetag import audio
+
+    engine = edgetag.open_stream(backend="onnx")
+    assert engine.backend.path.name == "model.int8.onnx" and engine.backend.max_batch == 1
+    x = audio.load(EXAMPLE, engine.spec.fbank.sample_rate)
+    runs = []
+    for block in (len(x), 1600):
+        engine.reset()
+        hops = [h for i in range(0, len(x), block) for h in engine.push(x[i : i + block])] + engine.flush()[0]
+        runs.append(np.stack([h.probabilities["tags"] for h in hops]))
+    np.testing.assert_array_equal(runs[0], runs[1])

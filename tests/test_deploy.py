@@ -11,12 +11,11 @@ import types
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, make_model
+
 from edgetag.checkpoint import save
 from edgetag.runtime import BackendError, TorchBackend, l4t_release, load_backend, mismatch, resolve
 from edgetag.stream import Engine, PostConfig, process_file
-
 
 
 def needs(*modules: str) -> None:
@@ -68,10 +67,10 @@ def test_export_writes_checked_files(exported):
 
     net = __import__("edgetag").load_model(ckpt)
     audio = np.random.default_rng(1).standard_normal(3 * 16000).astype(np.float32) * 0.1
-    x = normalize(windows(fbank(torch.from_numpy(audio), net.spec.fbank), net.spec.window_frames, 25), net.spec.fbank)
+    x = normalize(windows(fbank(audio, net.spec.fbank), net.spec.window_frames, 25), net.spec.fbank)
     ort = OnnxBackend(out / "model.onnx").forward(x)
     with torch.no_grad():
-        ref = net.probabilities(x)
+        ref = net.probabilities(torch.from_numpy(x))
     for head in ref:
         np.testing.assert_allclose(ort[head], ref[head].numpy(), atol=1e-5)  # fp32 kernels differ by reordering only
     assert all(a["top1"] >= 0.8 for kind in ("int8", "int8-qdq") for a in report[kind].values())
@@ -158,7 +157,7 @@ def test_torch_int8_backend_stays_close_to_fp32(exported):
     from edgetag.runtime import TorchInt8Backend
 
     ckpt, _, _ = exported
-    x = torch.randn(4, 98, 128, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 98, 128, generator=torch.Generator().manual_seed(0)).numpy()
     fp32, int8 = TorchBackend.load(ckpt).forward(x), TorchInt8Backend.load(ckpt, compile=False).forward(x)
     for head in fp32:
         assert np.abs(fp32[head] - int8[head]).max() < BOUND_TORCH_INT8

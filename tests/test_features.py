@@ -5,9 +5,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
-
 from conftest import SIGNALS, sine_sweep, white_noise
+
 from edgetag import audio
 from edgetag.features import LOG_FLOOR, PRESETS, FbankConfig, StreamingFbank, fbank, normalize, preset
 
@@ -17,7 +16,7 @@ LENGTHS = [400, 561, 5000, 16000, 160000]
 
 # ---------------------------------------------------------------------------------------------
 # Oracle 1: transformers' ASTFeatureExtractor, whose numpy path reproduces torchaudio's
-# kaldi.fbank for the AST recipe in float64.
+# kaldi.fbank for the AST recipe in float64: the same numbers to float32 rounding (measured: 1e-6).
 
 
 @pytest.fixture(scope="module")
@@ -36,22 +35,22 @@ def ast_oracle(extractor, waveform: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("signal", SIGNALS)
 def test_ast_preset_matches_ast_feature_extractor(ast_extractor, signal, length):
     waveform = SIGNALS[signal](length / 16000)
-    ours = fbank(waveform, PRESETS["ast"]).numpy()
+    ours = fbank(waveform, PRESETS["ast"])
     assert ours.shape == (PRESETS["ast"].num_frames(length), 128)
-    np.testing.assert_allclose(ours, ast_oracle(ast_extractor, waveform), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(ours, ast_oracle(ast_extractor, waveform), atol=1e-5, rtol=0)
 
 
 @pytest.mark.filterwarnings("ignore:At least one mel filter has all zero values")
 def test_ast_preset_matches_ast_feature_extractor_on_real_clips(ast_extractor, real_clip):
     waveform = audio.load(real_clip)
-    ours = fbank(waveform, PRESETS["ast"]).numpy()
-    np.testing.assert_allclose(ours, ast_oracle(ast_extractor, waveform), atol=1e-3, rtol=0)
+    ours = fbank(waveform, PRESETS["ast"])
+    np.testing.assert_allclose(ours, ast_oracle(ast_extractor, waveform), atol=1e-5, rtol=0)
 
 
 def test_empty_mel_bins_sit_at_log_eps_like_torchaudio():
     # 128 bins on a 512-point FFT: the lowest triangles fall between FFT bins and are empty.
     feats = fbank(white_noise(1.0), PRESETS["ast"])
-    empty = (feats == math.log(LOG_FLOOR)).all(dim=0)
+    empty = (feats == np.float32(math.log(LOG_FLOOR))).all(axis=0)
     assert 0 < empty.sum() < 128
     assert empty[:10].any() and not empty[-10:].any()  # only at the low end, where bins are narrow
 
@@ -59,8 +58,8 @@ def test_empty_mel_bins_sit_at_log_eps_like_torchaudio():
 @pytest.mark.parametrize("name", PRESETS)
 def test_silence_is_finite(name):
     feats = fbank(np.zeros(16000, np.float32), PRESETS[name])
-    assert torch.isfinite(feats).all()
-    assert torch.allclose(feats, torch.full_like(feats, math.log(LOG_FLOOR)))
+    assert np.isfinite(feats).all()
+    np.testing.assert_allclose(feats, math.log(LOG_FLOOR), rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +143,7 @@ def test_fbank_matches_kaldi(name, signal, length):
     # The sweep stays under the top filter: a frame whose tone lies above it holds only leakage,
     # 100+ dB down, where the float32 oracle has nothing left to compare.
     waveform = sine_sweep(seconds, rate, top=0.45) if signal == "sweep" else SIGNALS[signal](seconds, rate=rate)
-    ours, reference = fbank(waveform, config).numpy(), knf_fbank(config, waveform)
+    ours, reference = fbank(waveform, config), knf_fbank(config, waveform)
     assert ours.shape[0] == reference.shape[0] == config.num_frames(len(waveform))
     mask = audible(reference, config)
     np.testing.assert_allclose(ours[mask], reference[mask], atol=1e-3, rtol=0)
@@ -154,7 +153,7 @@ def test_fbank_matches_kaldi(name, signal, length):
 def test_fbank_matches_kaldi_on_real_clips(name, real_clip):
     config = KALDI_CONFIGS[name]
     waveform = audio.load(real_clip, config.sample_rate)
-    ours, reference = fbank(waveform, config).numpy(), knf_fbank(config, waveform)
+    ours, reference = fbank(waveform, config), knf_fbank(config, waveform)
     mask = audible(reference, config)
     assert mask.mean() > 0.5  # most of the spectrogram is compared
     np.testing.assert_allclose(ours[mask], reference[mask], atol=1e-3, rtol=0)
@@ -172,14 +171,14 @@ MFCC_CONFIGS = {
 def test_mfcc_matches_kaldi(name, signal):
     config = MFCC_CONFIGS[name]
     waveform = SIGNALS[signal](2.0)
-    np.testing.assert_allclose(fbank(waveform, config).numpy(), knf_mfcc(config, waveform), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(fbank(waveform, config), knf_mfcc(config, waveform), atol=1e-3, rtol=0)
 
 
 @pytest.mark.parametrize("name", MFCC_CONFIGS)
 def test_mfcc_matches_kaldi_on_real_clips(name, real_clip):
     config = MFCC_CONFIGS[name]
     waveform = audio.load(real_clip)
-    np.testing.assert_allclose(fbank(waveform, config).numpy(), knf_mfcc(config, waveform), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(fbank(waveform, config), knf_mfcc(config, waveform), atol=1e-3, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,10 +218,10 @@ def test_streaming_equals_offline_for_any_chunking(name, chunk):
     stream = StreamingFbank(config)
     outputs = [stream.push(c) for c in chunked(waveform, sizes)]
     for out in outputs:
-        assert out.shape[1] == config.n_features and out.dtype == torch.float32
-    streamed, offline = torch.cat(outputs), fbank(waveform, config)
+        assert out.shape[1] == config.n_features and out.dtype == np.float32
+    streamed, offline = np.concatenate(outputs), fbank(waveform, config)
     assert streamed.shape == offline.shape
-    torch.testing.assert_close(streamed, offline, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(streamed, offline, atol=1e-5, rtol=0)
     assert stream.num_frames == offline.shape[0] and stream.num_samples == len(waveform)
 
 
@@ -230,8 +229,8 @@ def test_streaming_on_real_clip_with_dc_offset(real_clip):
     # AST's whole-waveform mean removal cannot stream; the per-frame DC removal makes it moot.
     waveform = audio.load(real_clip) + np.float32(0.05)
     stream = StreamingFbank(PRESETS["ast"])
-    streamed = torch.cat([stream.push(c) for c in chunked(waveform, random_sizes(seed=3))])
-    torch.testing.assert_close(streamed, fbank(waveform, PRESETS["ast"]), atol=1e-5, rtol=0)
+    streamed = np.concatenate([stream.push(c) for c in chunked(waveform, random_sizes(seed=3))])
+    np.testing.assert_allclose(streamed, fbank(waveform, PRESETS["ast"]), atol=1e-5, rtol=0)
 
 
 def test_streaming_returns_only_completed_frames_and_resets():
@@ -243,7 +242,7 @@ def test_streaming_returns_only_completed_frames_and_resets():
     waveform = white_noise(0.5)
     stream.reset()
     assert stream.num_frames == 0
-    torch.testing.assert_close(stream.push(waveform), fbank(waveform))
+    np.testing.assert_array_equal(stream.push(waveform), fbank(waveform))
 
 
 def test_streaming_refuses_what_cannot_stream():
@@ -289,7 +288,7 @@ def test_presets_differ_where_the_papers_do():
     assert (ast.window, ast.htk_compat, ast.remove_mean) == ("hanning", True, True)
     assert (mae.window, mae.htk_compat, mae.remove_mean) == ("povey", False, False)
     waveform = white_noise(0.5)
-    assert not torch.allclose(fbank(waveform, ast), fbank(waveform, mae))
+    assert not np.allclose(fbank(waveform, ast), fbank(waveform, mae))
 
 
 @pytest.mark.parametrize("snip_edges", [True, False])
@@ -301,14 +300,16 @@ def test_num_frames_predicts_fbank(snip_edges):
 
 def test_normalize_gives_the_ast_target_statistics():
     config = replace(PRESETS["ast"], norm_mean=-3.0, norm_std=2.0)
-    x = torch.tensor([[-3.0, 1.0, -7.0]])
-    torch.testing.assert_close(normalize(x, config), torch.tensor([[0.0, 1.0, -1.0]]))
+    x = np.array([[-3.0, 1.0, -7.0]], np.float32)
+    np.testing.assert_array_equal(normalize(x, config), [[0.0, 1.0, -1.0]])
 
 
 def test_accepts_numpy_and_torch_and_rejects_integers():
     waveform = white_noise(0.2)
-    torch.testing.assert_close(fbank(waveform), fbank(torch.from_numpy(waveform)))
-    torch.testing.assert_close(fbank(waveform), fbank(waveform[None, :]))
+    assert fbank(waveform).dtype == np.float32
+    np.testing.assert_array_equal(fbank(waveform), fbank(waveform[None, :]))
+    torch = pytest.importorskip("torch")
+    np.testing.assert_array_equal(fbank(waveform), fbank(torch.from_numpy(waveform)))
     with pytest.raises(TypeError, match="float"):
         fbank((waveform * 32767).astype(np.int16))
     with pytest.raises(ValueError, match="mono"):

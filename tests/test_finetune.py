@@ -7,13 +7,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, make_dataset, make_model
+
 from edgetag import load_model
 from edgetag.checkpoint import save
-from edgetag.model import EncoderConfig
 from edgetag.runtime import TorchBackend
-from edgetag.spec import StreamConfig
+from edgetag.spec import EncoderConfig, StreamConfig
 from train.augment import AugmentConfig
 from train.data import Source, split_examples
 from train.distill import DistillConfig, TeacherTargets, distill
@@ -93,7 +92,7 @@ def test_linear_probe_and_adapters_leave_the_encoder_alone(trained, dataset, tmp
 def test_a_grown_head_keeps_the_classes_it_shares_with_init(tmp_path):
     """--init with a head of other classes: shared classes keep their rows (by name, in any
     order), new ones start fresh at the one-in-N prior, and the encoder comes over whole."""
-    from edgetag.model import HeadConfig
+    from edgetag.spec import HeadConfig
 
     source = make_model("nano", {"tags": ["dog", "cat", "rain"], "keywords": ["yes", "no"]})
     with torch.no_grad():
@@ -268,7 +267,7 @@ def test_training_commands_refuse_bad_input_in_one_line(args, message, dataset, 
 def test_tag_head_distillation_is_bce_against_the_teacher_weighted_with_the_labels():
     """Tags: (1 - alpha) BCE(hard) + alpha BCE(teacher's sigmoid), no temperature; a student at
     the teacher's logits with alpha 1 sits at the targets' entropy, the loss's floor."""
-    from edgetag.model import HeadConfig
+    from edgetag.spec import HeadConfig
     from train.distill import distillation_loss
 
     torch.manual_seed(0)

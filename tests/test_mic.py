@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, data_path
-from edgetag import load_model
 from test_stream import detector, scene  # noqa: F401  (fixtures)
+
+from edgetag import load_model
 
 VMIC = REPO.parent / "shared" / "vmic"
 pytestmark = [

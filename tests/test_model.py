@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_model, make_spec
+
 from edgetag import checkpoint, load_model
 from edgetag.features import preset
-from edgetag.model import SIZES, EncoderConfig, HeadConfig, num_parameters, patchify
-from edgetag.spec import FORMAT_1, SpecError, StreamConfig
+from edgetag.model import num_parameters, patchify
+from edgetag.spec import FORMAT_1, SIZES, EncoderConfig, HeadConfig, SpecError, StreamConfig
 
 
 @pytest.mark.parametrize("tokens", ["patch", "frame"])

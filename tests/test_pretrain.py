@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import DATA, REPO, data_path, sine_sweep, white_noise
+
 from edgetag import load_model
-from edgetag.model import EncoderConfig, patchify
+from edgetag.model import patchify
+from edgetag.spec import EncoderConfig
 from train.objectives.mae import MAEAST, chunk_noise, info_nce, num_masked, random_masking
-from train.pretrain import PretrainConfig, pretrain
 from train.objectives.ssast import SSAST
+from train.pretrain import PretrainConfig, pretrain
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75, 0.9])

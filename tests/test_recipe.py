@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import make_dataset
+
 from edgetag.checkpoint import load_model
 from pipeline.recipe import Recipe, digest, run, stages_of
 from train.augment import AugmentConfig
@@ -130,7 +130,7 @@ def test_installed_model_loads_with_its_id_thresholds_and_onnx_parity(recipe_run
     assert set(model.spec.thresholds["keywords"]) >= {"yes", "no"}
     assert (assets / "MODEL_CARD.md").is_file()
     torch_backend, onnx_backend = TorchBackend(model), OnnxBackend(assets / "export" / "model.onnx")
-    x = torch.randn(3, onnx_backend.spec.window_frames, 128)
+    x = torch.randn(3, onnx_backend.spec.window_frames, 128).numpy()
     for head, p in torch_backend(x).items():
         np.testing.assert_allclose(onnx_backend(x)[head], p, atol=1e-4)
     assert onnx_backend.spec == torch_backend.spec

@@ -3,11 +3,11 @@ counted against the placements (found, wrong, false alarm) at any threshold."""
 
 import numpy as np
 import soundfile as sf
-
 from conftest import make_spec, white_noise
+
+from edgetag.stream import PostConfig
 from train.data import Example
 from train.running import Placed, Scene, calibrate_threshold, compose, curve, score
-from edgetag.stream import PostConfig
 
 
 def test_compose_places_each_word_once_inside_the_background(tmp_path):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import REPO, make_dataset, make_model, make_spec
+
 from edgetag.checkpoint import save
 from edgetag.features import fbank, preset, windows
 from edgetag.runtime import load_backend
@@ -158,7 +158,7 @@ def test_keywords_refractory_and_specials_never_spotted():
 def test_an_ancestor_tag_folds_into_the_specific_one_it_fires_with():
     """AudioSet's ontology in the head: Animal > Domestic animals, pets > Dog. Animal and Dog on
     together report Dog (with Dog's score); Animal on alone before Dog starts stays an event."""
-    from edgetag.model import HeadConfig
+    from edgetag.spec import HeadConfig
 
     labels = ["Animal", "Domestic animals, pets", "Dog", "Speech"]
     tags = HeadConfig("tags", labels, {"Dog": ["Domestic animals, pets"], "Domestic animals, pets": ["Animal"]})
@@ -245,10 +245,11 @@ def test_missing_default_model_is_one_line(tmp_path, monkeypatch):
     """An install without the bundled model (a trimmed package) says to pass --model."""
     from typer.testing import CliRunner
 
-    from edgetag import checkpoint
+    from edgetag import checkpoint, runtime
     from edgetag.cli import app
 
     monkeypatch.setattr(checkpoint, "DEFAULT_MODEL", tmp_path / "model.safetensors")
+    monkeypatch.setattr(runtime, "DEFAULT_EXPORT", tmp_path / "export")
     result = CliRunner().invoke(app, ["file", str(REPO / "edgetag" / "assets" / "example.flac")])
     assert result.exit_code == 2 and "--model" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
@@ -266,8 +267,9 @@ def test_bench_stream_figures_agree_with_each_other(random_model):
     assert set(stages) == {"fbank increment", "encoder", "post", "total"} and 0 < stages["encoder"] <= stages["total"]
     share, hop = map(float, re.search(r"a hop costs ([\d.]+)% of its ([\d.]+) s of audio", out).groups())
     assert hop == 0.25 and share == pytest.approx(100 * stages["total"] / 1000 / hop, rel=0.02, abs=0.01)
-    audio_s, file_s, speed = map(float, re.search(r"file: ([\d.]+) s of audio in ([\d.]+) s = (\d+)x real time", out).groups())
-    assert audio_s == 4 and audio_s / (file_s + 0.0005) - 1 <= speed <= audio_s / max(file_s - 0.0005, 1e-9) + 1  # printed to 1 ms and 1x
+    for threads in ("1 thread", "2 threads"):
+        audio_s, file_s, speed = map(float, re.search(rf"file, {threads}: ([\d.]+) s of audio in ([\d.]+) s = (\d+)x real time", out).groups())
+        assert audio_s == 4 and audio_s / (file_s + 0.0005) - 1 <= speed <= audio_s / max(file_s - 0.0005, 1e-9) + 1  # printed to 1 ms and 1x
     rss = float(re.search(r"peak RSS (\d+) MiB", out)[1])
     assert 100 < rss < 4096
 
@@ -307,3 +309,82 @@ def test_bench_listen_rss_is_listens_own(random_model):
     subprocess.run([sys.executable, "-c", "x = b'x' * (900 * 2**20)"], check=True)  # a 900 MiB child first
     r = stream_benchmark(random_model, seconds=2, repeats=1, listen_seconds=1)
     assert 100 < r["listen_peak_rss_mib"] < 800
+
+
+# ---------------------------------------------------------------------------------------------
+# The energy gate
+
+
+def quiet_then_loud(seconds_quiet: float = 8.0) -> np.ndarray:
+    """Room tone at -60 dBFS, then 1 s of a tone at -10 dBFS, then room tone again for 3 s."""
+    rng = np.random.default_rng(3)
+    tone = lambda s: 10 ** (-60 / 20) * rng.standard_normal(int(s * 16000))  # noqa: E731
+    t = np.arange(16000) / 16000
+    return np.concatenate([tone(seconds_quiet), 0.3 * np.sin(2 * np.pi * 700 * t), tone(3.0)]).astype(np.float32)
+
+
+def run_blocks(engine: Engine, x: np.ndarray, sizes) -> tuple[list, list]:
+    engine.reset()
+    hops, i = [], 0
+    for n in sizes:
+        hops += engine.push(x[i : i + n])
+        i += n
+        if i >= len(x):
+            break
+    tail, closing = engine.flush()
+    return hops + tail, closing
+
+
+def test_the_gate_skips_room_tone_and_runs_every_window_with_the_sound(random_model):
+    from edgetag.stream import GateConfig
+
+    x = quiet_then_loud()
+    gate = GateConfig(margin_db=10.0, floor_seconds=5.0, warmup_seconds=2.0)
+    hops, _ = run_blocks(Engine(load_backend(random_model), gate=gate), x, [1600] * 10**4)
+    plain, _ = run_blocks(Engine(load_backend(random_model)), x, [1600] * 10**4)
+    assert len(hops) == len(plain) and not any(h.skipped for h in plain)
+    for h, p in zip(hops, plain):
+        loud = h.start < 9.0 and h.end > 8.0  # the window holds some of the tone
+        if loud or h.end <= 2.0:  # the tone, and the warm-up before any floor is known
+            assert not h.skipped, (h.start, h.end)
+            for head in h.probabilities:
+                np.testing.assert_array_equal(h.probabilities[head], p.probabilities[head])
+        elif h.start >= 2.5:  # room tone once the floor is known
+            assert h.skipped and all(not v.any() for v in h.probabilities.values()), (h.start, h.end)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_gate_decides_the_same_for_any_block_size(random_model, seed):
+    from edgetag.stream import GateConfig
+
+    x = quiet_then_loud()
+    engine = Engine(load_backend(random_model), PostConfig(tag_on=0.4, keyword_on=0.3), gate=GateConfig(floor_seconds=4.0, warmup_seconds=1.0))
+    reference, closing = run_blocks(engine, x, [len(x)])
+    rng = np.random.default_rng(seed)
+    for sizes in ([1600] * 10**4, [int(s) for s in rng.integers(1, 5000, 10**4)]):
+        hops, got = run_blocks(engine, x, sizes)
+        assert [h.skipped for h in hops] == [h.skipped for h in reference] and 0 < sum(h.skipped for h in hops) < len(hops)
+        assert [(e.kind, e.label, e.start, e.end) for e in got] == [(e.kind, e.label, e.start, e.end) for e in closing]
+
+
+def test_the_gate_refuses_mfcc_features_and_nonsense_settings(random_model):
+    from edgetag.stream import Gate, GateConfig
+
+    with pytest.raises(ValueError, match="MFCC"):
+        Gate(GateConfig(), preset("ast", mfcc=True))
+    with pytest.raises(ValueError, match="margin_db"):
+        GateConfig(margin_db=0.0)
+
+
+def test_file_and_listen_report_what_the_gate_skipped(random_model, tmp_path):
+    path = tmp_path / "quiet.wav"
+    sf.write(path, quiet_then_loud(seconds_quiet=6.0), 16000)  # the CLI's gate warms up for 5 s
+    run = cli("file", path, "--model", random_model, "--gate", "10", "--json")
+    assert run.returncode == 0, run.stderr
+    skipped, total = map(int, __import__("re").search(r"the gate skipped (\d+) of (\d+) windows", run.stderr).groups())
+    assert 0 < skipped < total
+    run = cli("listen", "--input", path, "--model", random_model, "--gate", "10", "--json", "--duration", "12")
+    summary = json.loads(run.stdout.splitlines()[-1])
+    assert run.returncode == 0 and summary["skipped_hops"] == skipped and summary["hops"] == total
+    run = cli("file", path, "--model", random_model, "--gate", "-3")
+    assert run.returncode == 2 and run.stderr.strip() == "edgetag: error: --gate: -3.0 is not in [0, 100]"

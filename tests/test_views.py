@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import data_path, make_spec, white_noise
+
 from train.data import Example
 from train.views import ViewsConfig, mix, power, render, shifted, window_starts
 
@@ -47,10 +47,11 @@ def test_views_are_labelled_consistently_and_cached(tmp_path, capsys):
     """Distillation on views with no external teacher: hard labels only, ontology ancestors
     included; a second run reads the cached views."""
     from conftest import make_dataset
+
+    from edgetag.spec import StreamConfig
     from train.augment import AugmentConfig
     from train.distill import DistillConfig, ViewTargets, distill
     from train.finetune import FinetuneConfig
-    from edgetag.spec import StreamConfig
 
     data = make_dataset(tmp_path / "data", clips=6)
     c = DistillConfig(views=ViewsConfig(views=2), student=FinetuneConfig(train=[str(data)], out=str(tmp_path / "s"), size="nano", epochs=1, batch_size=8,
@@ -68,7 +69,7 @@ def test_tag_targets_are_the_datasets_on_their_classes_and_mn04s_elsewhere(tmp_p
     """With mn04 as the tag teacher, on the classes the datasets name (Dog, Rain and their
     ancestors) the target is the clip's label; on every other AudioSet class it is mn04's. The tag loss is summed over classes and divided by the
     named ones."""
-    from edgetag.model import HeadConfig
+    from edgetag.spec import HeadConfig
     from train.data import load_clips
     from train.distill import DistillConfig, ViewTargets
     from train.finetune import Task

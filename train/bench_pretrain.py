@@ -21,7 +21,8 @@ import time
 import torch
 import typer
 
-from edgetag.model import EncoderConfig, num_parameters
+from edgetag.model import num_parameters
+from edgetag.spec import EncoderConfig
 from train.pretrain import PretrainConfig, build_model
 
 METHODS = ("mae-ast", "ssast")
@@ -100,7 +101,7 @@ def measure_in_subprocess(method: str, **kwargs) -> dict:
 
 
 def main(
-    size: str = typer.Option("tiny", help="Encoder size (edgetag.model.SIZES)."),
+    size: str = typer.Option("tiny", help="Encoder size (edgetag.spec.SIZES)."),
     tokens: str = typer.Option("patch", help="patch or frame tokens."),
     frames: int = typer.Option(1024, help="Input frames (10 ms each)."),
     batch_size: int = typer.Option(8, "--batch-size"),

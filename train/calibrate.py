@@ -29,9 +29,8 @@ import numpy as np
 import typer
 
 from edgetag import checkpoint
-from edgetag.model import KEYWORDS, NOT_SPOTTED, TAGS
 from edgetag.runtime import TorchBackend
-from edgetag.spec import ModelSpec
+from edgetag.spec import KEYWORDS, NOT_SPOTTED, TAGS, ModelSpec
 from edgetag.stream import Engine, Event, PostConfig, PostProcessor, process_file
 from train.data import Example, Source
 

@@ -24,8 +24,8 @@ import typer
 
 from edgetag import checkpoint
 from edgetag.features import preset
-from edgetag.model import KEYWORDS, TAGS, AudioTransformer, EncoderConfig, HeadConfig
-from edgetag.spec import ModelSpec, StreamConfig
+from edgetag.model import AudioTransformer
+from edgetag.spec import KEYWORDS, TAGS, EncoderConfig, HeadConfig, ModelSpec, StreamConfig
 
 SOURCES = ("hf-ast", "ssast", "mae-ast")
 

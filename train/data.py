@@ -23,7 +23,7 @@ import torch
 from edgetag import audio
 from edgetag.audio import AUDIO_SUFFIXES
 from edgetag.features import FbankConfig, fbank, normalize
-from edgetag.model import HEAD_KINDS, KEYWORDS, NOT_SPOTTED, SILENCE, TAGS
+from edgetag.spec import HEAD_KINDS, KEYWORDS, NOT_SPOTTED, SILENCE, TAGS
 from train.labels import audioset_display_names, keyword_label, tag_name
 
 
@@ -76,7 +76,7 @@ class CropDataset(torch.utils.data.Dataset):
         except audio.AudioError as e:
             warnings.warn(f"skipping {e}", stacklevel=1)
             return None
-        feats = normalize(fbank(waveform, self.config), self.config)
+        feats = torch.from_numpy(normalize(fbank(waveform, self.config), self.config))
         rng = np.random.default_rng((self.seed, self.epoch, index))
         extra = feats.shape[0] - self.frames
         if extra > 0:
@@ -380,5 +380,5 @@ def load_clips(examples: list[Example], rate: int, description: str = "audio") -
 def load_features(examples: list[Example], config: FbankConfig, description: str = "fbank") -> list[torch.Tensor | None]:
     """Each example's log-mel fbank [T, n_mels] (not normalised), computed once; None, with one
     warning, for a file that cannot be read (or shorter than one frame)."""
-    return [fbank(x, config) if x is not None and len(x) >= config.frame_length else None
+    return [torch.from_numpy(fbank(x, config)) if x is not None and len(x) >= config.frame_length else None
             for x in load_clips(examples, config.sample_rate, description)]

@@ -33,9 +33,8 @@ import torch.nn.functional as F
 import typer
 
 from edgetag.features import windows
-from edgetag.model import TAGS, HeadConfig
 from edgetag.runtime import load_backend
-from edgetag.spec import ModelSpec
+from edgetag.spec import TAGS, HeadConfig, ModelSpec
 from train.finetune import FinetuneConfig, HardLabels, Task, head_loss, train
 from train.labels import columns
 from train.options import command, setting
@@ -87,13 +86,13 @@ class TeacherTargets(HardLabels):
     def provenance(self) -> dict:
         return {"teacher": {"path": self.c.teacher, "temperature": self.c.temperature, "alpha": self.c.alpha}}
 
-    def window_probabilities(self, head: str, x: torch.Tensor) -> torch.Tensor:
+    def window_probabilities(self, head: str, x: np.ndarray) -> torch.Tensor:
         """The teacher's probabilities for log-mel windows x [n, frames, F], each fitted to the
         teacher's own window: cut, or followed by silence (an AST teacher with a 10 s window
         hears the window, then nothing)."""
         frames = self.backend.spec.window_frames
         if x.shape[1] != frames:
-            x = torch.stack([windows(w, frames, frames)[0] for w in x])
+            x = np.stack([windows(w, frames, frames)[0] for w in x])
         return torch.from_numpy(self.backend(x)[head])
 
     def _key(self, tasks: list[Task], spec: ModelSpec) -> str:
@@ -241,7 +240,7 @@ class ViewTargets(HardLabels):
         backgrounds = [e for source in map(Source.parse, self.c.backgrounds) if source.head == task.head for e in source.read()]
         views = render(head.kind, task.examples, load_clips(task.examples, rate), [x for x in load_clips(backgrounds, rate) if x is not None],
                        self.c.views, samples, rate)
-        feats = torch.stack([fbank(x, spec.fbank) for x in views.audio])  # [n, window frames, F]
+        feats = torch.from_numpy(np.stack([fbank(x, spec.fbank) for x in views.audio]))  # [n, window frames, F]
         assert feats.shape[1] == spec.window_frames, (feats.shape, spec.window_frames)
         hard = torch.zeros(len(views.labels), len(head.labels))
         index, ancestors = {label: i for i, label in enumerate(head.labels)}, head.ancestors()

@@ -24,12 +24,11 @@ import numpy as np
 import torch
 import typer
 
-from edgetag.checkpoint import CheckpointError
-from edgetag.model import EVENT_KINDS, HEAD_KINDS, KEYWORDS, NOT_SPOTTED
+from edgetag.checkpoint import DEFAULT_MODEL, CheckpointError
 from edgetag.runtime import BACKENDS, BackendError, clip_probabilities, load_backend
+from edgetag.spec import EVENT_KINDS, HEAD_KINDS, KEYWORDS, NOT_SPOTTED
 from train import metrics
 from train.data import Example, Source, load_clips, load_features
-
 
 FIGURES = ("n", "accuracy", "macro_f1", "mAP")  # a report's headline figures (accuracy and macro-F1: single-label data)
 
@@ -208,7 +207,7 @@ def print_report(result: dict, head: str) -> None:
 def main(
     data: str = typer.Option(..., help="Labelled clips: a source [READER:]PATH[,key=value] (train.data.Source)."),
     head: str = typer.Option(..., help=f"The head to score: {' or '.join(HEAD_KINDS)}."),
-    ckpt: str = typer.Option(None, help="A checkpoint, an export folder or .onnx file; default: the bundled model."),
+    ckpt: str = typer.Option(None, help="A checkpoint, an export folder or .onnx file; default: the bundled checkpoint (the card's student row)."),
     backend: str = typer.Option("auto", help=f"Inference backend: {', '.join(BACKENDS)}."),
     classes_from: str = typer.Option(None, help="Score among the classes of this source only (e.g. the 50 ESC-50 classes)."),
     json_out: Path = typer.Option(None, "--json", help="Write the report here; the confusion matrix goes beside it."),
@@ -219,7 +218,7 @@ def main(
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         try:
-            runtime = load_backend(ckpt, backend)
+            runtime = load_backend(ckpt or DEFAULT_MODEL, backend)
             if head not in runtime.spec.heads:
                 raise ValueError(f"{ckpt or 'the bundled model'} has no {head!r} head (it has: {', '.join(runtime.spec.heads) or 'none'})")
             kind = runtime.spec.heads[head].kind

@@ -32,9 +32,9 @@ import typer
 
 from edgetag import checkpoint
 from edgetag.features import PRESETS, FbankConfig, normalize, preset, windows
-from edgetag.model import SIZES, TAGS, TOKENS, AudioTransformer, EncoderConfig, HeadConfig, num_parameters
+from edgetag.model import AudioTransformer, num_parameters
 from edgetag.runtime import TorchBackend
-from edgetag.spec import ModelSpec, StreamConfig
+from edgetag.spec import SIZES, TAGS, TOKENS, EncoderConfig, HeadConfig, ModelSpec, StreamConfig
 from train.augment import AugmentConfig, augment, spec_augment
 from train.data import Example, Source, find_audio, labels_of, load_features, split_examples
 from train.evaluate import FIGURES, clip_scores, headline, primary, report, targets
@@ -149,7 +149,7 @@ def random_crops(feats: list[torch.Tensor], index: list[int], frames: int, gener
         else:
             choice = int(torch.randint(0, positions, (1,), generator=generator))
         start = grid * choice
-        out.append(windows(x[start:], frames, frames)[0])
+        out.append(torch.from_numpy(windows(x[start:], frames, frames)[0]))
         starts.append(start)
     return torch.stack(out), starts
 

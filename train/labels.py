@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from edgetag.model import SILENCE, UNKNOWN
+from edgetag.spec import SILENCE, UNKNOWN
 
 # The 12-class Speech Commands task (Warden 2018): ten words, everything else, and no speech.
 COMMAND_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")

@@ -23,13 +23,12 @@ import typer
 
 from edgetag import checkpoint
 from edgetag.features import PRESETS, preset
-from edgetag.model import SIZES, TOKENS, AudioTransformer, EncoderConfig
-from edgetag.spec import ModelSpec
+from edgetag.model import AudioTransformer
+from edgetag.spec import SIZES, TOKENS, EncoderConfig, ModelSpec
 from train.data import CropDataset, collate, find_audio
-from train.objectives.mae import MASKINGS, MAEAST
+from train.objectives.mae import MAEAST, MASKINGS
 from train.objectives.ssast import SSAST
 from train.options import choose, command, setting
-
 
 METHODS = ("mae-ast", "ssast")
 

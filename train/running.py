@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from edgetag.model import KEYWORDS, NOT_SPOTTED, TAGS
-from edgetag.spec import ModelSpec
+from edgetag.spec import KEYWORDS, NOT_SPOTTED, TAGS, ModelSpec
 from edgetag.stream import Engine, PostConfig
 from train.calibrate import GRID, replay
 from train.data import Example, Source, load_clips

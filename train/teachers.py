@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgetag.features import mel_banks
-from edgetag.model import SILENCE, UNKNOWN
+from edgetag.spec import SILENCE, UNKNOWN
 
 RATE = 16000  # what every teacher here is given; mn04 resamples to its own 32 kHz
 TEACHERS = Path(__file__).resolve().parents[1].parent / "shared" / "teachers"
@@ -207,7 +207,7 @@ class AudioSetTeacher:
         self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         self.model.eval().to(device)
         self.device = device
-        self.mel = mel_banks(128, 1024, self.rate, 0.0, 15000.0).T.to(device)  # [128, 513], Kaldi's triangles and a zero Nyquist column
+        self.mel = torch.tensor(mel_banks(128, 1024, self.rate, 0.0, 15000.0).T, device=device)  # [128, 513], Kaldi's triangles and a zero Nyquist column
         self.window = torch.hann_window(800, periodic=False, device=device)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgetag.model import TAGS
+from edgetag.spec import TAGS
 from train.data import Example
 from train.options import setting
 

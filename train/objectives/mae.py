@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgetag.model import Block, Encoder, EncoderConfig, patchify, sincos_positions
+from edgetag.model import Block, Encoder, patchify, sincos_positions
+from edgetag.spec import EncoderConfig
 
 MASKINGS = ("random", "chunk")
 

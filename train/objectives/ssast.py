@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgetag.model import Encoder, EncoderConfig, patchify
+from edgetag.model import Encoder, patchify
+from edgetag.spec import EncoderConfig
 from train.objectives.mae import chunk_noise, info_nce, masked_tokens, num_masked
 
 
