@@ -66,6 +66,19 @@ def test_windows_match_the_offline_windows_exactly(random_model, real_clip):
         np.testing.assert_allclose(np.stack([h.probabilities[name] for h in hops]), expected[name], atol=1e-5)
 
 
+def run_blocks(engine: Engine, x: np.ndarray, sizes) -> tuple[list, list]:
+    """Push `x` in blocks of the given sizes, then flush: every hop, and the closing events."""
+    engine.reset()
+    hops, i = [], 0
+    for n in sizes:
+        hops += engine.push(x[i : i + n])
+        i += n
+        if i >= len(x):
+            break
+    tail, closing = engine.flush()
+    return hops + tail, closing
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_results_do_not_depend_on_the_block_size(random_model, seed):
     from edgetag import audio
@@ -75,15 +88,8 @@ def test_results_do_not_depend_on_the_block_size(random_model, seed):
     reference = process_file(engine, REPO / "edgetag" / "assets" / "example.flac")
     rng = np.random.default_rng(seed)
     for sizes in ([1600] * 1000, [int(s) for s in rng.integers(1, 5000, 1000)], [len(x)]):
-        engine.reset()
-        hops, i = [], 0
-        for n in sizes:
-            hops += engine.push(x[i : i + n])
-            i += n
-            if i >= len(x):
-                break
-        tail, closing = engine.flush()
-        got, want = [e for h in hops + tail for e in h.events] + closing, reference.events
+        hops, closing = run_blocks(engine, x, sizes)
+        got, want = [e for h in hops for e in h.events] + closing, reference.events
         assert [(e.kind, e.label, e.start, e.end) for e in got] == [(e.kind, e.label, e.start, e.end) for e in want]
         np.testing.assert_allclose([e.score for e in got], [e.score for e in want], atol=1e-5)
 
@@ -321,18 +327,6 @@ def quiet_then_loud(seconds_quiet: float = 8.0) -> np.ndarray:
     tone = lambda s: 10 ** (-60 / 20) * rng.standard_normal(int(s * 16000))  # noqa: E731
     t = np.arange(16000) / 16000
     return np.concatenate([tone(seconds_quiet), 0.3 * np.sin(2 * np.pi * 700 * t), tone(3.0)]).astype(np.float32)
-
-
-def run_blocks(engine: Engine, x: np.ndarray, sizes) -> tuple[list, list]:
-    engine.reset()
-    hops, i = [], 0
-    for n in sizes:
-        hops += engine.push(x[i : i + n])
-        i += n
-        if i >= len(x):
-            break
-    tail, closing = engine.flush()
-    return hops + tail, closing
 
 
 def test_the_gate_skips_room_tone_and_runs_every_window_with_the_sound(random_model):
