@@ -108,6 +108,7 @@ def test_unwritable_output_is_a_user_error(tmp_path):
     (["--keyword-on", "-1"], "--keyword-on: -1.0 is not in [0, 1]"),
     (["--refractory", "-1"], "--refractory: -1.0 is not in [0, 3600]"),
     (["--threads", "0"], "--threads: 0 is not in [1, 1024]"),
+    (["--gate", "nan"], "--gate: nan is not in [0, 100]"),
     (["--window", "0.05"], "a window of 0.05 s makes 3 frames, fewer than one token (16 frames)"),
     (["--window", "2", "--backend", "onnx"], "the onnx model takes 1 s windows only (its input length is fixed)"),
     (["--classes", "Doggo"], "classes: the model has no class 'Doggo'"),
@@ -152,6 +153,17 @@ def test_a_torch_backend_without_torch_says_how_to_get_it():
     run = subprocess.run([sys.executable, "-c", NO_TORCH, "file", str(EXAMPLE), "--backend", "torch"], capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[0] == "edgetag: error: the torch backends need torch: pip install 'edgetag[torch]' (or use the onnx backend)"
+
+
+@pytest.mark.parametrize("option, reason", [
+    (["--hours", "0"], "--hours: 0.0 is not in (0, 1000]"),
+    (["--gate-minutes", "0.5"], "--gate-minutes: 0.5 is not in [1, 600]"),
+    (["--runs", "0"], "--runs: 0 is not in [1, 100]"),
+    (["--data", "/no/such/folder"], "--data: /no/such/folder: no such folder"),
+])
+def test_bench_refuses_bad_settings_in_one_line(option, reason):
+    result = edgetag("bench", *option)
+    assert result.returncode == 2 and result.stderr.strip() == f"edgetag: error: {reason}"
 
 
 def test_bench_ends_with_its_summary_line_and_the_figures_agree():
