@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from edgetag.audio import SAMPLE_RATE
 
@@ -204,7 +203,7 @@ def _as_waveform(waveform) -> np.ndarray:
         x = x.reshape(-1)
     if x.ndim != 1:
         raise ValueError(f"expected a mono waveform [samples], got shape {tuple(x.shape)}")
-    if not np.issubdtype(x.dtype, np.floating):
+    if x.dtype.kind != "f":
         raise TypeError(f"expected float samples in [-1, 1], got {x.dtype}")
     # float64 inside: the weak bands of tonal sounds lie 100+ dB under the peak, below what a
     # float32 FFT resolves, and Kaldi-exactness is checked there too.
@@ -225,7 +224,9 @@ def _frames(x: np.ndarray, config: FbankConfig) -> np.ndarray:
         while len(x) < (n - 1) * shift + length:  # only for signals shorter than a frame
             x = np.concatenate([x, x[::-1]])
     x = np.ascontiguousarray(x)
-    return as_strided(x, (n, length), (shift * x.itemsize, x.itemsize), writeable=False)  # [n, length], no copy
+    # a view, no copy; np.ndarray over x's buffer rather than as_strided, whose 4.6 us per call
+    # is a tenth of a 10-frame streaming hop
+    return np.ndarray((n, length), x.dtype, x, 0, (shift * x.itemsize, x.itemsize))  # [n, length]
 
 
 def _frame_features(frames: np.ndarray, config: FbankConfig) -> np.ndarray:
@@ -239,8 +240,8 @@ def _frame_features(frames: np.ndarray, config: FbankConfig) -> np.ndarray:
         return np.zeros((0, c.n_features), np.float32)
     if c.dither:
         frames = frames + c.dither * np.random.standard_normal(frames.shape)
-    if c.remove_dc_offset:
-        frames = frames - frames.mean(axis=1, keepdims=True)
+    if c.remove_dc_offset:  # the mean, without mean()'s wrapper: a hop pays per call
+        frames = frames - np.add.reduce(frames, axis=1, keepdims=True) / c.frame_length
     if c.use_energy and c.raw_energy:
         log_energy = _log_energy(frames, c)
     if c.preemphasis:
