@@ -11,7 +11,9 @@ Writes into --out:
   points 0, calibrated on real clips: the input for a TensorRT INT8 engine;
 - `model.int8.onnx`: dynamic int8 (weights int8, activations quantized at run time) for CPUs;
 - `manifest.json`: the checkpoint's `ModelSpec` (fbank, heads, labels, thresholds, window and
-  hop, provenance), opset, the input's name and shape, the outputs, sha256 of every file;
+  hop, provenance), opset, the input's name and shape, the outputs, sha256 of every file, and,
+  once `train.calibrate --export` ran, each ONNX file's own thresholds
+  (`edgetag.runtime.record_thresholds`);
 - `reference.npz`: inputs and the torch model's outputs, for checking engines built elsewhere.
 
 The export refuses itself (exit 2) when onnxruntime's fp32 output differs from torch by more

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -138,7 +139,13 @@ class OnnxBackend(Backend):
             path = path / ("model.int8.onnx" if (path / "model.int8.onnx").is_file() else "model.onnx")
         manifest = read_manifest(path.parent)
         model = verified_bytes(path, manifest)
-        super().__init__(manifest["spec"], path.parent)
+        spec, entry = manifest["spec"], manifest["files"][path.name]
+        if "thresholds" in entry:  # calibrated through this very file (train.calibrate --export)
+            try:
+                spec = replace(spec, thresholds=entry["thresholds"], calibration=entry.get("calibration", {}))
+            except SpecError as e:
+                raise BackendError(f"{path}: its thresholds in manifest.json do not fit the model ({e})") from e
+        super().__init__(spec, path.parent)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -173,6 +180,17 @@ def read_manifest(folder: Path) -> dict:
     if frames != spec.window_frames:
         raise BackendError(f"{path}: the ONNX input holds {frames} frames, its spec's window {spec.window_frames}; export it again")
     return {**manifest, "spec": spec}
+
+
+def record_thresholds(folder: Path, name: str, thresholds: dict, calibration: dict) -> None:
+    """Give one file of an export its own calibrated thresholds (and what they were measured
+    on) in manifest.json: the ONNX backend runs that file with them instead of the spec's."""
+    path = Path(folder) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"][name] |= {"thresholds": thresholds, "calibration": calibration}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path)
 
 
 def verified_bytes(path: Path, manifest: dict) -> bytes:

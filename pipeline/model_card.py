@@ -139,7 +139,8 @@ def describe(name: str, stage: dict) -> str:
     if name == "export":
         fp32 = max(a["max_abs"] for a in result["fp32"].values())
         int8 = "; ".join(f"{h} {100 * a['top1']:.1f}%" for h, a in result["int8"].items())
-        return f"ONNX fp32 (max abs diff to torch {fp32:.1e}), dynamic int8 (top-1 agreement with fp32: {int8}), int8 Q/DQ for TensorRT"
+        calibrated = ", fp32 and dynamic int8 each with thresholds calibrated through ONNX Runtime" if "model.int8.onnx" in result else ""
+        return f"ONNX fp32 (max abs diff to torch {fp32:.1e}), dynamic int8 (top-1 agreement with fp32: {int8}), int8 Q/DQ for TensorRT{calibrated}"
     c = settings.get("student", settings)  # a distillation stage's settings hold its student's
     start = f"from `{c['init']}`" if c["init"] else f"a {c['size']} model from scratch"
     teachers = [t for t in (settings.get("teacher"), settings.get("tag_teacher"), settings.get("keyword_teacher")) if t]

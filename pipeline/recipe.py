@@ -278,37 +278,53 @@ def distill_stage(c: DistillConfig) -> dict:
     return headline(distill(c))
 
 
-def calibrate_stage(recipe: Recipe, ckpt: Path, out: Path) -> dict:
-    """Thresholds into a copy of the student, which also gets the model's id. With a "scene" the
-    keyword threshold (one for every keyword) is the lowest that keeps false alarms within the
-    target on a running-audio scene (train.running) of validation speakers and sounds."""
-    from train.calibrate import calibrate
+def thresholds_through(recipe: Recipe, backend) -> tuple[dict, dict, dict]:
+    """The thresholds `recipe.calibrate` asks for, measured through `backend`, what they were
+    measured on, and the running-audio result. With a "scene" the keyword threshold (one for
+    every keyword) is the lowest that keeps false alarms within the target on a running-audio
+    scene (train.running) of validation speakers and sounds."""
+    from train.calibrate import thresholds_of
 
-    c = {k: v for k, v in recipe.calibrate.items() if k != "scene"}
-    report = calibrate(ckpt, out, **c)
-    model = checkpoint.load_model(out)
-    thresholds, calibration, result = dict(model.spec.thresholds), dict(model.spec.calibration), {}
+    thresholds, calibration = thresholds_of(backend, **{k: v for k, v in recipe.calibrate.items() if k != "scene"})
+    result = {}
     if "scene" in recipe.calibrate:
-        from edgetag.runtime import TorchBackend
         from edgetag.stream import Engine, PostConfig
         from train import running
 
-        engine, post = Engine(TorchBackend(model, out)), PostConfig()
+        engine, post = Engine(backend), PostConfig()
         head, scene = engine.spec.head_of(KEYWORDS), running.scene_of(**recipe.calibrate["scene"])
         points = running.curve(engine.spec, post, head, running.hop_probabilities(engine, scene), scene)
         chosen = running.calibrate_threshold(points, recipe.calibrate["target_per_hour"])
         thresholds[head] = {label: chosen["threshold"] for label in engine.spec.heads[head].labels if label not in NOT_SPOTTED}
         calibration[head] = result["scene"] = {"minutes": scene.seconds / 60, "keywords": len(scene.keywords), "other_words": len(scene.words) - len(scene.keywords),
                                                "chosen": chosen, "curve": points}
+    return thresholds, calibration, result
+
+
+def calibrate_stage(recipe: Recipe, ckpt: Path, out: Path) -> dict:
+    """Thresholds measured through torch into a copy of the student, which also gets the model's id."""
+    from edgetag.runtime import TorchBackend
+
+    model = checkpoint.load_model(ckpt)
+    thresholds, calibration, result = thresholds_through(recipe, TorchBackend(model, ckpt))
     model.spec = replace(model.spec, thresholds=thresholds, calibration=calibration, provenance={**model.spec.provenance, "id": recipe.model_id})
     checkpoint.save(out, model)
-    return {"thresholds": model.spec.thresholds, "negative_hours": report.get(KEYWORDS, {}).get("negative_hours"), **result}
+    return {"thresholds": model.spec.thresholds, "negative_hours": calibration.get(KEYWORDS, {}).get("negative_hours"), **result}
 
 
 def export_stage(recipe: Recipe, ckpt: Path, out: Path) -> dict:
+    """The export, and each of its CPU files' own thresholds, measured through ONNX Runtime on
+    that file as the checkpoint's were through torch."""
     from deploy.export import export
+    from edgetag.runtime import OnnxBackend, record_thresholds
+    from train.calibrate import CPU_FILES
 
-    return export(ckpt, out, recipe.export_calibration)
+    report = export(ckpt, out, recipe.export_calibration)
+    for name in CPU_FILES:
+        thresholds, calibration, _ = thresholds_through(recipe, OnnxBackend(out / name))
+        record_thresholds(out, name, thresholds, calibration)
+        report[name] = {"thresholds": thresholds}
+    return report
 
 
 SHIPPED = ("student", "student, ONNX Runtime int8")  # the bundled checkpoint and its int8 export
@@ -477,7 +493,7 @@ def run(recipe: Recipe, out: Path, stages: list[str] | None = None, install_to: 
         **{name: (lambda c=c: run_stage(out_of(c), c, lambda: baseline_stage(c))) for name, c in recipe.baselines.items()},
         "calibrate": lambda: run_stage(calibrated.parent, {"ckpt": str(student_ckpt), "id": recipe.model_id, **recipe.calibrate},
                                        lambda: calibrate_stage(recipe, student_ckpt, calibrated), after=(student,)),
-        "export": lambda: run_stage(export_dir, {"ckpt": str(calibrated), "calibration": recipe.export_calibration},
+        "export": lambda: run_stage(export_dir, {"ckpt": str(calibrated), "calibration": recipe.export_calibration, "thresholds": recipe.calibrate},
                                     lambda: export_stage(recipe, calibrated, export_dir), after=(calibrated.parent,)),
         "evaluate": lambda: run_stage(out / "evaluate", {"evaluation": recipe.evaluation, "models": models},
                                       lambda: evaluate_stage(recipe, models, out / "evaluate"), after=(*teacher, export_dir, *baselines)),

@@ -386,3 +386,46 @@ def test_a_changed_export_file_is_refused_by_name(exported, tmp_path):
         run = subprocess.run([sys.executable, "-m", "edgetag", "file", str(EXAMPLE), "--model", str(target)], cwd=REPO, capture_output=True, text=True)
         assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "sha256 differs" in run.stderr, run.stderr
     load_backend(out)  # the untouched export still loads
+
+
+def test_each_onnx_file_runs_with_the_thresholds_calibrated_through_it(exported, tmp_path):
+    """`train.calibrate --export` measures thresholds through ONNX Runtime on each CPU file and
+    records them in that file's manifest entry; the ONNX backend runs the file with them (and the
+    fp32 file with its own), and a recorded threshold for a class the model lacks is refused."""
+    import dataclasses
+    import shutil
+
+    import soundfile as sf
+    from conftest import white_noise
+
+    from edgetag.runtime import OnnxBackend, record_thresholds
+    from train.calibrate import calibrate_export
+
+    _, out, _ = exported
+    folder = tmp_path / "export"
+    shutil.copytree(out, folder)
+    for word in ("yes", "no"):
+        (tmp_path / "words" / word).mkdir(parents=True)
+        for i in range(3):
+            sf.write(tmp_path / "words" / word / f"{i}.wav", white_noise(1.0, seed=10 * i + len(word)) * 0.3, 16000)
+    (tmp_path / "quiet").mkdir()
+    sf.write(tmp_path / "quiet" / "room.wav", white_noise(20.0, seed=99) * 0.01, 16000)
+    reports = calibrate_export(folder, [str(tmp_path / "words")], [str(tmp_path / "quiet")], [], target_per_hour=200.0)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(reports) == {"model.onnx", "model.int8.onnx"}
+    for name in reports:
+        entry = manifest["files"][name]
+        assert set(entry["thresholds"]["keywords"]) == {"yes", "no"} and entry["calibration"]["backend"] == "onnx"
+        backend = OnnxBackend(folder / name)
+        assert backend.spec.thresholds == entry["thresholds"]
+        engine = Engine(backend)
+        assert list(engine.post.on["keywords"][:2]) == [entry["thresholds"]["keywords"][w] for w in ("yes", "no")]
+        # each keyword's recorded false alarms are what this file's engine spots on the negatives
+        # with that keyword alone at its threshold (calibration tries each alone)
+        for word, r in entry["calibration"]["keywords"]["classes"].items():
+            alone = {"keywords": {w: r["threshold"] if w == word else float("inf") for w in ("yes", "no")}}
+            backend.spec = dataclasses.replace(backend.spec, thresholds=alone)
+            assert len(process_file(Engine(backend), tmp_path / "quiet" / "room.wav").events) == r["false_alarms"], (name, word)
+    record_thresholds(folder, "model.int8.onnx", {"keywords": {"maybe": 0.5}}, {})
+    with pytest.raises(BackendError, match="model.int8.onnx: its thresholds in manifest.json do not fit the model"):
+        load_backend(folder)

@@ -1,11 +1,13 @@
-"""Per-class thresholds for a checkpoint, measured by the code that runs live: the streaming
-engine makes each clip's hop probabilities, and its post-processor (`PostProcessor.replay`)
-turns them into the events `edgetag file` would print at the thresholds tried.
+"""Per-class thresholds for a model, measured by the code that runs live, through the backend
+that will run it: the streaming engine makes each clip's hop probabilities, and its
+post-processor (`PostProcessor.replay`) turns them into the events `edgetag file` would print
+at the thresholds tried.
 
     python -m train.calibrate --ckpt runs/student/best.safetensors \\
         --keywords ../shared/data/speech_commands,split=val,percent=20 \\
         --negatives ../shared/data/background_noise --negatives esc50:../shared/data/esc50,folds=4 \\
         --tags esc50:../shared/data/esc50,folds=4 --out runs/student/calibrated.safetensors
+    python -m train.calibrate --export export/ --keywords ... --negatives ... --tags ...
 
 Keywords: per keyword, the lowest threshold on the grid whose spots on audio without keywords
 (the negatives, plus the `_unknown_`/`_silence_` clips of --keywords) stay at or below
@@ -14,7 +16,10 @@ what it adds live). Raising a threshold only removes spots (the refractory perio
 earliest of each run, and that count never grows on a subset), so the grid is bisected. Tags:
 per class, the threshold with the best clip-level F1 on --tags (a clip is positive when the
 post-processor makes an event of that class). The thresholds go into a copy of the checkpoint
-(`ModelSpec.thresholds`, which the engine reads) with the measured figures under `calibration`.
+(`ModelSpec.thresholds`, which the engine reads) with the measured figures under `calibration`;
+for an export (`--export`), each ONNX file the CPU runs (fp32, dynamic int8) gets its own, measured
+through ONNX Runtime on that file, in manifest.json (int8 shifts probabilities a little, and a
+threshold at 0.99 has no room for that).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import numpy as np
 import typer
 
 from edgetag import checkpoint
-from edgetag.runtime import TorchBackend
+from edgetag.runtime import Backend, BackendError, OnnxBackend, TorchBackend, record_thresholds
 from edgetag.spec import KEYWORDS, NOT_SPOTTED, TAGS, ModelSpec
 from edgetag.stream import Engine, Event, PostConfig, PostProcessor, process_file
 from train.data import Example, Source
@@ -102,10 +107,12 @@ def calibrate_tags(spec: ModelSpec, post: PostConfig, head: str, streams: list[S
     return out
 
 
-def calibrate(ckpt, out: Path, keywords: list[str], negatives: list[str], tags: list[str], target_per_hour: float = 1.0, post: PostConfig | None = None) -> dict:
-    model = checkpoint.load_model(ckpt)
+def thresholds_of(backend: Backend, keywords: list[str], negatives: list[str], tags: list[str], target_per_hour: float = 1.0,
+                  post: PostConfig | None = None) -> tuple[dict, dict]:
+    """Thresholds measured through `backend`, and what they were measured on (the spec's
+    `calibration`)."""
     post = post or PostConfig()
-    engine = Engine(TorchBackend(model, ckpt), post)
+    engine = Engine(backend, post)
     spec, thresholds, report = engine.spec, {}, {}
     for name, head in spec.heads.items():
         if head.kind == KEYWORDS and keywords:
@@ -124,28 +131,56 @@ def calibrate(ckpt, out: Path, keywords: list[str], negatives: list[str], tags: 
             truth = np.array([[label in e.labels for label in head.labels] for e in examples])
             report[name] = calibrate_tags(spec, post, name, streams, truth)
             thresholds[name] = {label: r["threshold"] for label, r in report[name].items()}
-    model.spec = replace(model.spec, thresholds=thresholds,
-                         calibration={"false_alarms_per_hour_target": target_per_hour, "post": asdict(post), **report})
+    return thresholds, {"false_alarms_per_hour_target": target_per_hour, "post": asdict(post), "backend": backend.name, **report}
+
+
+def calibrate(ckpt, out: Path, keywords: list[str], negatives: list[str], tags: list[str], target_per_hour: float = 1.0, post: PostConfig | None = None) -> dict:
+    """Thresholds through torch fp32 into a copy of the checkpoint; the per-head report."""
+    model = checkpoint.load_model(ckpt)
+    thresholds, calibration = thresholds_of(TorchBackend(model, ckpt), keywords, negatives, tags, target_per_hour, post)
+    model.spec = replace(model.spec, thresholds=thresholds, calibration=calibration)
     checkpoint.save(out, model)
-    return report
+    return {name: r for name, r in calibration.items() if name in thresholds}
+
+
+CPU_FILES = ("model.onnx", "model.int8.onnx")  # what ONNX Runtime runs; model.int8.qdq.onnx is TensorRT's input
+
+
+def calibrate_export(folder: Path, keywords: list[str], negatives: list[str], tags: list[str], target_per_hour: float = 1.0,
+                     post: PostConfig | None = None) -> dict:
+    """Thresholds for each ONNX file of an export, each through ONNX Runtime on that file, into
+    its manifest.json entry; per file, the per-head report."""
+    reports = {}
+    for name in CPU_FILES:
+        if (Path(folder) / name).is_file():
+            thresholds, calibration = thresholds_of(OnnxBackend(Path(folder) / name), keywords, negatives, tags, target_per_hour, post)
+            record_thresholds(folder, name, thresholds, calibration)
+            reports[name] = {head: r for head, r in calibration.items() if head in thresholds}
+    return reports
 
 
 def main(
-    ckpt: str = typer.Option(..., help="The checkpoint to calibrate."),
-    out: Path = typer.Option(..., help="Where to write the calibrated copy."),
+    ckpt: str = typer.Option(None, help="The checkpoint to calibrate (through torch), or:"),
+    export: Path = typer.Option(None, help="An export folder: each ONNX file calibrated through ONNX Runtime, into manifest.json."),
+    out: Path = typer.Option(None, help="Where to write the calibrated copy of --ckpt."),
     keywords: list[str] = typer.Option([], help="Keyword clips (validation data), sources (train.data.Source)."),
     negatives: list[str] = typer.Option([], help="Audio without keywords: folders, files or sources."),
     tags: list[str] = typer.Option([], help="Tagged clips (validation data), sources."),
     false_alarms_per_hour: float = typer.Option(1.0),
 ) -> None:
-    """Per-class thresholds measured through the streaming engine, written into a copy of the checkpoint."""
+    """Per-class thresholds measured through the streaming engine and the backend that runs the
+    model, written into a copy of the checkpoint or into the export's manifest."""
+    if (ckpt is None) == (export is None) or (ckpt is not None and out is None):
+        print("train.calibrate: error: give --ckpt with --out, or --export", file=sys.stderr)
+        raise typer.Exit(2)
     try:
-        report = calibrate(ckpt, out, keywords, negatives, tags, false_alarms_per_hour)
-    except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
+        report = calibrate(ckpt, out, keywords, negatives, tags, false_alarms_per_hour) if ckpt else \
+            calibrate_export(export, keywords, negatives, tags, false_alarms_per_hour)
+    except (checkpoint.CheckpointError, BackendError, ValueError, FileNotFoundError) as e:
         print(f"train.calibrate: error: {e}", file=sys.stderr)
         raise typer.Exit(2) from e
     print(json.dumps(report, indent=1)[:4000])
-    print(f"{out}: thresholds written")
+    print(f"{out or export / 'manifest.json'}: thresholds written")
 
 
 if __name__ == "__main__":
