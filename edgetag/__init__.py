@@ -10,7 +10,13 @@
     hops, closing = stream.flush()                           # the tail window, the tags still on
 """
 
+import os
 from importlib.metadata import PackageNotFoundError, version
+
+# numpy's BLAS only multiplies the fbank's small mel matrices; its threads would contend with the
+# inference threads (torch, ONNX Runtime) for the cores: a file on 2 threads ran at half the
+# speed of 1 thread (measured). Effective when numpy is not imported yet; a user's setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 try:
     __version__ = version("edgetag")

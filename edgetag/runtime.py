@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,10 +45,6 @@ class BackendError(Exception):
 class Backend:
     name = ""
     fixed_window = False  # the input length is baked into the file (ONNX, TensorRT)
-    # Windows per forward pass at most. 1 where a window's output would depend on the others in
-    # its batch (dynamic int8 scales activations by the whole input tensor): a file, batched, and
-    # the microphone, hop by hop, must see the same numbers.
-    max_batch = 1 << 30
 
     def __init__(self, spec: ModelSpec, source):
         self.spec = spec
@@ -60,7 +57,6 @@ class Backend:
     def __call__(self, windows: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
         """Log-mel windows [n, frames, n_mels], any n: normalised, run `batch_size` at a time."""
         out: dict[str, list[np.ndarray]] = {}
-        batch_size = min(batch_size, self.max_batch)
         for i in range(0, len(windows), batch_size):
             for name, p in self.forward(normalize(windows[i : i + batch_size], self.spec.fbank)).items():
                 out.setdefault(name, []).append(p)
@@ -146,20 +142,31 @@ class OnnxBackend(Backend):
             except SpecError as e:
                 raise BackendError(f"{path}: its thresholds in manifest.json do not fit the model ({e})") from e
         super().__init__(spec, path.parent)
+        # Dynamic int8 scales activations by the whole input tensor, so a window's numbers would
+        # depend on the other windows of its batch: it runs one window per call, and a file's
+        # windows go to `threads` calls at once instead of splitting each small call over threads.
+        self.per_window = entry.get("kind") == "int8"
+        self.pool = ThreadPoolExecutor(threads) if self.per_window and threads > 1 else None
         options = ort.SessionOptions()
         if threads:
-            options.intra_op_num_threads = threads
+            options.intra_op_num_threads = 1 if self.pool else threads
         try:
             self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise BackendError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
         self.path = path
         self.input, self.outputs = manifest["input"]["name"], manifest["outputs"]
-        if manifest["files"][path.name].get("kind") == "int8":
-            self.max_batch = 1
+
+    def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(self.outputs, {self.input: x})
 
     def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(self.outputs, self.session.run(self.outputs, {self.input: np.ascontiguousarray(x, np.float32)})))
+        x = np.ascontiguousarray(x, np.float32)
+        if not self.per_window:
+            return dict(zip(self.outputs, self._run(x)))
+        one = [x[i : i + 1] for i in range(len(x))]
+        results = list(self.pool.map(self._run, one) if self.pool else map(self._run, one))
+        return {name: np.concatenate([r[k] for r in results]) for k, name in enumerate(self.outputs)}
 
 
 def read_manifest(folder: Path) -> dict:

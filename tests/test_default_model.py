@@ -228,17 +228,16 @@ def test_the_default_onnx_model_hears_what_torch_hears():
 
 def test_dynamic_int8_gives_each_window_the_same_numbers_in_any_batch():
     """Dynamic int8 scales activations by the whole input: batched windows would change each
-    other's numbers. The backend runs it a window at a time, so a file (10 s blocks) and the
-    microphone (0.1 s blocks) see identical probabilities."""
+    other's numbers. The backend runs it a window per call, so a file (10 s blocks, on 2 threads)
+    and the microphone (0.1 s blocks, 1 thread) see identical probabilities."""
     import edgetag
     from edgetag import audio
 
-    engine = edgetag.open_stream(backend="onnx")
-    assert engine.backend.path.name == "model.int8.onnx" and engine.backend.max_batch == 1
-    x = audio.load(EXAMPLE, engine.spec.fbank.sample_rate)
+    x = audio.load(EXAMPLE, 16000)
     runs = []
-    for block in (len(x), 1600):
-        engine.reset()
+    for block, threads in ((len(x), 2), (1600, 1)):
+        engine = edgetag.open_stream(backend="onnx", threads=threads)
+        assert engine.backend.path.name == "model.int8.onnx" and engine.backend.per_window
         hops = [h for i in range(0, len(x), block) for h in engine.push(x[i : i + block])] + engine.flush()[0]
         runs.append(np.stack([h.probabilities["tags"] for h in hops]))
     np.testing.assert_array_equal(runs[0], runs[1])
