@@ -320,3 +320,40 @@ def render(recipe, report: dict, stages: dict[str, dict], bundle_bytes: int | No
         "",
     ]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parts of an installed card measured again (pipeline.recipe --refresh-card)
+
+CARD_TASKS = {"keywords": "keywords", "ESC-50": "esc50", "DCASE 2016": "dcase", "UrbanSound8K fold 3": "urbansound8k"}
+
+
+def replace_section(text: str, title: str, lines: list[str]) -> str:
+    """`text` with its "## title" section (up to the next "## ") replaced by `lines`."""
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[:start] + "\n".join(lines) + (text[end:] if end >= 0 else "\n")
+
+
+def replace_row(text: str, name: str, header_start: str, cell: dict[str, str]) -> str:
+    """`text` with the cells of row `name` in the table whose header begins `header_start`
+    replaced where `cell` (header -> new cell) names the column."""
+    lines = text.split("\n")
+    top = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    headers = [c.strip() for c in lines[top].strip("|").split("|")]
+    row = next(i for i in range(top + 2, len(lines)) if lines[i].startswith(f"| {name} |"))
+    cells = [c.strip() for c in lines[row].strip("|").split("|")]
+    lines[row] = "| " + " | ".join(cell.get(h, c) for h, c in zip(headers, cells)) + " |"
+    return "\n".join(lines)
+
+
+def validation_cells(results: dict[str, dict], headers: list[str]) -> dict[str, str]:
+    """Cells for the validation table's "<task>: accuracy ..." and "<task>: mAP" columns."""
+    out = {}
+    for header in headers:
+        task, _, figure = header.partition(": ")
+        if CARD_TASKS.get(task) in results:
+            r = results[CARD_TASKS[task]]
+            out[header] = f"{r['mAP']:.3f}" if figure.startswith("mAP") else pct(r["accuracy"])
+    return out
+

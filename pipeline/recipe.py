@@ -394,6 +394,55 @@ def running_stage(recipe: Recipe, models: dict[str, str], peers: dict, folder: P
     return out
 
 
+def task_results(backend, tasks: dict[str, dict]) -> dict[str, dict]:
+    """Each validation task (name -> data, head, classes_from) scored with one backend."""
+    from train.data import Source
+    from train.evaluate import evaluate
+
+    out = {}
+    for task, spec in tasks.items():
+        kind = backend.spec.heads[spec["head"]].kind
+        classes = sorted({label for x in Source.parse(spec["classes_from"], kind).read() for label in x.labels}) if "classes_from" in spec else None
+        out[task] = evaluate(backend, Source.parse(spec["data"], kind).read(), spec["head"], classes)
+    return out
+
+
+def held_out_spotting(backend, evaluation: dict) -> dict:
+    """Keyword spots on the validation keyword clips and false alarms on the held-out negatives."""
+    from train.data import Source
+    from train.evaluate import spotting
+
+    positives = Source.parse(evaluation["keywords"]["data"], KEYWORDS).read()
+    negatives = [x for text in evaluation["held_out_negatives"] for x in Source.parse(text, KEYWORDS).read()]
+    return spotting(backend, positives, negatives)
+
+
+def refresh_card(recipe: Recipe, name: str, card: Path = ASSETS / "MODEL_CARD.md") -> None:
+    """After a runtime change that leaves the weights as they are: the installed card's int8
+    export rows (validation, keyword clips) and its Latency section, measured again with the
+    recipe's evaluation settings on the installed model. The rest of the card needs the full
+    evaluate stage (every model and peer)."""
+    from edgetag import bench
+    from edgetag.runtime import load_backend
+    from pipeline.model_card import cpu_name, latency_table, replace_row, replace_section, spotting_table, validation_cells
+
+    export = checkpoint.DEFAULT_EXPORT / "model.int8.onnx"
+    backend = load_backend(export)
+    tasks = {name: spec for name, spec in recipe.evaluation.items() if isinstance(spec, dict) and "data" in spec}
+    text = card.read_text()
+    header = next(line for line in text.split("\n") if line.startswith("| model | parameters |"))
+    text = replace_row(text, SHIPPED[1], "| model | parameters |", validation_cells(task_results(backend, tasks), [c.strip() for c in header.strip("|").split("|")]))
+    spotted = spotting_table({"models": {SHIPPED[1]: {"spotting": held_out_spotting(backend, recipe.evaluation)}}})
+    text = replace_row(text, SHIPPED[1], spotted[0], dict(zip(*([c.strip() for c in row.strip("|").split("|")] for row in (spotted[0], spotted[2])))))
+    latency = {"latency": {SHIPPED[0]: bench.stream_benchmark(checkpoint.DEFAULT_MODEL, backend="torch"), SHIPPED[1]: bench.stream_benchmark(export, backend="onnx")}}
+    when = time.strftime("%Y-%m-%d")
+    card.write_text(replace_section(text, "Latency", [
+        "## Latency", "", f"`edgetag bench stream` on {cpu_name()}: one hop of audio pushed at a time, 1 thread.", "", *latency_table(latency), "",
+        f"This section and the `{SHIPPED[1]}` rows above were measured again on {when} by `python -m pipeline.recipe {name} "
+        "--refresh-card`, after runtime changes that left the weights as they were (int8 run one window per call, thresholds calibrated through "
+        "the int8 file itself).", ""]))
+
+
 def evaluate_stage(recipe: Recipe, models: dict[str, str], folder: Path) -> dict:
     """Every model and peer on every validation task; keywords in running audio; keyword clips
     spotted; latency of the shipped model and the one it replaces. Plots into `folder`."""
@@ -403,7 +452,7 @@ def evaluate_stage(recipe: Recipe, models: dict[str, str], folder: Path) -> dict
     from edgetag.runtime import load_backend
     from pipeline.model_card import plot_results
     from train.data import Source
-    from train.evaluate import FIGURES, evaluate, evaluate_teacher, plot_confusion, spotting
+    from train.evaluate import FIGURES, evaluate_teacher, plot_confusion
 
     e = recipe.evaluation
     tasks = {name: spec for name, spec in e.items() if isinstance(spec, dict) and "data" in spec}
@@ -417,10 +466,7 @@ def evaluate_stage(recipe: Recipe, models: dict[str, str], folder: Path) -> dict
             entry["classes"] = {head: len(h.labels) for head, h in backend.spec.heads.items()}
             if backend.name == "torch":
                 entry["parameters"] = sum(p.numel() for p in backend.model.parameters())
-            for task, spec in tasks.items():
-                kind = backend.spec.heads[spec["head"]].kind
-                classes = sorted({label for x in Source.parse(spec["classes_from"], kind).read() for label in x.labels}) if "classes_from" in spec else None
-                r = evaluate(backend, Source.parse(spec["data"], kind).read(), spec["head"], classes)
+            for task, r in task_results(backend, tasks).items():
                 entry[task] = {k: r[k] for k in FIGURES} | {"classes": len(r["labels"])}
                 if name == SHIPPED[0]:
                     plot_confusion(r["confusion"], r["labels"], folder / f"confusion_{task}.png", f"{recipe.model_id}: {task}")
@@ -432,10 +478,8 @@ def evaluate_stage(recipe: Recipe, models: dict[str, str], folder: Path) -> dict
                     classes = sorted({label for x in Source.parse(spec.get("classes_from", spec["data"]), kind).read() for label in x.labels})
                     r = evaluate_teacher(teacher, examples, classes)
                     entry[task] = {k: r[k] for k in FIGURES} | {"classes": len(r["labels"])}
-        positives = Source.parse(tasks["keywords"]["data"], KEYWORDS).read()
-        negatives = [x for text in e["held_out_negatives"] for x in Source.parse(text, KEYWORDS).read()]
         for name in (*SHIPPED, *(PREVIOUS if PREVIOUS[0] in models else ())):
-            report["models"][name]["spotting"] = spotting(load_backend(models[name]), positives, negatives)
+            report["models"][name]["spotting"] = held_out_spotting(load_backend(models[name]), e)
         if "running" in e:
             keyword_models = {n: p for n, p in models.items() if n == SHIPPED[0] or n == PREVIOUS[0] or n.startswith("baseline: ")}
             report["running"] = running_stage(recipe, keyword_models, peers, folder)
@@ -551,6 +595,7 @@ def main(
     previous: str = typer.Option("runs/default-2", help="default: the folder of edgetag-default-2 (model.safetensors), which default-3 starts from."),
     stages: str = typer.Option("", help="Comma-separated stages to run, in order (default: all; see the module's docstring)."),
     install_assets: bool = typer.Option(False, "--install", help="Copy the calibrated model, its export and the card into edgetag/assets."),
+    refresh: bool = typer.Option(False, "--refresh-card", help="Train nothing: measure the installed card's int8 rows and latency again (after a runtime change)."),
 ) -> None:
     if name not in RECIPES:
         raise typer.BadParameter(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
@@ -558,6 +603,10 @@ def main(
         raise typer.BadParameter(f"{data}: no such folder (the shared data: Speech Commands, ESC-50, ...)")
     chosen = [s.strip() for s in stages.split(",") if s.strip()] or None
     recipe = RECIPES[name](data, out, previous) if name == "default" else RECIPES[name](data, out)
+    if refresh:
+        refresh_card(recipe, name)
+        print(f"{ASSETS / 'MODEL_CARD.md'}: int8 rows and latency measured again")
+        return
     run(recipe, Path(out), chosen, ASSETS if install_assets else None)
 
 
