@@ -126,16 +126,32 @@ def expand(inputs: list[str]) -> tuple[list[str], list[AudioError]]:
     import glob
 
     files, errors = [], []
-    for item in inputs:
+    for item in inputs:  # os.walk does not follow symlinked folders either
         if os.path.isdir(item):
             found = sorted(os.path.join(root, name) for root, _, names in os.walk(item) for name in names if name.lower().endswith(AUDIO_SUFFIXES))
             files.extend(found) if found else errors.append(AudioError(item, "folder holds no audio files"))
         elif os.path.exists(item) or not glob.has_magic(item):
             files.append(item)  # a missing file fails when it is read, with its own reason
         else:
-            found = sorted(glob.glob(item, recursive=True))
+            found = _glob(item)
             files.extend(found) if found else errors.append(AudioError(item, "no file matches this pattern"))
-    return list(dict.fromkeys(files)), errors
+    once = {}  # real path -> the first name it was given by
+    for f in files:
+        once.setdefault(os.path.realpath(f), f)
+    return list(once.values()), errors
+
+
+def _glob(pattern: str) -> list[str]:
+    """The files a glob pattern matches, sorted. `**` does not descend into symlinked folders
+    (pathlib's rule, unlike glob.glob's): a link back to a parent folder would otherwise list
+    every file again for each pass through it, or never end."""
+    import glob
+    from pathlib import Path
+
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = Path(*parts[:first]) if first else Path()
+    return sorted(str(p) for p in base.glob(str(Path(*parts[first:]))) if p.is_file())
 
 
 def load(path, rate: int = SAMPLE_RATE) -> np.ndarray:

@@ -63,6 +63,8 @@ def fbank(
     from edgetag import audio, features
 
     config = features.preset(preset.value, mfcc=mfcc)
+    if out.resolve() == path.resolve():
+        fail(f"{out}: is the input; write the features elsewhere")
     try:
         waveform = audio.load(path, config.sample_rate)
     except audio.AudioError as e:
@@ -160,8 +162,14 @@ def file_(
     from edgetag import audio, output
     from edgetag.stream import process_file
 
+    if json_out and csv_out:
+        fail("--json and --csv: choose one output format")
     engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes, gate)
     files, errors = audio.expand(paths)
+    try:
+        plots = output.plot_paths(plot, files) if plot else {}
+    except ValueError as e:
+        fail(str(e))
     for error in errors:
         print(f"edgetag: error: {error}", file=sys.stderr)
     sink = output.CsvOut() if csv_out else None
@@ -188,10 +196,18 @@ def file_(
             from edgetag.features import fbank
 
             features = fbank(audio.load(path, engine.spec.fbank.sample_rate), engine.spec.fbank)
-            target = plot if len(files) == 1 else plot.with_name(f"{plot.stem}_{Path(path).stem}{plot.suffix}")
-            output.plot(features, result, engine.spec, target, Path(path).name)
+            try:
+                output.plot(features, result, engine.spec, plots[path], Path(path).name)
+            except OSError as e:
+                print(f"edgetag: error: {plots[path]}: cannot write the plot ({e.strerror or e})", file=sys.stderr)
+                errors.append(e)
     if errors:
         raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _interrupt(signum, frame):
+    # SIGTERM (systemd, docker stop) ends a session as Ctrl-C does: open events flushed, summary, exit 0
+    raise KeyboardInterrupt
 
 
 @app.command()
@@ -216,10 +232,13 @@ def listen(
     block: float = typer.Option(0.1, callback=bounded("--block", 0, 10, lo_open=True), help="Seconds of audio per block read from the device."),
     threads: int = typer.Option(1, callback=bounded("--threads", 1, 1024), help="Inference threads (torch, ONNX Runtime)."),
 ) -> None:
-    """Live tags and keyword spots from a microphone. Ctrl-C stops with a summary."""
+    """Live tags and keyword spots from a microphone. Ctrl-C (or SIGTERM) stops with a summary."""
     import contextlib
+    import signal
 
     from edgetag import audio, live, output
+
+    signal.signal(signal.SIGTERM, _interrupt)
 
     engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes, gate)
     rate = engine.spec.fbank.sample_rate
@@ -236,6 +255,8 @@ def listen(
             except audio.MicrophoneError as e:
                 fail(str(e))
             blocks, source, counters = live.microphone_blocks(mic), f"mic:{mic.device.name}", lambda: (mic.overflows, mic.dropped)
+        failed: list[Exception] = []
+        blocks = _until_error(blocks, failed)
         model_id = engine.backend.model_id
         if json_out:
             session = live.run(engine, blocks, duration, lambda e, extra: output.json_line(output.record(e, source, model_id, **extra)))
@@ -254,6 +275,20 @@ def listen(
     else:
         output.print_table([output.record(e, source, model_id) for e in session.events], "events")
         print(" ".join(f"{k} {v}" for k, v in summary.items() if k != "kind"))
+    if failed:
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _until_error(blocks, failed: list):
+    """The blocks until the source fails mid-stream (corrupt audio, a lost device): then one line,
+    and the session ends as at Ctrl-C, its events flushed and summarised, but with exit 2."""
+    from edgetag import audio
+
+    try:
+        yield from blocks
+    except (audio.AudioError, audio.MicrophoneError) as e:
+        print(f"edgetag: error: {e}", file=sys.stderr)
+        failed.append(e)
 
 
 @app.command()

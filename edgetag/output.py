@@ -53,6 +53,37 @@ def print_table(rows: list[dict], title: str, console=None) -> None:
     console.print(table)
 
 
+def plot_paths(plot: Path, files: list[str]) -> dict[str, Path]:
+    """Where each file's plot goes: `plot` itself for one file, NAME_<file stem>.png for several
+    (NAME_<stem>_2.png for a second file of the same stem). Refused before any work (ValueError):
+    a format matplotlib cannot write, a missing folder, or a plot that would overwrite an input."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ValueError("--plot needs matplotlib: pip install 'edgetag[plot]'") from e
+    formats = Figure().canvas.get_supported_filetypes()
+    if plot.suffix.lstrip(".").lower() not in formats:
+        raise ValueError(f"--plot: {plot}: not an image format matplotlib writes ({', '.join(sorted(formats))})")
+    if not plot.parent.is_dir():
+        raise ValueError(f"--plot: {plot.parent}: no such folder")
+    targets: dict[str, Path] = {}
+    for f in files:
+        target = plot if len(files) == 1 else plot.with_name(f"{plot.stem}_{Path(f).stem}{plot.suffix}")
+        n = 1
+        while target in targets.values():
+            n += 1
+            target = plot.with_name(f"{plot.stem}_{Path(f).stem}_{n}{plot.suffix}")
+        targets[f] = target
+    inputs = {Path(f).resolve() for f in files}
+    for target in targets.values():
+        if target.resolve() in inputs:
+            raise ValueError(f"--plot: {target} is one of the inputs; plot elsewhere")
+    return targets
+
+
 def plot(features: np.ndarray, result: Result, spec: ModelSpec, path: Path, title: str, top: int = 8) -> None:
     """Spectrogram, then for each head the probability timeline of its most active classes,
     with the events shaded (tags) or marked (keywords)."""

@@ -180,3 +180,64 @@ def test_bench_ends_with_its_summary_line_and_the_figures_agree():
     assert 20 < rss < 1024 and 0 < hop and ratio > 1
     assert f"{ratio:.1f}x" in run.stdout and f"({saved:.1f}%)" in run.stdout
     assert re.search(r"slope [+-][\d.]+ MiB/h", run.stdout)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs that would overwrite inputs or each other, symlink loops
+
+
+def digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_globs_do_not_follow_symlink_loops(tmp_path):
+    """Two links back up the tree: a `**` pattern lists each file once, and ends."""
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    sf.write(tmp_path / "d" / "e" / "x.wav", white_noise(0.5), 16000)
+    (tmp_path / "d" / "self").symlink_to(tmp_path / "d")
+    (tmp_path / "d" / "e" / "up").symlink_to(tmp_path / "d")
+    result = edgetag("file", tmp_path / "d" / "**" / "*.wav", tmp_path / "d" / "e" / "x.wav", "--csv", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert {line.split(",")[0] for line in result.stdout.splitlines()[1:]} <= {str(tmp_path / "d" / "e" / "x.wav")}
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["--json", "--csv"], "--json and --csv: choose one output format"),
+    (["--plot", "{input}"], "--plot: {input} is one of the inputs; plot elsewhere"),
+    (["--plot", "{tmp}/plot.flac"], "--plot: {tmp}/plot.flac: not an image format matplotlib writes"),
+    (["--plot", "{tmp}/no/such/plot.png"], "--plot: {tmp}/no/such: no such folder"),
+    (["--plot", "{tmp}/song.png", "{tmp}/song_song.png"], "--plot: {tmp}/song_song.png is one of the inputs; plot elsewhere"),
+])
+def test_file_refuses_outputs_it_cannot_or_must_not_write_before_any_work(tmp_path, args, reason):
+    pytest.importorskip("matplotlib")
+    song = tmp_path / "song.png"  # audio, whatever its name says
+    sf.write(song, white_noise(0.5), 16000, format="WAV")
+    sf.write(tmp_path / "song_song.png", white_noise(0.5), 16000, format="WAV")
+    before = {p: digest(p) for p in tmp_path.iterdir()}
+    fill = lambda a: a.format(input=song, tmp=tmp_path)  # noqa: E731
+    result = edgetag("file", song, *map(fill, args))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().startswith(f"edgetag: error: {fill(reason)}") and result.stderr.count("\n") == 1
+    assert {p: digest(p) for p in tmp_path.iterdir()} == before
+
+
+def test_plots_of_files_with_one_stem_do_not_overwrite_each_other(tmp_path):
+    pytest.importorskip("matplotlib")
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        sf.write(tmp_path / folder / "clip.wav", white_noise(0.5, seed=len(folder)), 16000)
+    result = edgetag("file", tmp_path / "a" / "clip.wav", tmp_path / "b" / "clip.wav", "--plot", tmp_path / "p.png", "--json")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.glob("p_*.png")) == ["p_clip.png", "p_clip_2.png"]
+
+
+def test_fbank_refuses_to_write_over_its_input(tmp_path):
+    clip = tmp_path / "x.npy"  # a WAV under the output's name
+    sf.write(clip, white_noise(0.5), 16000, format="WAV")
+    before = digest(clip)
+    result = edgetag("fbank", clip, "-o", clip)
+    assert result.returncode == 2 and result.stderr.strip() == f"edgetag: error: {clip}: is the input; write the features elsewhere"
+    assert digest(clip) == before
