@@ -68,6 +68,9 @@ class Hop:
 class PostProcessor:
     """Smoothing, per-class thresholds with hysteresis and minimum duration for tags, and a
     refractory period for keywords. Causal: a hop's events depend on that hop and earlier ones.
+    One tag event per continuous activity at any hop: a class that comes back on while the
+    window of its last on-hop still overlaps goes on as the same event, so a tag is reported once
+    no later window can overlap it (at most one window after it ended).
     `thresholds` (head -> label -> on) replaces the spec's calibrated ones: calibration replays
     hops through here with the thresholds it tries (math.inf: never)."""
 
@@ -93,6 +96,7 @@ class PostProcessor:
     def reset(self) -> None:
         self.history = {name: deque(maxlen=self.smooth) for name in self.heads}
         self.active = {name: {} for name in self.heads}  # class -> [first hop, peak score, hops no narrower class was on]
+        self.ended = {name: {} for name in self.heads}  # class -> (first hop, last hop, peak, alone): off, not yet reported
         self.last_spot = -(10**9)
 
     def _tag_event(self, label: str, first: int, last: int, peak: float, alone: int) -> Event | None:
@@ -106,13 +110,18 @@ class PostProcessor:
             self.history[name].append(probabilities[name])
             p = np.mean(self.history[name], axis=0)
             if head.kind == TAGS:
-                active = self.active[name]
-                for c in np.flatnonzero((p >= self.on[name]) & self.spotted[name]):
-                    active.setdefault(int(c), [k, 0.0, 0])
+                active, ended = self.active[name], self.ended[name]
+                # an ended activity is reported once no later window can overlap its audio
+                for c in [c for c, (_, last, _, _) in ended.items() if k * self.hop >= last * self.hop + self.window]:
+                    if (event := self._tag_event(head.labels[c], *ended.pop(c))) is not None:
+                        events.append(event)
+                for c in map(int, np.flatnonzero((p >= self.on[name]) & self.spotted[name])):
+                    if c not in active:  # back on while its last window still overlaps: the same activity goes on
+                        first, _, peak, alone = ended.pop(c, (k, None, 0.0, 0))
+                        active[c] = [first, peak, alone]
                 for c in [c for c in active if p[c] < self.off[name][c]]:
                     first, peak, alone = active.pop(c)
-                    if (event := self._tag_event(head.labels[c], first, k - 1, peak, alone)) is not None:
-                        events.append(event)
+                    ended[c] = (first, k - 1, peak, alone)
                 for c, state in active.items():
                     state[1] = max(state[1], float(p[c]))
                     state[2] += not any(d in active for d in self.narrower[name][c])
@@ -125,14 +134,16 @@ class PostProcessor:
         return events
 
     def flush(self, last_hop: int, duration: float) -> list[Event]:
-        """Close the tags still on at the end of the stream (their end clipped to the audio)."""
+        """Close the tags still on, or ended but not yet reported, at the end of the stream (their
+        end clipped to the audio)."""
         events = []
         for name, head in self.heads.items():
-            for c, (first, peak, alone) in sorted(self.active[name].items()):
-                if (event := self._tag_event(head.labels[c], first, last_hop, peak, alone)) is not None:
+            closing = self.ended[name] | {c: (first, last_hop, peak, alone) for c, (first, peak, alone) in self.active[name].items()}
+            for c, state in sorted(closing.items()):
+                if (event := self._tag_event(head.labels[c], *state)) is not None:
                     event.end = min(event.end, duration)
                     events.append(event)
-            self.active[name] = {}
+            self.active[name], self.ended[name] = {}, {}
         return events
 
     def replay(self, probabilities: dict[str, np.ndarray]) -> list[Event]:

@@ -120,14 +120,15 @@ def test_a_tag_still_on_at_the_end_closes_with_the_stream(detector, scene):
     assert not any(last in hop.events for hop in result.hops)
 
 
-def post(thresholds=None, **kw):
+def post(thresholds=None, hop=0.5, **kw):
     # 20 ms frames every 10 ms: a 1 s window spans exactly 1 s of audio, and events' ends read plainly
-    spec = make_spec(heads={"tags": ["a", "b"], "keywords": ["yes", "_unknown_"]}, fbank=preset("ast", frame_length_ms=20.0), stream=(1.0, 0.5))
-    assert (spec.window_seconds, spec.hop_seconds) == (1.0, 0.5)
+    spec = make_spec(heads={"tags": ["a", "b"], "keywords": ["yes", "_unknown_"]}, fbank=preset("ast", frame_length_ms=20.0), stream=(1.0, hop))
+    assert (spec.window_seconds, spec.hop_seconds) == (1.0, hop)
     return PostProcessor(spec, PostConfig(**kw), thresholds)
 
 
 def feed(p: PostProcessor, tags: list, keywords: list | None = None):
+    """The events `update` reported hop by hop, and those `flush` closed at the end."""
     events = []
     for k, t in enumerate(tags):
         events += p.update(k, {"tags": np.array(t, float), "keywords": np.array((keywords or [[0.0, 1.0]] * len(tags))[k], float)})
@@ -141,17 +142,37 @@ def test_hysteresis_onset_offset_and_peak():
 
 
 def test_minimum_duration_and_per_class_thresholds():
-    events, _ = feed(post(tag_on=0.5, min_duration=2.0), [[0.6, 0], [0.0, 0], [0.6, 0], [0.6, 0], [0.6, 0], [0.0, 0]])
-    assert [(e.start, e.end) for e in events] == [(1.0, 3.0)]  # the one-hop blip (1.0 s long) is dropped
-    events, _ = feed(post(tag_on=0.5, thresholds={"tags": {"a": 0.9}}), [[0.8, 0.8], [0.0, 0.0]])
-    assert [e.label for e in events] == ["b"]
+    events, closing = feed(post(tag_on=0.5, min_duration=2.0), [[0.6, 0], [0.0, 0], [0.6, 0], [0.6, 0], [0.6, 0], [0.0, 0]])
+    assert [(e.start, e.end) for e in events + closing] == [(1.0, 3.0)]  # the one-hop blip (1.0 s long) is dropped
+    events, closing = feed(post(tag_on=0.5, thresholds={"tags": {"a": 0.9}}), [[0.8, 0.8], [0.0, 0.0]])
+    assert [e.label for e in events + closing] == ["b"]
 
 
 def test_smoothing_averages_hops():
     events, _ = feed(post(tag_on=0.5, smoothing=1.0), [[0.9, 0], [0.0, 0], [0.9, 0], [0.0, 0]])
     assert events == []  # each spike averages with its neighbour to 0.45
-    events, _ = feed(post(tag_on=0.5, smoothing=0.0), [[0.9, 0], [0.0, 0]])
-    assert len(events) == 1
+    events, closing = feed(post(tag_on=0.5, smoothing=0.0), [[0.9, 0], [0.0, 0]])
+    assert len(events + closing) == 1
+
+
+def test_a_tag_that_flickers_while_its_windows_overlap_is_one_event():
+    """1 s windows every 0.25 s. Off for one hop, the windows of the two on-hops overlap
+    ([0, 1) and [0.5, 1.5)): one event, reported once no later window can reach its audio. Off for
+    four hops, [0, 1) and [1.25, 2.25) do not overlap: two events."""
+    events, closing = feed(post(tag_on=0.5, tag_off=0.3, hop=0.25), [[0.6, 0], [0.1, 0], [0.7, 0]] + [[0.1, 0]] * 5)
+    assert [(e.start, e.end, e.score) for e in events] == [(0.0, 1.5, 0.7)] and closing == []
+    events, closing = feed(post(tag_on=0.5, tag_off=0.3, hop=0.25), [[0.6, 0]] + [[0.1, 0]] * 4 + [[0.7, 0], [0.1, 0]])
+    assert [(e.start, e.end) for e in events + closing] == [(0.0, 1.0), (1.25, 2.25)]
+
+
+def test_small_hops_give_one_event_per_activity(detector, scene):
+    """At a 0.05 s hop, twenty windows overlap each moment: no two events of one label overlap."""
+    run = cli("file", scene, "--model", detector, "--json", "--hop", "0.05", "--tag-on", "0.5")
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert run.returncode == 0 and rows
+    for label in {r["label"] for r in rows}:
+        spans = sorted((r["start"], r["end"]) for r in rows if r["label"] == label)
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), (label, spans)
 
 
 def test_keywords_refractory_and_specials_never_spotted():
@@ -184,8 +205,8 @@ def test_an_ancestor_tag_folds_into_the_specific_one_it_fires_with():
 
 
 def test_classes_restrict_the_events_and_an_unknown_class_is_refused():
-    events, _ = feed(post(tag_on=0.5, keyword_on=0.5, classes=("b",)), [[0.9, 0.9], [0, 0]], [[0.9, 0.1], [0, 1]])
-    assert [e.label for e in events] == ["b"]  # neither tag a nor keyword yes
+    events, closing = feed(post(tag_on=0.5, keyword_on=0.5, classes=("b",)), [[0.9, 0.9], [0, 0]], [[0.9, 0.1], [0, 1]])
+    assert [e.label for e in events + closing] == ["b"]  # neither tag a nor keyword yes
     with pytest.raises(ValueError, match="no class 'c'"):
         post(classes=("c",))
 
@@ -280,7 +301,9 @@ def test_bench_stream_figures_agree_with_each_other(random_model):
     assert 100 < rss < 4096
 
 
-def test_listen_ctrl_c_ends_cleanly_with_a_summary(random_model):
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_listen_ctrl_c_or_sigterm_ends_cleanly_with_a_summary(random_model, signame):
+    """Ctrl-C, or SIGTERM as systemd and docker send it: the open events flushed, a summary, exit 0."""
     import signal
     import time
 
@@ -290,12 +313,22 @@ def test_listen_ctrl_c_ends_cleanly_with_a_summary(random_model):
                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = run.stdout.readline()  # a keyword spot at the first hop: audio is flowing
     time.sleep(0.5)
-    run.send_signal(signal.SIGINT)
+    run.send_signal(getattr(signal, signame))
     out, err = run.communicate(timeout=30)
     out = first + out
     assert run.returncode == 0, err
     summary = json.loads(out.splitlines()[-1])
     assert summary["kind"] == "summary" and 0 < summary["seconds"] < 7.0
+
+
+def test_listen_on_audio_that_breaks_mid_stream_is_one_line_and_a_summary(random_model, tmp_path):
+    """A file whose audio is corrupt past its header: what was heard is summarised, then one
+    error line naming the file, exit 2."""
+    broken = tmp_path / "broken.flac"
+    broken.write_bytes((REPO / "edgetag" / "assets" / "example.flac").read_bytes()[:30000])
+    run = cli("listen", "--model", random_model, "--input", broken, "--json")
+    assert run.returncode == 2 and json.loads(run.stdout.splitlines()[-1])["kind"] == "summary"
+    assert run.stderr.strip().startswith(f"edgetag: error: {broken}: corrupt or truncated audio") and run.stderr.count("\n") == 1
 
 
 def test_file_classes_restricts_the_output_and_names_an_unknown_class(detector, scene):
