@@ -80,5 +80,7 @@ def load_model(path=None, device: str | torch.device = "cpu") -> AudioTransforme
     try:
         model.load_state_dict(load_file(str(path), device=str(device)), strict=True)
     except (ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(path, f"weights do not fit the config ({str(e).splitlines()[0]})") from e
+        # torch's message opens with "Error(s) in loading state_dict for ...:"; the first mismatch follows
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise CheckpointError(path, f"weights do not fit the config ({lines[1] if len(lines) > 1 else lines[0]})") from e
     return model.to(device).eval()

@@ -175,15 +175,25 @@ def read_manifest(folder: Path) -> dict:
     path = Path(folder) / "manifest.json"
     if not path.is_file():
         raise BackendError(f"{path}: missing; export the model with `python -m deploy.export`")
-    manifest = json.loads(path.read_text())
-    version = manifest.get("format")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BackendError(f"{path}: not valid JSON ({e})") from e
+    version = manifest.get("format") if isinstance(manifest, dict) else None
     if version not in (EXPORT_FORMAT, EXPORT_FORMAT_1):
         raise BackendError(f"{path}: unsupported export format {version!r} (this edgetag reads {EXPORT_FORMAT} and {EXPORT_FORMAT_1})")
     try:
         spec = ModelSpec.from_dict(manifest["spec"] if version == EXPORT_FORMAT else manifest["config"])
-    except (SpecError, KeyError, TypeError) as e:
+    except KeyError as e:
+        raise BackendError(f"{path}: its spec does not describe a model (missing {e})") from e
+    except SpecError as e:
         raise BackendError(f"{path}: its spec does not describe a model ({e})") from e
-    frames = manifest["input"]["shape"][1]
+    try:  # what the backends read besides the spec
+        frames, _ = manifest["input"]["shape"][1], manifest["input"]["name"]
+        if not isinstance(manifest["outputs"], list) or not isinstance(manifest["files"], dict):
+            raise TypeError("outputs must be a list, files an object")
+    except (KeyError, TypeError, IndexError) as e:
+        raise BackendError(f"{path}: not an edgetag export manifest ({'missing ' if isinstance(e, KeyError) else ''}{e})") from e
     if frames != spec.window_frames:
         raise BackendError(f"{path}: the ONNX input holds {frames} frames, its spec's window {spec.window_frames}; export it again")
     return {**manifest, "spec": spec}

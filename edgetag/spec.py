@@ -12,6 +12,7 @@ Checkpoints carry the spec in their header and exports in manifest.json, as the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from edgetag.features import FbankConfig
@@ -235,6 +236,9 @@ class ModelSpec:
             unknown = set(per_label) - set(self.heads[head].labels if head in self.heads else ())
             if unknown:
                 raise SpecError(f"thresholds for {head!r} name labels it does not have: {', '.join(sorted(unknown))}")
+            for label, t in per_label.items():  # math.inf: never (calibration tries thresholds that way)
+                if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 <= t <= 1 or t == math.inf):
+                    raise SpecError(f"thresholds for {head!r}: {label!r} is {t!r}, not a probability")
         object.__setattr__(self, "window_frames", window_frames)
         object.__setattr__(self, "hop_frames", hop_frames)
 
@@ -278,6 +282,10 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelSpec:
+        """The spec of a plain dict (a checkpoint header, a manifest); anything that does not
+        describe a model is a SpecError that says what, never another exception."""
+        if not isinstance(d, dict):
+            raise SpecError(f"a spec is a JSON object, not a {type(d).__name__}")
         d = dict(d)
         version = d.pop("format", None)
         if version not in (FORMAT, FORMAT_1):
@@ -285,10 +293,17 @@ class ModelSpec:
         known = {f.name for f in fields(cls) if f.init}
         if set(d) - known:
             raise SpecError(f"unknown spec entries: {', '.join(sorted(set(d) - known))}")
-        heads = {name: HeadConfig(h["kind"], h["labels"], h.get("parents", {})) for name, h in d.pop("heads", {}).items()}
-        thresholds = d.pop("thresholds", {})
-        if version == FORMAT_1:
-            thresholds = {name: {label: t for label, t in thresholds.items() if label in h.labels} for name, h in heads.items()}
-            thresholds = {name: t for name, t in thresholds.items() if t}
-        return cls(encoder=EncoderConfig.from_dict(d.pop("encoder")), fbank=FbankConfig.from_dict(d.pop("fbank")), heads=heads,
-                   stream=StreamConfig(**d.pop("stream", {})), thresholds=thresholds, **d)
+        try:
+            heads = {name: HeadConfig(h["kind"], h["labels"], h.get("parents", {})) for name, h in d.pop("heads", {}).items()}
+            thresholds = d.pop("thresholds", {})
+            if version == FORMAT_1:
+                thresholds = {name: {label: t for label, t in thresholds.items() if label in h.labels} for name, h in heads.items()}
+                thresholds = {name: t for name, t in thresholds.items() if t}
+            return cls(encoder=EncoderConfig.from_dict(d.pop("encoder")), fbank=FbankConfig.from_dict(d.pop("fbank")), heads=heads,
+                       stream=StreamConfig(**d.pop("stream", {})), thresholds=thresholds, **d)
+        except SpecError:
+            raise
+        except KeyError as e:
+            raise SpecError(f"missing {e}") from e
+        except (TypeError, AttributeError, ValueError) as e:
+            raise SpecError(str(e)) from e

@@ -102,7 +102,12 @@ def from_hf_ast(folder: Path, kind: str = TAGS) -> tuple[ModelSpec, dict]:
     """A transformers `ASTForAudioClassification` folder (config.json + model.safetensors or
     pytorch_model.bin) -> its spec and weights."""
     folder = Path(folder)
-    cfg = json.loads((folder / "config.json").read_text())
+    if not (folder / "config.json").is_file():
+        raise ConvertError(f"{folder}: not a save_pretrained folder (no config.json in it)")
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except ValueError as e:
+        raise ConvertError(f"{folder / 'config.json'}: not valid JSON ({e})") from e
     weights_file = next((folder / name for name in ("model.safetensors", "pytorch_model.bin") if (folder / name).is_file()), None)
     if weights_file is None:
         raise ConvertError(f"{folder}: no model.safetensors or pytorch_model.bin")
@@ -251,10 +256,10 @@ def main(
     labels: Path = typer.Option(None, help="A text file with one class name per line (SSAST heads carry none)."),
     tokens: str = typer.Option("", help="patch or frame, for MAE-AST files whose config does not say."),
 ) -> None:
-    names = [line.strip() for line in labels.read_text().splitlines() if line.strip()] if labels else None
     try:
+        names = [line.strip() for line in labels.read_text().splitlines() if line.strip()] if labels else None
         path = convert(source, src, out, head, names, tokens)
-    except (ConvertError, FileNotFoundError, ValueError) as e:
+    except (ConvertError, OSError, ValueError) as e:
         typer.echo(f"train.convert: error: {e}", err=True)
         raise typer.Exit(2) from e
     model = checkpoint.load_model(path)

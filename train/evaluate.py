@@ -215,6 +215,10 @@ def main(
     batch_size: int = typer.Option(256),
 ) -> None:
     """Score one head of a model on labelled clips: accuracy and macro-F1 or mAP, per class."""
+    for option, path in (("--json", json_out), ("--plot", plot)):
+        if path is not None and not path.parent.is_dir():  # before the evaluation, not after it
+            print(f"train.evaluate: error: {option}: {path.parent}: no such folder", file=sys.stderr)
+            raise typer.Exit(2)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         try:
