@@ -110,9 +110,11 @@ MODEL = typer.Option(None, "--model", "-m", help="A checkpoint (.safetensors), a
 BACKEND = typer.Option(BackendName.auto, help="Inference backend; auto: tensorrt for .plan, onnx for exports and the bundled model, torch for checkpoints.")
 WINDOW = typer.Option(None, callback=bounded("--window", 0, 60, lo_open=True), help="Seconds per window (default: the model's).")
 HOP = typer.Option(None, callback=bounded("--hop", 0, 60, lo_open=True), help="Seconds between windows (default: the model's).")
-TAG_ON = typer.Option(0.5, callback=bounded("--tag-on", 0, 1), help="A tag starts at this probability...")
-TAG_OFF = typer.Option(0.35, callback=bounded("--tag-off", 0, 1), help="...and ends below this one.")
-KEYWORD_ON = typer.Option(0.7, callback=bounded("--keyword-on", 0, 1), help="A keyword is spotted at this probability.")
+TAG_ON = typer.Option(None, callback=bounded("--tag-on", 0, 1),
+                      help="A tag starts at this probability (default: the model's calibrated per-class thresholds, else 0.5; a value here overrides them for every tag)...")
+TAG_OFF = typer.Option(0.35, callback=bounded("--tag-off", 0, 1), help="...and ends below this one (or below its start threshold, when that is lower).")
+KEYWORD_ON = typer.Option(None, callback=bounded("--keyword-on", 0, 1),
+                          help="A keyword is spotted at this probability (default: the model's calibrated per-keyword thresholds, else 0.7; a value here overrides them).")
 SMOOTHING = typer.Option(0.0, callback=bounded("--smoothing", 0, 3600), help="Average probabilities over this many seconds of hops.")
 MIN_DURATION = typer.Option(0.0, callback=bounded("--min-duration", 0, 3600), help="Drop tag events shorter than this (seconds).")
 REFRACTORY = typer.Option(1.0, callback=bounded("--refractory", 0, 3600), help="Seconds after a keyword spot before the next.")
@@ -193,11 +195,8 @@ def file_(
         else:
             output.print_table(rows, f"{path} ({result.seconds:.1f} s)")
         if plot:
-            from edgetag.features import fbank
-
-            features = fbank(audio.load(path, engine.spec.fbank.sample_rate), engine.spec.fbank)
             try:
-                output.plot(features, result, engine.spec, plots[path], Path(path).name)
+                output.plot(output.spectrogram(path, engine.spec.fbank), result, engine.spec, plots[path], Path(path).name)
             except OSError as e:
                 print(f"edgetag: error: {plots[path]}: cannot write the plot ({e.strerror or e})", file=sys.stderr)
                 errors.append(e)

@@ -84,9 +84,30 @@ def plot_paths(plot: Path, files: list[str]) -> dict[str, Path]:
     return targets
 
 
+def spectrogram(path, config, columns: int = 2400) -> np.ndarray:
+    """A file's log-mel for a plot: streamed block by block and averaged down to at most
+    `columns` frames, so memory stays bounded however long the file (a plot cannot show more)."""
+    from edgetag import audio
+    from edgetag.features import StreamingFbank
+
+    info = audio.info(path)
+    frames = config.num_frames(round(info.frames / info.sample_rate * config.sample_rate))
+    group = max(1, -(-frames // columns))  # frames per column
+    stream, pooled, rest = StreamingFbank(config), [], np.zeros((0, config.n_features), np.float32)
+    for block in audio.stream(path, config.sample_rate):
+        rest = np.concatenate([rest, stream.push(block)])
+        whole = len(rest) // group * group
+        pooled.append(rest[:whole].reshape(-1, group, rest.shape[1]).mean(axis=1))  # [columns, group, F] -> [columns, F]
+        rest = rest[whole:]
+    if len(rest):
+        pooled.append(rest.mean(axis=0, keepdims=True))
+    return np.concatenate(pooled) if pooled else np.zeros((0, config.n_features), np.float32)
+
+
 def plot(features: np.ndarray, result: Result, spec: ModelSpec, path: Path, title: str, top: int = 8) -> None:
-    """Spectrogram, then for each head the probability timeline of its most active classes,
-    with the events shaded (tags) or marked (keywords)."""
+    """Spectrogram (`features`, frames spread over the stream's duration: see `spectrogram`),
+    then for each head the probability timeline of its most active classes, with the events
+    shaded (tags) or marked (keywords)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -22,18 +22,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgetag.features import FbankConfig, StreamingFbank, windows
-from edgetag.spec import EVENT_KINDS, TAGS, ModelSpec
+from edgetag.spec import EVENT_KINDS, KEYWORDS, TAGS, ModelSpec
+
+DEFAULT_ON = {TAGS: 0.5, KEYWORDS: 0.7}  # for classes without a calibrated threshold
 
 
 @dataclass
 class PostConfig:
     """Post-processing, in seconds and probabilities; converted to hops once (`PostProcessor`).
-    A model's calibrated per-class thresholds (`ModelSpec.thresholds`) take the place of
-    `tag_on`/`keyword_on` for their classes."""
+    `tag_on`/`keyword_on` left at None use the model's calibrated per-class thresholds
+    (`ModelSpec.thresholds`, else `DEFAULT_ON`); a value overrides them for every class of its
+    kind."""
 
-    tag_on: float = 0.5  # a tag starts when its smoothed probability reaches this
+    tag_on: float | None = None  # a tag starts when its smoothed probability reaches this
     tag_off: float = 0.35  # and ends when it falls below this (hysteresis)
-    keyword_on: float = 0.7
+    keyword_on: float | None = None
     smoothing: float = 0.0  # mean over the hops of this many seconds (causal); 0: none
     min_duration: float = 0.0  # shorter tag events are dropped
     refractory: float = 1.0  # after a keyword spot, no other spot for this long
@@ -79,9 +82,11 @@ class PostProcessor:
         self.smooth = max(1, round(post.smoothing / self.hop))
         self.min_hops = math.ceil(max(0.0, post.min_duration - self.window) / self.hop - 1e-9) + 1  # events last (hops - 1) * hop + window
         self.refractory = math.ceil(post.refractory / self.hop - 1e-9)
-        thresholds = spec.thresholds if thresholds is None else thresholds
-        self.on = {name: np.array([thresholds.get(name, {}).get(label, post.tag_on if h.kind == TAGS else post.keyword_on) for label in h.labels])
-                   for name, h in self.heads.items()}
+        user = {TAGS: post.tag_on, KEYWORDS: post.keyword_on}  # None: not set
+        if thresholds is None:  # a threshold the user set wins over the model's calibrated ones
+            thresholds = {name: t for name, t in spec.thresholds.items() if name in self.heads and user[self.heads[name].kind] is None}
+        default = {kind: DEFAULT_ON[kind] if value is None else value for kind, value in user.items()}
+        self.on = {name: np.array([thresholds.get(name, {}).get(label, default[h.kind]) for label in h.labels]) for name, h in self.heads.items()}
         self.off = {name: np.minimum(on, post.tag_off) for name, on in self.on.items()}
         unknown = set(post.classes) - {label for h in self.heads.values() for label in h.labels}
         if unknown:

@@ -370,8 +370,7 @@ def running_stage(recipe: Recipe, models: dict[str, str], peers: dict, folder: P
         engine = Engine(load_backend(path))
         head, spec = engine.spec.head_of(KEYWORDS), engine.spec
         probabilities = running.hop_probabilities(engine, scene)
-        own = spec.thresholds.get(head) or post.keyword_on
-        r = out["models"][name] = {"at_thresholds": running.score(spec, post, head, probabilities, scene, own),
+        r = out["models"][name] = {"at_thresholds": running.score(spec, post, head, probabilities, scene, running.spot_thresholds(engine, head)),
                                    "curve": running.curve(spec, post, head, probabilities, scene)}
         curves[name], marks[name] = r["curve"], r["at_thresholds"]
         if name == SHIPPED[0]:

@@ -241,3 +241,31 @@ def test_fbank_refuses_to_write_over_its_input(tmp_path):
     result = edgetag("fbank", clip, "-o", clip)
     assert result.returncode == 2 and result.stderr.strip() == f"edgetag: error: {clip}: is the input; write the features elsewhere"
     assert digest(clip) == before
+
+
+def test_plot_spectrogram_is_the_fbank_averaged_down_to_its_columns(tmp_path):
+    """The plot reads the file block by block and averages the log-mel into at most `columns`
+    columns: the offline fbank, averaged over the same groups of frames."""
+    import math
+
+    from edgetag import output
+
+    path = tmp_path / "clip.wav"
+    sf.write(path, white_noise(3.0, seed=4), 16000)
+    full = fbank(audio.load(path), preset("ast"))
+    got = output.spectrogram(path, preset("ast"), columns=50)
+    group = math.ceil(len(full) / 50)
+    np.testing.assert_allclose(got, [full[i : i + group].mean(0) for i in range(0, len(full), group)], atol=1e-5)
+    assert len(got) <= 50
+
+
+@pytest.mark.slow
+def test_plotting_an_hour_stays_under_500_mib(tmp_path):
+    """A 1-hour file (near-silence: a small FLAC that decodes to an hour) tagged and plotted."""
+    pytest.importorskip("matplotlib")
+    from edgetag.bench import peak_rss_mib
+
+    path = tmp_path / "hour.flac"
+    sf.write(path, (white_noise(3600.0, seed=1) * 1e-4).astype(np.float32), 16000, subtype="PCM_16")
+    rss = peak_rss_mib([sys.executable, "-m", "edgetag", "file", str(path), "--plot", str(tmp_path / "hour.png"), "--json"])
+    assert (tmp_path / "hour.png").stat().st_size > 0 and rss < 500

@@ -148,6 +148,16 @@ def test_minimum_duration_and_per_class_thresholds():
     assert [e.label for e in events + closing] == ["b"]
 
 
+def test_a_threshold_the_user_sets_overrides_the_calibrated_ones():
+    """Left unset, tag_on/keyword_on give way to the model's calibrated thresholds (0.5/0.7 for
+    classes without one); set, they apply to every class of their kind, and only of their kind."""
+    spec = make_spec(heads={"tags": ["a", "b"], "keywords": ["yes", "_unknown_"]}, thresholds={"tags": {"a": 0.9}, "keywords": {"yes": 0.95}})
+    on = lambda **kw: {name: list(v) for name, v in PostProcessor(spec, PostConfig(**kw)).on.items()}  # noqa: E731
+    assert on() == {"tags": [0.9, 0.5], "keywords": [0.95, 0.7]}
+    assert on(tag_on=0.3) == {"tags": [0.3, 0.3], "keywords": [0.95, 0.7]}
+    assert on(keyword_on=0.6) == {"tags": [0.9, 0.5], "keywords": [0.6, 0.6]}
+
+
 def test_smoothing_averages_hops():
     events, _ = feed(post(tag_on=0.5, smoothing=1.0), [[0.9, 0], [0.0, 0], [0.9, 0], [0.0, 0]])
     assert events == []  # each spike averages with its neighbour to 0.45

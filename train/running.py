@@ -103,6 +103,11 @@ def gated(probabilities: dict[str, np.ndarray], spec: ModelSpec, gate: float) ->
     return {name: p * speech[:, None] if spec.heads[name].kind == KEYWORDS else p for name, p in probabilities.items()}
 
 
+def spot_thresholds(engine: Engine, head: str) -> dict[str, float]:
+    """Per keyword, the threshold the engine spots it at: its calibrated one, else the default."""
+    return {label: float(t) for label, t in zip(engine.spec.heads[head].labels, engine.post.on[head]) if label not in NOT_SPOTTED}
+
+
 def score(spec: ModelSpec, post: PostConfig, head: str, probabilities: dict[str, np.ndarray], scene: Scene, threshold: float | dict[str, float]) -> dict:
     """Spots of one keyword head at `threshold` (one for all keywords, or per keyword): keywords
     found, wrong spots, false alarms (and per hour)."""
@@ -185,7 +190,7 @@ def main(
     engine, post = Engine(backend), PostConfig()
     head = engine.spec.head_of(KEYWORDS)
     probabilities = hop_probabilities(engine, scene)
-    at = score(engine.spec, post, head, probabilities, scene, engine.spec.thresholds.get(head) or post.keyword_on)
+    at = score(engine.spec, post, head, probabilities, scene, spot_thresholds(engine, head))
     print(f"{scene.seconds / 60:.1f} min, {len(scene.keywords)} keywords, {len(scene.words) - len(scene.keywords)} other words")
     print("at the model's thresholds:", json.dumps(at))
     curves = {"model": curve(engine.spec, post, head, probabilities, scene)}
