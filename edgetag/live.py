@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from edgetag.audio import MicrophoneError
 from edgetag.spec import EVENT_KINDS, KEYWORDS, TAGS
 from edgetag.stream import Engine, Event, Hop
 
@@ -93,14 +94,14 @@ def _emit(session: Session, events: list[Event], on_event) -> None:
 
 
 def microphone_blocks(mic, stop_after_silence: float = 5.0) -> Iterator[np.ndarray | None]:
-    """The microphone's blocks; None while none arrive, ending after `stop_after_silence` s of
-    nothing at all (a device that went away)."""
+    """The microphone's blocks; None while none arrive. `stop_after_silence` s of nothing at all
+    (not even silence: a device that went away, a sound server that died) is a MicrophoneError."""
     waited = 0.0
     while True:
         block = mic.read(timeout=0.5)
         waited = 0.0 if block is not None else waited + 0.5
         if waited >= stop_after_silence:
-            return
+            raise MicrophoneError(f"{mic.device.name}: no audio for {stop_after_silence:g} s; the device went away")
         yield block
 
 

@@ -147,3 +147,31 @@ with Microphone(None, block_seconds=0.1, queue_seconds=0.3) as mic:  # a queue o
     assert seen["queued"] == 3
     assert seen["dropped"] >= 10  # 2 s at 10 blocks/s, less the 3 kept and a slow start
     assert seen["after"] == seen["overflows"] + 1
+
+
+def test_a_microphone_that_goes_away_ends_listen_with_one_line_and_exit_2(tmp_path):
+    """The sound server killed mid-session: after 5 s without any audio, listen prints its summary
+    and one error line naming the device, and exits 2 (PortAudio adds its own C-level lines)."""
+    script = f"""
+    export VMIC_DIR={tmp_path / 'vmic'}
+    . {VMIC / 'up.sh'}
+    {sys.executable} -m edgetag listen --json > {tmp_path / 'out.jsonl'} 2> {tmp_path / 'err.txt'} &
+    P=$!
+    i=0
+    until [ "$(pactl list short source-outputs | wc -l)" -ge 2 ]; do
+        i=$((i+1)); if [ $i -gt 600 ]; then echo "listen never opened the microphone" >&2; kill $P; break; fi; sleep 0.05
+    done
+    sleep 1
+    kill $(cat $VMIC_DIR/pulse.pid) $(cat $VMIC_DIR/keepalive.pid)
+    wait $P
+    rc=$?
+    . {VMIC / 'down.sh'}
+    exit $rc
+    """
+    run = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=90,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("PULSE")})
+    err = (tmp_path / "err.txt").read_text()
+    ours = [line for line in err.splitlines() if line.startswith("edgetag")]
+    assert run.returncode == 2 and "Traceback" not in err, err
+    assert len(ours) == 1 and ours[0].endswith("no audio for 5 s; the device went away"), err
+    assert json.loads((tmp_path / "out.jsonl").read_text().splitlines()[-1])["kind"] == "summary"
