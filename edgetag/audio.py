@@ -17,6 +17,9 @@ import numpy as np
 SAMPLE_RATE = 16000
 BLOCK_SECONDS = 10.0
 MIN_RATE, MAX_RATE = 1000, 768000  # Hz: telephone-band recordings to DXD
+# Float files may go a little over full scale (a mix's intersample peaks); far beyond it, the
+# samples were never scaled to [-1, 1] (raw integers written as floats), and any answer is noise.
+MAX_PEAK = 4.0
 
 
 class AudioError(Exception):
@@ -104,6 +107,9 @@ def stream(path, rate: int = SAMPLE_RATE, block_seconds: float = BLOCK_SECONDS) 
             if not np.isfinite(block).all():  # a float file holding NaN or infinity would poison every window after it
                 at = seen + int(np.argmin(np.isfinite(block).all(axis=1)))
                 raise AudioError(path, f"non-finite samples (NaN or infinity) at {at / f.samplerate:.2f} s")
+            if len(block) and (peak := float(np.abs(block).max())) > MAX_PEAK:
+                at = seen + int(np.argmax(np.abs(block).max(axis=1)))
+                raise AudioError(path, f"samples reach {peak:.3g} times full scale at {at / f.samplerate:.2f} s (float audio must lie in [-1, 1])")
             last = len(block) < blocksize
             seen += len(block)
             mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]

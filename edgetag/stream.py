@@ -333,13 +333,16 @@ class Result:
 
 
 def process_file(engine: Engine, path, block_seconds: float = 10.0) -> Result:
-    """Stream a file through the engine block by block (memory stays bounded for long files)."""
+    """Stream a file through the engine block by block (memory stays bounded for long files).
+    A file shorter than one fbank frame is an AudioError: there is nothing to tag."""
     from edgetag import audio
 
     engine.reset()
     hops = []
     for block in audio.stream(path, engine.spec.fbank.sample_rate, block_seconds):
         hops.extend(engine.push(block))
+    if engine.fbank.num_frames == 0:
+        raise audio.AudioError(path, f"{engine.seconds * 1000:.1f} ms of audio, shorter than one {engine.spec.fbank.frame_length_ms:g} ms frame: nothing to tag")
     tail, closing = engine.flush()
     hops.extend(tail)
     return Result(hops, [e for hop in hops for e in hop.events] + closing, engine.seconds)

@@ -61,6 +61,13 @@ def flip_a_byte(tmp):
     (tmp / "export" / "model.int8.onnx").write_bytes(bytes(data))
 
 
+def short_clip(tmp):
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(tmp / "short.wav", np.zeros(100, np.float32), 16000)
+
+
 def random_bytes(tmp):
     (tmp / "model.safetensors").write_bytes(bytes(range(256)) * 64)
 
@@ -88,6 +95,8 @@ CASES = {
     "checkpoint missing a tensor": (FILE_CKPT, checkpoint(weights=lambda w: {k: v for k, v in w.items() if k != "heads.tags.fc.bias"}), 2,
                                     'weights do not fit the config (Missing key(s) in state_dict: "heads.tags.fc.bias"'),
     "checkpoint of random bytes": (FILE_CKPT, random_bytes, 2, "model.safetensors: not a safetensors file"),
+    "a clip shorter than one frame": ([sys.executable, "-m", "edgetag", "file", "{tmp}/short.wav"], short_clip, 2,
+                                      "{tmp}/short.wav: 6.2 ms of audio, shorter than one 25 ms frame: nothing to tag"),
     "evaluate report into a missing folder": ([sys.executable, "-m", "train.evaluate", "--data", "{clip}", "--head", "tags", "--json", "{tmp}/no/r.json"],
                                               None, 2, "train.evaluate: error: --json: {tmp}/no: no such folder"),
     "convert a file as a folder": ([sys.executable, "-m", "train.convert", "--from", "hf-ast", "{clip}", "--out", "{tmp}/x.safetensors"], None, 2,
