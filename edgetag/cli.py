@@ -375,5 +375,20 @@ def bench_stream(
         fail(str(e))
 
 
+def run_guarded(command, prog: str) -> None:
+    """Run a command line. Output that cannot be written ends it as one line and exit 2 (a full
+    disk), or quietly (a reader that went away, `| head`), never as a traceback."""
+    import os
+
+    try:
+        command()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's own flush fails again
+        sys.exit(1)
+    except OSError as e:
+        print(f"{prog}: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def main() -> None:
-    app(prog_name="edgetag")
+    run_guarded(lambda: app(prog_name="edgetag"), "edgetag")

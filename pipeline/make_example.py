@@ -31,4 +31,6 @@ def main(data: Path = typer.Option(Path("../shared/data"), help="The shared data
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    from edgetag.cli import run_guarded
+
+    run_guarded(lambda: typer.run(main), __spec__.name)

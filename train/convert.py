@@ -268,4 +268,6 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    from edgetag.cli import run_guarded
+
+    run_guarded(lambda: typer.run(main), __spec__.name)

@@ -310,4 +310,6 @@ def distill(c: DistillConfig, device: str | None = None) -> dict[str, dict]:
 main = command(DistillConfig, distill)
 
 if __name__ == "__main__":
-    typer.run(main)
+    from edgetag.cli import run_guarded
+
+    run_guarded(lambda: typer.run(main), __spec__.name)

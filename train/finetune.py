@@ -415,4 +415,6 @@ def finetune(c: FinetuneConfig, device: str | None = None) -> dict[str, dict]:
 main = command(FinetuneConfig, finetune)
 
 if __name__ == "__main__":
-    typer.run(main)
+    from edgetag.cli import run_guarded
+
+    run_guarded(lambda: typer.run(main), __spec__.name)

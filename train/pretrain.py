@@ -235,4 +235,6 @@ def run(c: PretrainConfig, resume: bool = False) -> None:
 main = command(PretrainConfig, run, resume=(bool, typer.Option(False, "--resume", help="Continue from OUT/last.pt.")))
 
 if __name__ == "__main__":
-    typer.run(main)
+    from edgetag.cli import run_guarded
+
+    run_guarded(lambda: typer.run(main), __spec__.name)
