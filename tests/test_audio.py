@@ -115,6 +115,7 @@ BAD_FILES = {
                       "non-finite samples (NaN or infinity) at 0.75 s"),
     "inf-float-wav": (lambda p: sf.write(p, np.full(800, np.inf, np.float32), 16000, subtype="FLOAT"), "non-finite samples (NaN or infinity) at 0.00 s"),
     "rate-1-hz": (lambda p: sf.write(p, white_noise(1.0), 1, format="WAV"), "sample rate 1 Hz is outside"),
+    "rate-2^30-hz": (lambda p: sf.write(p, white_noise(0.1), 2**30, format="WAV"), "sample rate 1073741824 Hz is outside"),
     "float-far-over-full-scale": (lambda p: sf.write(p, white_noise(1.0) * 488, 16000, subtype="FLOAT"), "times full scale at"),
 }
 
