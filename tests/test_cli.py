@@ -94,6 +94,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, setup, reason):
     assert not (tmp_path / "out.npy").exists()
 
 
+def test_fbank_writes_exactly_the_path_given(tmp_path):
+    """No .npy appended behind the user's back (np.save's habit), no temporary left beside it."""
+    assert edgetag("fbank", EXAMPLE, "-o", tmp_path / "feats").returncode == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["feats"] and np.load(tmp_path / "feats").shape == (698, 128)
+
+
 def test_unwritable_output_is_a_user_error(tmp_path):
     result = edgetag("fbank", EXAMPLE, "-o", tmp_path / "no" / "such" / "dir" / "f.npy")
     assert result.returncode == 2 and "cannot write" in result.stderr and "Traceback" not in result.stderr

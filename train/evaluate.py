@@ -235,8 +235,10 @@ def main(
     plot = plot or (json_out.with_suffix(".confusion.png") if json_out else None)
     if plot and "confusion" in result:
         plot_confusion(result["confusion"], result["labels"], plot, f"{runtime.model_id}: {head}")
-    if json_out:
-        json_out.write_text(json.dumps(result, indent=1))
+    if json_out:  # whole or not at all: a reader never sees half a report
+        tmp = json_out.with_name(json_out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(json_out)
 
 
 if __name__ == "__main__":
