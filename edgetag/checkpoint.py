@@ -6,7 +6,6 @@ weights become a torch model (`load_model`, `save`), so those import it when cal
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,11 +33,12 @@ def save(path, model: AudioTransformer) -> Path:
     """Write the weights and `model.spec` atomically (a crash never leaves half a checkpoint)."""
     from safetensors.torch import save_file
 
+    from edgetag.output import atomic
+
     path = Path(path)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, tmp, metadata={METADATA_KEY: json.dumps(model.spec.to_dict())})
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        save_file(state, tmp, metadata={METADATA_KEY: json.dumps(model.spec.to_dict())})
     return path
 
 

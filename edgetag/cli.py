@@ -72,15 +72,12 @@ def fbank(
     feats = features.fbank(waveform, config)
     if normalize:
         feats = features.normalize(feats, config)
-    import os
+    from edgetag.output import atomic
 
-    tmp = out.with_name(out.name + ".tmp")
     try:  # exactly at `out` (np.save(path) would append .npy), and whole or not at all
-        with open(tmp, "wb") as f:
+        with atomic(out) as tmp, open(tmp, "wb") as f:
             np.save(f, feats.astype(np.float32))
-        os.replace(tmp, out)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         fail(f"{out}: cannot write ({e.strerror})")
     print(f"{out}: {feats.shape[0]} frames x {feats.shape[1]} {'ceps' if mfcc else 'bins'}", file=sys.stderr)
 

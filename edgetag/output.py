@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +54,19 @@ def print_table(rows: list[dict], title: str, console=None) -> None:
     if not rows:
         table.add_row("-", "nothing above threshold", "", "", "")
     console.print(table)
+
+
+@contextmanager
+def atomic(path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to: it becomes `path` when the block ends without
+    error and is removed otherwise, so no reader ever sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def plot_paths(plot: Path, files: list[str]) -> dict[str, Path]:

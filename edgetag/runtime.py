@@ -202,12 +202,13 @@ def read_manifest(folder: Path) -> dict:
 def record_thresholds(folder: Path, name: str, thresholds: dict, calibration: dict) -> None:
     """Give one file of an export its own calibrated thresholds (and what they were measured
     on) in manifest.json: the ONNX backend runs that file with them instead of the spec's."""
+    from edgetag.output import atomic
+
     path = Path(folder) / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["files"][name] |= {"thresholds": thresholds, "calibration": calibration}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
 
 
 def verified_bytes(path: Path, manifest: dict) -> bytes:

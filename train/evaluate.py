@@ -25,6 +25,7 @@ import torch
 import typer
 
 from edgetag.checkpoint import DEFAULT_MODEL, CheckpointError
+from edgetag.output import atomic
 from edgetag.runtime import BACKENDS, BackendError, clip_probabilities, load_backend
 from edgetag.spec import EVENT_KINDS, HEAD_KINDS, KEYWORDS, NOT_SPOTTED
 from train import metrics
@@ -235,10 +236,9 @@ def main(
     plot = plot or (json_out.with_suffix(".confusion.png") if json_out else None)
     if plot and "confusion" in result:
         plot_confusion(result["confusion"], result["labels"], plot, f"{runtime.model_id}: {head}")
-    if json_out:  # whole or not at all: a reader never sees half a report
-        tmp = json_out.with_name(json_out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(json_out)
+    if json_out:
+        with atomic(json_out) as tmp:
+            tmp.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
