@@ -279,16 +279,14 @@ def gate_benchmark(minutes: float = 10.0, data: Path | None = None, margin_db: f
     lie on a placed clip: half their span or more (the others the model heard in the room tone,
     pink noise it takes for "Fire" at 0.36-0.39)."""
     from edgetag import open_stream
-    from edgetag.stream import GateConfig
+    from edgetag.stream import GateConfig, process_blocks
 
     x, placed = quiet_recording(minutes, data)
     results = {}
     for name, gate in (("ungated", None), ("gated", GateConfig(margin_db=margin_db))):
         engine = open_stream(backend=backend, gate=gate)
-        hops = [h for i in range(0, len(x), 16000) for h in engine.push(x[i : i + 16000])]
-        tail, closing = engine.flush()
-        hops += tail
-        results[name] = ([e for h in hops for e in h.events] + closing, sum(h.skipped for h in hops), len(hops), engine.timings.encoder)
+        r = process_blocks(engine, (x[i : i + 16000] for i in range(0, len(x), 16000)))
+        results[name] = (r.events, sum(h.skipped for h in r.hops), len(r.hops), engine.timings.encoder)
     (plain, _, hops, plain_s), (gated, skipped, _, gated_s) = results["ungated"], results["gated"]
     lost = [e for e in plain if not any(g.kind == e.kind and g.label == e.label and g.start < e.end and g.end > e.start for g in gated)]
     on_clips = lambda events: [e for e in events if sum(max(0.0, min(b, e.end) - max(a, e.start)) for a, b, _ in placed) >= (e.end - e.start) / 2]  # noqa: E731

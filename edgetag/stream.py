@@ -332,17 +332,21 @@ class Result:
     seconds: float
 
 
+def process_blocks(engine: Engine, blocks) -> Result:
+    """A whole stream through the engine from a fresh start: every block pushed, then flushed."""
+    engine.reset()
+    hops = [hop for block in blocks for hop in engine.push(block)]
+    tail, closing = engine.flush()
+    hops.extend(tail)
+    return Result(hops, [e for hop in hops for e in hop.events] + closing, engine.seconds)
+
+
 def process_file(engine: Engine, path, block_seconds: float = 10.0) -> Result:
     """Stream a file through the engine block by block (memory stays bounded for long files).
     A file shorter than one fbank frame is an AudioError: there is nothing to tag."""
     from edgetag import audio
 
-    engine.reset()
-    hops = []
-    for block in audio.stream(path, engine.spec.fbank.sample_rate, block_seconds):
-        hops.extend(engine.push(block))
+    result = process_blocks(engine, audio.stream(path, engine.spec.fbank.sample_rate, block_seconds))
     if engine.fbank.num_frames == 0:
         raise audio.AudioError(path, f"{engine.seconds * 1000:.1f} ms of audio, shorter than one {engine.spec.fbank.frame_length_ms:g} ms frame: nothing to tag")
-    tail, closing = engine.flush()
-    hops.extend(tail)
-    return Result(hops, [e for hop in hops for e in hop.events] + closing, engine.seconds)
+    return result

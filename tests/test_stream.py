@@ -17,7 +17,7 @@ from edgetag.checkpoint import save
 from edgetag.features import fbank, preset, windows
 from edgetag.runtime import load_backend
 from edgetag.spec import StreamConfig
-from edgetag.stream import Engine, PostConfig, PostProcessor, process_file
+from edgetag.stream import Engine, PostConfig, PostProcessor, process_blocks, process_file
 
 HEADS = {"tags": ["a", "b", "c"], "keywords": ["yes", "no", "_unknown_", "_silence_"]}
 
@@ -66,17 +66,14 @@ def test_windows_match_the_offline_windows_exactly(random_model, real_clip):
         np.testing.assert_allclose(np.stack([h.probabilities[name] for h in hops]), expected[name], atol=1e-5)
 
 
-def run_blocks(engine: Engine, x: np.ndarray, sizes) -> tuple[list, list]:
-    """Push `x` in blocks of the given sizes, then flush: every hop, and the closing events."""
-    engine.reset()
-    hops, i = [], 0
+def chunks(x: np.ndarray, sizes):
+    """`x` cut into consecutive blocks of the given sizes, until it is used up."""
+    i = 0
     for n in sizes:
-        hops += engine.push(x[i : i + n])
-        i += n
         if i >= len(x):
-            break
-    tail, closing = engine.flush()
-    return hops + tail, closing
+            return
+        yield x[i : i + n]
+        i += n
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -88,8 +85,7 @@ def test_results_do_not_depend_on_the_block_size(random_model, seed):
     reference = process_file(engine, REPO / "edgetag" / "assets" / "example.flac")
     rng = np.random.default_rng(seed)
     for sizes in ([1600] * 1000, [int(s) for s in rng.integers(1, 5000, 1000)], [len(x)]):
-        hops, closing = run_blocks(engine, x, sizes)
-        got, want = [e for h in hops for e in h.events] + closing, reference.events
+        got, want = process_blocks(engine, chunks(x, sizes)).events, reference.events
         assert [(e.kind, e.label, e.start, e.end) for e in got] == [(e.kind, e.label, e.start, e.end) for e in want]
         np.testing.assert_allclose([e.score for e in got], [e.score for e in want], atol=1e-5)
 
@@ -377,8 +373,8 @@ def test_the_gate_skips_room_tone_and_runs_every_window_with_the_sound(random_mo
 
     x = quiet_then_loud()
     gate = GateConfig(margin_db=10.0, floor_seconds=5.0, warmup_seconds=2.0)
-    hops, _ = run_blocks(Engine(load_backend(random_model), gate=gate), x, [1600] * 10**4)
-    plain, _ = run_blocks(Engine(load_backend(random_model)), x, [1600] * 10**4)
+    hops = process_blocks(Engine(load_backend(random_model), gate=gate), chunks(x, [1600] * 10**4)).hops
+    plain = process_blocks(Engine(load_backend(random_model)), chunks(x, [1600] * 10**4)).hops
     assert len(hops) == len(plain) and not any(h.skipped for h in plain)
     for h, p in zip(hops, plain):
         loud = h.start < 9.0 and h.end > 8.0  # the window holds some of the tone
@@ -396,12 +392,12 @@ def test_the_gate_decides_the_same_for_any_block_size(random_model, seed):
 
     x = quiet_then_loud()
     engine = Engine(load_backend(random_model), PostConfig(tag_on=0.4, keyword_on=0.3), gate=GateConfig(floor_seconds=4.0, warmup_seconds=1.0))
-    reference, closing = run_blocks(engine, x, [len(x)])
+    reference = process_blocks(engine, [x])
     rng = np.random.default_rng(seed)
     for sizes in ([1600] * 10**4, [int(s) for s in rng.integers(1, 5000, 10**4)]):
-        hops, got = run_blocks(engine, x, sizes)
-        assert [h.skipped for h in hops] == [h.skipped for h in reference] and 0 < sum(h.skipped for h in hops) < len(hops)
-        assert [(e.kind, e.label, e.start, e.end) for e in got] == [(e.kind, e.label, e.start, e.end) for e in closing]
+        got = process_blocks(engine, chunks(x, sizes))
+        assert [h.skipped for h in got.hops] == [h.skipped for h in reference.hops] and 0 < sum(h.skipped for h in got.hops) < len(got.hops)
+        assert [(e.kind, e.label, e.start, e.end) for e in got.events] == [(e.kind, e.label, e.start, e.end) for e in reference.events]
 
 
 def test_the_gate_refuses_mfcc_features_and_nonsense_settings(random_model):

@@ -27,7 +27,7 @@ import numpy as np
 import typer
 
 from edgetag.spec import KEYWORDS, NOT_SPOTTED, TAGS, ModelSpec
-from edgetag.stream import Engine, PostConfig
+from edgetag.stream import Engine, PostConfig, process_blocks
 from train.calibrate import GRID, replay
 from train.data import Example, Source, load_clips
 from train.views import mix, power
@@ -86,10 +86,8 @@ def compose(keywords: list[Example], others: list[Example], backgrounds: list[Ex
 
 def hop_probabilities(engine: Engine, scene: Scene, block_seconds: float = 10.0) -> dict[str, np.ndarray]:
     """head -> [hops, classes] of the scene through the streaming engine."""
-    engine.reset()
     block = round(block_seconds * scene.rate)
-    hops = [h for i in range(0, len(scene.audio), block) for h in engine.push(scene.audio[i : i + block])]
-    hops += engine.flush()[0]
+    hops = process_blocks(engine, (scene.audio[i : i + block] for i in range(0, len(scene.audio), block))).hops
     engine.reset()
     return {name: np.stack([h.probabilities[name] for h in hops]) for name in engine.spec.heads}
 
