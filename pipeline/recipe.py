@@ -316,13 +316,10 @@ def export_stage(recipe: Recipe, ckpt: Path, out: Path) -> dict:
     """The export, and each of its CPU files' own thresholds, measured through ONNX Runtime on
     that file as the checkpoint's were through torch."""
     from deploy.export import export
-    from edgetag.runtime import OnnxBackend, record_thresholds
-    from train.calibrate import CPU_FILES
+    from train.calibrate import calibrate_files
 
     report = export(ckpt, out, recipe.export_calibration)
-    for name in CPU_FILES:
-        thresholds, calibration, _ = thresholds_through(recipe, OnnxBackend(out / name))
-        record_thresholds(out, name, thresholds, calibration)
+    for name, (thresholds, _) in calibrate_files(out, lambda backend: thresholds_through(recipe, backend)[:2]).items():
         report[name] = {"thresholds": thresholds}
     return report
 

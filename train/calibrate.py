@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -146,17 +147,22 @@ def calibrate(ckpt, out: Path, keywords: list[str], negatives: list[str], tags: 
 CPU_FILES = ("model.onnx", "model.int8.onnx")  # what ONNX Runtime runs; model.int8.qdq.onnx is TensorRT's input
 
 
-def calibrate_export(folder: Path, keywords: list[str], negatives: list[str], tags: list[str], target_per_hour: float = 1.0,
-                     post: PostConfig | None = None) -> dict:
-    """Thresholds for each ONNX file of an export, each through ONNX Runtime on that file, into
-    its manifest.json entry; per file, the per-head report."""
-    reports = {}
+def calibrate_files(folder: Path, measure: Callable[[Backend], tuple[dict, dict]]) -> dict[str, tuple[dict, dict]]:
+    """Each CPU file of an export calibrated by `measure(backend) -> (thresholds, calibration)`
+    through ONNX Runtime on that file, into its manifest.json entry; file -> what was recorded."""
+    recorded = {}
     for name in CPU_FILES:
         if (Path(folder) / name).is_file():
-            thresholds, calibration = thresholds_of(OnnxBackend(Path(folder) / name), keywords, negatives, tags, target_per_hour, post)
-            record_thresholds(folder, name, thresholds, calibration)
-            reports[name] = {head: r for head, r in calibration.items() if head in thresholds}
-    return reports
+            recorded[name] = measure(OnnxBackend(Path(folder) / name))
+            record_thresholds(folder, name, *recorded[name])
+    return recorded
+
+
+def calibrate_export(folder: Path, keywords: list[str], negatives: list[str], tags: list[str], target_per_hour: float = 1.0,
+                     post: PostConfig | None = None) -> dict:
+    """`thresholds_of` for each ONNX file of an export; per file, the per-head report."""
+    recorded = calibrate_files(folder, lambda backend: thresholds_of(backend, keywords, negatives, tags, target_per_hour, post))
+    return {name: {head: r for head, r in calibration.items() if head in thresholds} for name, (thresholds, calibration) in recorded.items()}
 
 
 def main(
