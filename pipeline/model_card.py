@@ -7,6 +7,7 @@ chosen by what was measured (a missed target says so, and by how much).
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 from edgetag.spec import KEYWORDS
@@ -114,6 +115,10 @@ def latency_table(report: dict) -> list[str]:
                     f"| {r['total_median_s'] * 1e3:.2f} / {r['total_p95_s'] * 1e3:.2f} ms | {100 * r['hop_share']:.2f}% "
                     f"| {r['file_1_x_realtime']:.0f}x / {r['file_2_x_realtime']:.0f}x | {r['listen_peak_rss_mib']:.0f} MiB |")
     return rows
+
+
+def latency_section(report: dict) -> list[str]:
+    return ["## Latency", "", f"`edgetag bench stream` on {cpu_name()}: one hop of audio pushed at a time, 1 thread.", "", *latency_table(report), ""]
 
 
 def stage_table(stages: dict[str, dict]) -> list[str]:
@@ -292,12 +297,7 @@ def render(recipe, report: dict, stages: dict[str, dict], bundle_bytes: int | No
         "",
         *spotting_table(report),
         "",
-        "## Latency",
-        "",
-        f"`edgetag bench stream` on {cpu_name()}: one hop of audio pushed at a time, 1 thread.",
-        "",
-        *latency_table(report),
-        "",
+        *latency_section(report),
     ]
     targets = targets_table(recipe, report, bundle_bytes)
     if targets:
@@ -335,25 +335,25 @@ def replace_section(text: str, title: str, lines: list[str]) -> str:
     return text[:start] + "\n".join(lines) + (text[end:] if end >= 0 else "\n")
 
 
-def replace_row(text: str, name: str, header_start: str, cell: dict[str, str]) -> str:
+def cells(row: str) -> list[str]:
+    """The cells of a markdown table row."""
+    return [c.strip() for c in row.strip().strip("|").split("|")]
+
+
+def replace_row(text: str, name: str, header_start: str, cell: Callable[[str], str | None]) -> str:
     """`text` with the cells of row `name` in the table whose header begins `header_start`
-    replaced where `cell` (header -> new cell) names the column."""
+    replaced by `cell(column header)`, where that is not None."""
     lines = text.split("\n")
     top = next(i for i, line in enumerate(lines) if line.startswith(header_start))
-    headers = [c.strip() for c in lines[top].strip("|").split("|")]
     row = next(i for i in range(top + 2, len(lines)) if lines[i].startswith(f"| {name} |"))
-    cells = [c.strip() for c in lines[row].strip("|").split("|")]
-    lines[row] = "| " + " | ".join(cell.get(h, c) for h, c in zip(headers, cells)) + " |"
+    new = [cell(h) for h in cells(lines[top])]
+    lines[row] = "| " + " | ".join(c if n is None else n for n, c in zip(new, cells(lines[row]))) + " |"
     return "\n".join(lines)
 
 
-def validation_cells(results: dict[str, dict], headers: list[str]) -> dict[str, str]:
-    """Cells for the validation table's "<task>: accuracy ..." and "<task>: mAP" columns."""
-    out = {}
-    for header in headers:
-        task, _, figure = header.partition(": ")
-        if CARD_TASKS.get(task) in results:
-            r = results[CARD_TASKS[task]]
-            out[header] = f"{r['mAP']:.3f}" if figure.startswith("mAP") else pct(r["accuracy"])
-    return out
+def validation_cell(results: dict[str, dict], header: str) -> str | None:
+    """A validation table cell, "<task>: accuracy ..." or "<task>: mAP", from evaluate results."""
+    task, _, figure = header.partition(": ")
+    r = results.get(CARD_TASKS.get(task))
+    return None if r is None else f"{r['mAP']:.3f}" if figure.startswith("mAP") else pct(r["accuracy"])
 

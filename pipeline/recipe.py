@@ -390,6 +390,11 @@ def running_stage(recipe: Recipe, models: dict[str, str], peers: dict, folder: P
     return out
 
 
+def tasks_of(evaluation: dict) -> dict[str, dict]:
+    """The validation tasks of a recipe's evaluation settings (name -> data, head, classes_from)."""
+    return {name: spec for name, spec in evaluation.items() if isinstance(spec, dict) and "data" in spec}
+
+
 def task_results(backend, tasks: dict[str, dict]) -> dict[str, dict]:
     """Each validation task (name -> data, head, classes_from) scored with one backend."""
     from train.data import Source
@@ -420,21 +425,18 @@ def refresh_card(recipe: Recipe, name: str, card: Path = ASSETS / "MODEL_CARD.md
     evaluate stage (every model and peer)."""
     from edgetag import bench
     from edgetag.runtime import load_backend
-    from pipeline.model_card import cpu_name, latency_table, replace_row, replace_section, spotting_table, validation_cells
+    from pipeline.model_card import cells, latency_section, replace_row, replace_section, spotting_table, validation_cell
 
     export = checkpoint.DEFAULT_EXPORT / "model.int8.onnx"
     backend = load_backend(export)
-    tasks = {name: spec for name, spec in recipe.evaluation.items() if isinstance(spec, dict) and "data" in spec}
-    text = card.read_text()
-    header = next(line for line in text.split("\n") if line.startswith("| model | parameters |"))
-    text = replace_row(text, SHIPPED[1], "| model | parameters |", validation_cells(task_results(backend, tasks), [c.strip() for c in header.strip("|").split("|")]))
-    spotted = spotting_table({"models": {SHIPPED[1]: {"spotting": held_out_spotting(backend, recipe.evaluation)}}})
-    text = replace_row(text, SHIPPED[1], spotted[0], dict(zip(*([c.strip() for c in row.strip("|").split("|")] for row in (spotted[0], spotted[2])))))
+    results = task_results(backend, tasks_of(recipe.evaluation))
+    text = replace_row(card.read_text(), SHIPPED[1], "| model | parameters |", lambda header: validation_cell(results, header))
+    header, _, row = spotting_table({"models": {SHIPPED[1]: {"spotting": held_out_spotting(backend, recipe.evaluation)}}})
+    text = replace_row(text, SHIPPED[1], header, dict(zip(cells(header), cells(row))).get)
     latency = {"latency": {SHIPPED[0]: bench.stream_benchmark(checkpoint.DEFAULT_MODEL, backend="torch"), SHIPPED[1]: bench.stream_benchmark(export, backend="onnx")}}
-    when = time.strftime("%Y-%m-%d")
     card.write_text(replace_section(text, "Latency", [
-        "## Latency", "", f"`edgetag bench stream` on {cpu_name()}: one hop of audio pushed at a time, 1 thread.", "", *latency_table(latency), "",
-        f"This section and the `{SHIPPED[1]}` rows above were measured again on {when} by `python -m pipeline.recipe {name} "
+        *latency_section(latency),
+        f"This section and the `{SHIPPED[1]}` rows above were measured again on {time.strftime('%Y-%m-%d')} by `python -m pipeline.recipe {name} "
         "--refresh-card`, after runtime changes that left the weights as they were (int8 run one window per call, thresholds calibrated through "
         "the int8 file itself).", ""]))
 
@@ -451,7 +453,7 @@ def evaluate_stage(recipe: Recipe, models: dict[str, str], folder: Path) -> dict
     from train.evaluate import FIGURES, evaluate_teacher, plot_confusion
 
     e = recipe.evaluation
-    tasks = {name: spec for name, spec in e.items() if isinstance(spec, dict) and "data" in spec}
+    tasks = tasks_of(e)
     report: dict = {"models": {}, "tasks": tasks}
     peers = peers_of(recipe)
     with warnings.catch_warnings():

@@ -12,6 +12,7 @@ import torch
 from conftest import REPO, data_path
 
 from edgetag.checkpoint import DEFAULT_EXPORT, DEFAULT_MODEL
+from pipeline.model_card import cells
 from train.labels import COMMAND_WORDS, KEYWORD_LABELS
 
 EXAMPLE = REPO / "edgetag" / "assets" / "example.flac"
@@ -34,9 +35,9 @@ def quick_start() -> list[dict]:
 def card_row(name: str) -> list[str]:
     """The cells of a model's row in the card's validation table."""
     for line in CARD.read_text().splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[0] == name and len(cells) == 7:
-            return cells
+        row = cells(line)
+        if row[0] == name and len(row) == 7:
+            return row
     raise AssertionError(f"no row {name!r} in {CARD}")
 
 
