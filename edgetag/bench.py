@@ -216,16 +216,16 @@ def listen_memory(hours: float = 1.0, samples: int = 13, backend: str = "auto") 
 
     engine = open_stream(backend=backend)
     rate = engine.spec.fbank.sample_rate
-    clip, block = example_audio(60.0, rate), rate // 10
+    clip, block = example_audio(60.0, rate), rate // 10  # 60 s hold whole 0.1 s blocks
     total, marks, rss = int(hours * 3600 * rate), set(np.linspace(0, hours * 3600 * 10, samples).astype(int)[1:]), []
 
     def blocks():
         for i in range(total // block):
             if i in marks or i == 0:
-                rss.append((i * block / rate / 3600, _rss_mib()))
+                rss.append((i * block / rate / 3600, proc_status("VmRSS") / 2**20))
             start = i * block % len(clip)
-            yield clip[start : start + block] if start + block <= len(clip) else np.concatenate([clip[start:], clip[: start + block - len(clip)]])
-        rss.append((total / rate / 3600, _rss_mib()))
+            yield clip[start : start + block]
+        rss.append((total / rate / 3600, proc_status("VmRSS") / 2**20))
 
     start = time.perf_counter()
     session = live.run(engine, blocks(), None, lambda e, extra: None)
@@ -236,11 +236,13 @@ def listen_memory(hours: float = 1.0, samples: int = 13, backend: str = "auto") 
             "listen_rss_start_mib": float(mib[1]), "listen_rss_end_mib": float(mib[-1]), "listen_rss_slope_mib_per_hour": slope}
 
 
-def _rss_mib() -> float:
+def proc_status(field: str) -> int:
+    """A size in this process's /proc/self/status (VmRSS, VmHWM), in bytes; Linux only (OSError
+    elsewhere)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
 
 
 def quiet_recording(minutes: float, data: Path | None, seed: int = 0) -> tuple[np.ndarray, list[tuple[float, float, str]]]:

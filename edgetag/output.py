@@ -107,7 +107,7 @@ def spectrogram(path, config, columns: int = 2400) -> np.ndarray:
     from edgetag.features import StreamingFbank
 
     info = audio.info(path)
-    frames = config.num_frames(round(info.frames / info.sample_rate * config.sample_rate))
+    frames = config.num_frames(round(info.duration * config.sample_rate))
     group = max(1, -(-frames // columns))  # frames per column
     stream, pooled, rest = StreamingFbank(config), [], np.zeros((0, config.n_features), np.float32)
     for block in audio.stream(path, config.sample_rate):

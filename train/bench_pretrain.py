@@ -21,6 +21,7 @@ import time
 import torch
 import typer
 
+from edgetag.bench import proc_status
 from edgetag.model import num_parameters
 from edgetag.spec import EncoderConfig
 from train.pretrain import PretrainConfig, build_model
@@ -28,27 +29,19 @@ from train.pretrain import PretrainConfig, build_model
 METHODS = ("mae-ast", "ssast")
 
 
-def _status(field: str) -> int:
-    """A /proc/self/status size in bytes (VmRSS, VmHWM)."""
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def reset_peak_rss() -> int:
     """Reset the peak RSS to the current RSS where Linux allows it; returns the baseline to subtract."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return _status("VmRSS")
+        return proc_status("VmRSS")
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_rss() -> int:
     try:
-        return _status("VmHWM")
+        return proc_status("VmHWM")
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
