@@ -121,6 +121,13 @@ PRESETS = {
     # MAE-AST's released code: torchaudio defaults (povey window, no htk_compat, no mean removal);
     # it normalises inside the model with running stats, which an importer writes into norm_*.
     "mae-ast": FbankConfig(window="povey", htk_compat=False, remove_mean=False),
+    # MFCC-grams (Gauy & Finger 2021): as many coefficients as mel bins, C0 first as torchaudio
+    # orders them, no liftering (Kaldi's sine lifter is meant for ~13 coefficients and turns
+    # negative past 22). "mfcc-gram" is the paper's 128 from 128; "mfcc-40" a compact 40 from 40.
+    # Their norm stats are those of 300 random 16 kHz clips of ../shared/data, as AST's are
+    # AudioSet's (C0 dominates the spread; the token embedding rescales each coefficient).
+    "mfcc-gram": FbankConfig(mfcc=True, n_ceps=128, cepstral_lifter=0.0, norm_mean=-0.73, norm_std=9.64),
+    "mfcc-40": FbankConfig(mfcc=True, n_mels=40, n_ceps=40, cepstral_lifter=0.0, norm_mean=-1.35, norm_std=8.78),
 }
 
 

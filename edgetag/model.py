@@ -2,7 +2,7 @@
 (their configs, `EncoderConfig` and `HeadConfig`, live in `edgetag.spec`, which needs no torch).
 
 Features [B, T, n_mels] are cut into tokens (16x16 patches or 128x2 frames, overlapping for
-imported AST teachers), ordered time-major as MAE-AST does (all frequency patches of one time
+imported AST teachers; or the cells of a convolutional stem's output), ordered time-major as MAE-AST does (all frequency patches of one time
 step, then the next), so a longer input only appends tokens. Positions are 1-D sinusoids over
 the token index (MAE-AST; any length) or a learned table cropped to the input (SSAST, AST).
 Heads read the mean of the token outputs, or of the cls tokens of an imported AST.
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgetag.spec import TAGS, EncoderConfig, ModelSpec
+from edgetag.spec import CONV_STEM_LAYERS, TAGS, EncoderConfig, ModelSpec
 
 # ---------------------------------------------------------------------------------------------
 # Tokens
@@ -63,6 +63,26 @@ def _sincos(n: int, width: int) -> torch.Tensor:
     pe[:, 0::2] = torch.sin(position * div)
     pe[:, 1::2] = torch.cos(position * div)
     return pe
+
+
+class ConvStem(nn.Module):
+    """Four stride-2 3x3 convolutions (Xiao et al. 2021, "Early convolutions help transformers
+    see better"): [B, T, F] -> [B, t * f, width] tokens, time-major, one per 16x16 cell as a
+    patch gives, but shift-tolerant and seeing across cell edges, which a small model trained on
+    a few thousand clips cannot learn from linear patches. Because a token sees its neighbours,
+    masked pretraining (which hides tokens) needs patch or frame tokens instead."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        channels = [1] + [width // 2 ** (CONV_STEM_LAYERS - 1 - i) for i in range(CONV_STEM_LAYERS - 1)]  # 1, w/8, w/4, w/2
+        layers: list[nn.Module] = []
+        for a, b in zip(channels, channels[1:]):
+            layers += [nn.Conv2d(a, b, 3, 2, 1, bias=False), nn.BatchNorm2d(b), nn.GELU()]
+        self.layers = nn.Sequential(*layers, nn.Conv2d(channels[-1], width, 3, 2, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.layers(features[:, None])  # [B, width, t, f]
+        return x.flatten(2).transpose(1, 2)  # [B, t * f, width]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +156,10 @@ class Encoder(nn.Module):
     def __init__(self, config: EncoderConfig):
         super().__init__()
         self.config = c = config
-        self.patch_embed = nn.Linear(c.patch_dim, c.width)
+        if c.tokens == "conv":
+            self.stem = ConvStem(c.width)
+        else:
+            self.patch_embed = nn.Linear(c.patch_dim, c.width)
         if c.cls_tokens:
             self.cls_token = nn.Parameter(torch.randn(1, c.cls_tokens, c.width) * 0.02)
         if c.positions == "learned":
@@ -153,11 +176,11 @@ class Encoder(nn.Module):
             if n > c.max_tokens:  # tokens are time-major: a shorter input uses the first rows
                 raise ValueError(f"{n} tokens do not fit the learned position table ({c.max_tokens})")
             return self.pos_embed[:, :n]
-        return sincos_positions(n, c.width).to(self.patch_embed.weight)[None]
+        return sincos_positions(n, c.width).to(next(self.parameters()))[None]
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
         """Tokens with positions: [B, T, n_mels] -> [B, cls_tokens + N, width]."""
-        x = self.patch_embed(patchify(features, self.config))
+        x = self.stem(features) if self.config.tokens == "conv" else self.patch_embed(patchify(features, self.config))
         if self.config.cls_tokens:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + self.positions(x.shape[1])

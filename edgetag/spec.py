@@ -28,7 +28,7 @@ class SpecError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # The encoder and its heads
 
-TOKENS = ("patch", "frame")
+TOKENS = ("patch", "frame", "conv")
 POSITIONS = ("sincos", "learned")
 POOLS = ("mean", "cls")
 
@@ -44,8 +44,10 @@ SIZES = {
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    n_mels: int = 128
-    tokens: str = "patch"  # "patch": 16x16 (freq x time); "frame": n_mels x 2
+    n_mels: int = 128  # features per frame: mel bins, or MFCCs
+    # "patch": 16x16 (freq x time); "frame": n_mels x 2; "conv": a stem of four stride-2 3x3
+    # convolutions, one token per 16x16 cell like a patch, each seeing past its cell's edges
+    tokens: str = "patch"
     width: int = 192
     depth: int = 12
     heads: int = 3
@@ -71,16 +73,18 @@ class EncoderConfig:
             raise ValueError("pool='cls' needs cls_tokens > 0")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
-        if not self.overlapping and self.n_mels % self.patch_freq:
+        if self.tokens == "conv" and (self.stride_freq or self.stride_time):
+            raise ValueError("conv tokens take no patch strides (the stem sets its own)")
+        if self.tokens != "conv" and not self.overlapping and self.n_mels % self.patch_freq:
             raise ValueError(f"n_mels {self.n_mels} is not a multiple of the patch height {self.patch_freq}")
 
     @property
     def patch_freq(self) -> int:
-        return 16 if self.tokens == "patch" else self.n_mels
+        return self.n_mels if self.tokens == "frame" else 16
 
     @property
     def patch_time(self) -> int:
-        return 16 if self.tokens == "patch" else 2
+        return 2 if self.tokens == "frame" else 16
 
     @property
     def patch_dim(self) -> int:
@@ -100,9 +104,13 @@ class EncoderConfig:
 
     @property
     def freq_patches(self) -> int:
+        if self.tokens == "conv":
+            return halved(self.n_mels, CONV_STEM_LAYERS)
         return (self.n_mels - self.patch_freq) // self.step_freq + 1
 
     def time_patches(self, frames: int) -> int:
+        if self.tokens == "conv":
+            return halved(frames, CONV_STEM_LAYERS) if frames >= self.patch_time else 0
         return max(0, (frames - self.patch_time) // self.step_time + 1)
 
     def num_tokens(self, frames: int) -> int:
@@ -121,6 +129,16 @@ class EncoderConfig:
         if size not in SIZES:
             raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
         return cls(**{**SIZES[size], **overrides})
+
+
+CONV_STEM_LAYERS = 4  # stride-2 convolutions of the "conv" stem: 16x fewer rows each way, as a patch
+
+
+def halved(n: int, times: int) -> int:
+    """Rows left after `times` stride-2, padding-1 3x3 convolutions: ceil(n / 2) each time."""
+    for _ in range(times):
+        n = (n + 1) // 2
+    return n
 
 
 def _known(cls, d: dict) -> dict:
@@ -229,6 +247,8 @@ class ModelSpec:
     hop_frames: int = field(init=False, compare=False)
 
     def __post_init__(self):
+        if self.encoder.n_mels != self.fbank.n_features:
+            raise SpecError(f"the encoder reads {self.encoder.n_mels} features per frame; its fbank makes {self.fbank.n_features}")
         window_frames, hop_frames = self.stream.frames(self.fbank)
         if window_frames < self.encoder.patch_time:
             raise SpecError(f"a window of {self.stream.window:g} s makes {window_frames} frames, fewer than one token ({self.encoder.patch_time} frames)")

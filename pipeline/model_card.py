@@ -35,6 +35,9 @@ DATA = [
 ]
 
 
+TOKEN_WORDS = {"patch": "16x16 patch tokens", "frame": "frame tokens", "conv": "a convolutional stem"}
+
+
 def pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
@@ -147,7 +150,7 @@ def describe(name: str, stage: dict) -> str:
         calibrated = ", fp32 and dynamic int8 each with thresholds calibrated through ONNX Runtime" if "model.int8.onnx" in result else ""
         return f"ONNX fp32 (max abs diff to torch {fp32:.1e}), dynamic int8 (top-1 agreement with fp32: {int8}), int8 Q/DQ for TensorRT{calibrated}"
     c = settings.get("student", settings)  # a distillation stage's settings hold its student's
-    start = f"from `{c['init']}`" if c["init"] else f"a {c['size']} model from scratch"
+    start = f"from `{c['init']}`" if c["init"] else f"a {c['size']} model with {TOKEN_WORDS[c.get('tokens', 'patch')]} from scratch"
     teachers = [t for t in (settings.get("teacher"), settings.get("tag_teacher"), settings.get("keyword_teacher")) if t]
     views = settings.get("views", {}).get("views", 0)
     how = (f", {views} views per window" if views else "") + (f", taught by {', '.join(f'`{Path(t).name}`' for t in teachers)} (T={settings['temperature']}, alpha={settings['alpha']})"
@@ -213,8 +216,10 @@ def render(recipe, report: dict, stages: dict[str, dict], bundle_bytes: int | No
         origin = (f"It is a `{s.student.size}` encoder ({student['parameters'] / 1e6:.2f}M parameters) distilled from a `{recipe.pretrain.size}` teacher "
                   "that was pretrained the MAE-AST way on every clip of the training data (labels unused) and then fine-tuned on both tasks.")
     else:
-        origin = (f"It continues `{s.student.init}` ({student['parameters'] / 1e6:.2f}M parameters; that model came from a MAE-AST-pretrained "
-                  "teacher, `python -m pipeline.recipe default2`), trained on augmented views of the data that its teachers labelled: "
+        start = (f"It continues `{s.student.init}` ({student['parameters'] / 1e6:.2f}M parameters; that model came from a MAE-AST-pretrained "
+                 "teacher, `python -m pipeline.recipe default2`), trained" if s.student.init else
+                 f"It is a `{s.student.size}` encoder with {TOKEN_WORDS[s.student.tokens]} ({student['parameters'] / 1e6:.2f}M parameters), trained from scratch")
+        origin = (f"{start} on augmented views of the data that its teachers labelled: "
                   + ", ".join(f"`{Path(t).name}`" for t in (s.teacher, s.tag_teacher, s.keyword_teacher) if t) + " and the datasets' own labels.")
     previous = "previous" in report["models"]
     lines = [

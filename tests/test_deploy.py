@@ -101,6 +101,35 @@ def test_onnx_backend_matches_torch_through_the_engine(exported):
     assert diff < 0.02
 
 
+@pytest.mark.parametrize("tokens, features", [("conv", "ast"), ("frame", "mfcc-40")])
+def test_other_tokens_and_features_export_and_int8_stays_close(tmp_path, tokens, features):
+    """A conv stem (its batch norms fold into its convolutions on export; dynamic int8 quantises
+    the convolutions too) and an MFCC-gram model (the features live in the spec the engines read)
+    go through export and the engine like the patch model, within its bounds."""
+    needs("onnx", "onnxscript", "onnxruntime")
+    from deploy.export import export
+    from edgetag.features import preset
+    from edgetag.spec import EncoderConfig
+
+    torch.manual_seed(0)
+    fbank = preset(features)
+    model = make_model(EncoderConfig.named("nano", tokens=tokens, n_mels=fbank.n_features), HEADS, fbank=fbank, stream=(1.0, 0.25))
+    model.train()
+    model(torch.randn(16, 98, fbank.n_features))  # batch-norm statistics that are not the identity
+    ckpt = save(tmp_path / "model.safetensors", model.eval())
+    report = export(ckpt, tmp_path / "out", [str(EXAMPLE)], 64)
+    assert max(a["max_abs"] for a in report["fp32"].values()) < 1e-5
+    post = PostConfig(tag_on=0.3, tag_off=0.25, keyword_on=0.0, refractory=0.5)
+    torch_run = process_file(Engine(TorchBackend.load(ckpt), post), EXAMPLE)
+    fp32 = process_file(Engine(load_backend(tmp_path / "out" / "model.onnx"), post), EXAMPLE)
+    int8 = process_file(Engine(load_backend(tmp_path / "out")), EXAMPLE)
+    assert len(torch_run.hops) == len(int8.hops) == 25
+    for a, b, c in zip(torch_run.hops, fp32.hops, int8.hops):
+        for h in a.probabilities:
+            np.testing.assert_allclose(b.probabilities[h], a.probabilities[h], atol=1e-4)
+            assert np.abs(c.probabilities[h] - a.probabilities[h]).max() < 0.02
+
+
 def dynamic_quantize_linear(x: np.ndarray) -> tuple[np.ndarray, float, np.float32]:
     """ONNX's DynamicQuantizeLinear, from its specification: uint8, the range widened to hold 0."""
     lo, hi = min(0.0, float(x.min())), max(0.0, float(x.max()))

@@ -42,6 +42,35 @@ def test_patchify_is_time_major_and_keeps_every_value_once(tokens):
         torch.testing.assert_close(patches[0, 1].view(2, 128), x[0, 2:4])
 
 
+@pytest.mark.parametrize("frames", [16, 98, 100, 129])
+def test_conv_tokens_are_a_time_major_grid_of_local_cells(frames):
+    config = EncoderConfig.named("nano", tokens="conv")
+    model = make_model(config).eval()
+    t, f = -(-frames // 16), 128 // 16  # four stride-2 convolutions with padding: ceil halving
+    assert (config.time_patches(frames), config.freq_patches, config.num_tokens(frames)) == (t, f, t * f)
+    x = torch.randn(2, frames, 128)
+    with torch.no_grad():
+        assert model.encoder(x).shape == (2, t * f, config.width)
+        stem = model.encoder.stem(x)
+        # the first time step's tokens see frames 0-15 only (receptive field +-15 frames around
+        # frame 0): changing later frames leaves them alone and changes the last time step's
+        later = x.clone()
+        later[:, 16:] += 1.0
+        moved = model.encoder.stem(later)
+    torch.testing.assert_close(moved[:, :f], stem[:, :f])
+    if t > 1:
+        assert not torch.allclose(moved[:, -f:], stem[:, -f:])
+
+
+def test_conv_tokens_cannot_be_masked_for_pretraining():
+    from train.pretrain import PretrainConfig
+
+    with pytest.raises(ValueError, match="tokens must be one of patch, frame"):
+        PretrainConfig(data=["x"], tokens="conv")
+    with pytest.raises(ValueError, match="no patch strides"):
+        EncoderConfig(tokens="conv", stride_time=8)
+
+
 def test_longer_input_only_appends_tokens():
     # time-major tokens with 1-D positions: the first second encodes the same before any attention
     config = EncoderConfig.named("nano")
@@ -85,8 +114,9 @@ def test_config_rejects_nonsense():
         EncoderConfig.from_dict({"colour": 1})
 
 
-def test_every_parameter_gets_a_gradient():
-    model = make_model("nano", {"tags": ["a", "b"], "keywords": ["x", "y", "z"]})
+@pytest.mark.parametrize("tokens", ["patch", "conv"])
+def test_every_parameter_gets_a_gradient(tokens):
+    model = make_model(EncoderConfig.named("nano", tokens=tokens), {"tags": ["a", "b"], "keywords": ["x", "y", "z"]})
     out = model(torch.randn(2, 64, 128))
     (out["tags"].sum() + out["keywords"].sum()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
@@ -100,6 +130,18 @@ def checkpoint_model(**spec):
     torch.manual_seed(0)
     heads = {"tags": HeadConfig("tags", ["Animal", "Dog", "Rain"], {"Dog": ["Animal"]}), "keywords": ["yes", "no", "_unknown_", "_silence_"]}
     return make_model(EncoderConfig.named("nano", tokens="frame"), heads, **spec).eval()
+
+
+def test_conv_stem_statistics_travel_in_the_checkpoint(tmp_path):
+    model = make_model(EncoderConfig.named("nano", tokens="conv"), {"keywords": ["yes", "no", "_unknown_"]})
+    model.train()
+    model(torch.randn(8, 100, 128) * 3 + 1)  # moves the batch-norm running statistics off their start
+    model.eval()
+    loaded = load_model(checkpoint.save(tmp_path / "m.safetensors", model)).eval()
+    x = torch.randn(2, 100, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["keywords"], model(x)["keywords"], rtol=0, atol=0)
+    assert loaded.spec.encoder.tokens == "conv"
 
 
 def test_checkpoint_round_trip_gives_identical_outputs_and_spec(tmp_path):

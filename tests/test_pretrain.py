@@ -1,4 +1,4 @@
-"""MAE-AST masking and losses, the SSAST baseline, and short pretraining runs."""
+"""MAE-AST masking and losses, the SSAST baseline, TERA's alterations, and short pretraining runs."""
 
 import warnings
 
@@ -13,6 +13,7 @@ from edgetag.model import patchify
 from edgetag.spec import EncoderConfig
 from train.objectives.mae import MAEAST, chunk_noise, info_nce, num_masked, random_masking
 from train.objectives.ssast import SSAST
+from train.objectives.tera import TERA, TeraConfig, alter, cells, time_spans
 from train.pretrain import PretrainConfig, pretrain
 
 
@@ -156,7 +157,81 @@ def loss_fell(rows, window=5):
     return last < 0.8 * first
 
 
-@pytest.mark.parametrize("method", ["mae-ast", "ssast"])
+# ---------------------------------------------------------------------------------------------
+# TERA
+
+
+@pytest.mark.parametrize("frames", [50, 98, 333])
+@pytest.mark.parametrize("ratio", [0.15, 0.4])
+def test_time_spans_cover_the_requested_share_in_spans(frames, ratio):
+    mask = time_spans(16, frames, ratio, 7, torch.Generator().manual_seed(frames))
+    assert (mask.sum(1) == round(ratio * frames)).all()
+    # in runs of frames, not scattered ones: far fewer runs than masked frames
+    runs = (mask[:, 1:] & ~mask[:, :-1]).sum(1) + mask[:, 0]
+    assert (runs <= -(-round(ratio * frames) // 7) + 2).all() and not torch.equal(mask[0], mask[1])
+
+
+def test_alterations_zero_time_spans_and_one_band_and_leave_the_rest():
+    x = torch.randn(8, 98, 40) + 3.0  # no zeros of its own
+    c = TeraConfig(time_ratio=0.2, freq_width=8, noise_prob=0.0)
+    altered_x, altered = alter(x, c, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(altered_x[~altered], x[~altered])
+    assert (altered_x[altered] == 0).all()
+    frames_hit = altered.all(2)  # whole frames: the time spans
+    assert (frames_hit.sum(1) >= round(0.2 * 98)).all()
+    bands = (altered & ~frames_hit[:, :, None]).any(1)  # [B, F]: the band, outside the spans
+    assert (bands.sum(1) <= 8).all() and bands.any()
+    for row in bands:  # one contiguous band per clip
+        hit = row.nonzero().flatten()
+        assert len(hit) == 0 or hit[-1] - hit[0] + 1 == len(hit)
+    noisy_x, noisy = alter(x, TeraConfig(time_ratio=0.0, freq_width=0, noise_prob=1.0, noise_std=0.5), torch.Generator().manual_seed(0))
+    assert noisy.all() and 0.4 < (noisy_x - x).std() < 0.6
+
+
+@pytest.mark.parametrize("tokens", ["patch", "frame", "conv"])
+def test_tera_loss_counts_only_altered_values_unless_told(tokens):
+    config = EncoderConfig.named("nano", tokens=tokens)
+    x = torch.randn(2, 98, 128)
+    model = TERA(config, TeraConfig(noise_prob=0.0))
+    _, altered = alter(x, model.tera, torch.Generator().manual_seed(1))
+    target = cells(x, config)
+    assert target.shape == (2, config.num_tokens(98), config.patch_dim)
+    kept = cells(altered.float(), config) == 0  # values the alterations left alone
+    prediction = target.clone()
+    prediction[~kept] += 1.0  # off by one wherever the input was altered
+    loss, _ = model.forward_loss(x, prediction, altered)
+    torch.testing.assert_close(loss, torch.tensor(1.0))
+    prediction[kept] += 5.0  # errors where nothing was altered do not count...
+    torch.testing.assert_close(model.forward_loss(x, prediction, altered)[0], torch.tensor(1.0))
+    model.tera = TeraConfig(noise_prob=0.0, loss_on="all")  # ... unless the loss is on all values
+    assert model.forward_loss(x, prediction, altered)[0] > 2.0
+
+
+def test_mfcc_grams_go_from_tera_pretraining_to_edgetag_file(tmp_path):
+    """The MFCC-gram system end to end on real clips, at toy sizes: TERA on 128-MFCC frames,
+    keyword fine-tuning from its encoder, `edgetag file` on the result; the checkpoint carries
+    the MFCC recipe, so nothing downstream is told what the features are."""
+    import json
+    import subprocess
+    import sys
+
+    from train.finetune import FinetuneConfig, finetune
+
+    sc = data_path("speech_commands")
+    config, rows = run(tmp_path, [sc / "yes", sc / "no"], steps=20, method="tera", preset="mfcc-gram", tokens="frame", frames=98)
+    assert len(rows) == 20 and all(np.isfinite(r["l1"]) for r in rows)
+    encoder = tmp_path / "run" / "encoder.safetensors"
+    finetune(FinetuneConfig(train=[f"keywords={sc},groups=20-30"], init=str(encoder), out=str(tmp_path / "ft"), epochs=1, batch_size=16, val_percent=25), device="cpu")
+    model = load_model(tmp_path / "ft" / "best.safetensors")
+    assert model.spec.fbank.mfcc and model.spec.fbank.n_ceps == model.spec.encoder.n_mels == 128 and model.spec.encoder.tokens == "frame"
+    clip = sorted((sc / "yes").glob("*.flac"))[0]
+    result = subprocess.run([sys.executable, "-m", "edgetag", "file", str(clip), "--model", str(tmp_path / "ft" / "best.safetensors"), "--json"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert all(json.loads(line)["file"] == str(clip) for line in result.stdout.splitlines())
+
+
+@pytest.mark.parametrize("method", ["mae-ast", "ssast", "tera"])
 def test_short_pretraining_on_synthetic_audio_lowers_the_loss(tmp_path, method):
     torch.manual_seed(0)
     corpus = synthetic_corpus(tmp_path / "corpus")

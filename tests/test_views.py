@@ -1,5 +1,7 @@
 """Augmented views for distillation, and the running-audio keyword benchmark built on them."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -67,7 +69,7 @@ def test_views_are_labelled_consistently_and_cached(tmp_path, capsys):
 
 def test_tag_targets_are_the_datasets_on_their_classes_and_mn04s_elsewhere(tmp_path):
     """With mn04 as the tag teacher, on the classes the datasets name (Dog, Rain and their
-    ancestors) the target is the clip's label; on every other AudioSet class it is mn04's. The tag loss is summed over classes and divided by the
+    ancestors) the target is the clip's label (moved towards mn04's by tag_alpha); on every other AudioSet class it is mn04's. The tag loss is summed over classes and divided by the
     named ones."""
     from edgetag.spec import HeadConfig
     from train.data import load_clips
@@ -98,6 +100,12 @@ def test_tag_targets_are_the_datasets_on_their_classes_and_mn04s_elsewhere(tmp_p
     torch.testing.assert_close(soft[:, others], mn04[:, others])
     assert unknown.sum() == 4 and torch.equal(soft[:, unknown], hard[:, unknown])  # mn04 has no word: the label's
     assert soft[0, i["Rain"]] == 0 and soft[1, i["Dog"]] == 0 and mn04[:, others].max() > 0.1  # mn04 does speak where it may
+
+    # tag_alpha moves the named classes' targets towards mn04 and leaves the others alone
+    blended = ViewTargets(replace(c, tag_alpha=0.25)).render(Task("tags", list(head.labels), [], torch.zeros(0), [], torch.zeros(0), examples), spec, head)["soft"]
+    torch.testing.assert_close(blended[:, named], 0.75 * hard[:, named] + 0.25 * mn04[:, named])
+    torch.testing.assert_close(blended[:, others], soft[:, others])
+    assert torch.equal(blended[:, unknown], hard[:, unknown])
 
     learn.soft["tags"], learn.taught["tags"], learn.named["tags"] = soft, True, len(set(named))
     logits = torch.randn(2, len(head.labels))

@@ -51,6 +51,7 @@ class DistillConfig:
     audioset: str = setting("", "Folder with AudioSet's class_labels_indices.csv and ontology.json: the tag head's vocabulary and hierarchy.")
     backgrounds: list[str] = setting([], "[HEAD=]source of sounds mixed into that head's views (keywords: audio without words); repeatable.")
     views: ViewsConfig = setting(ViewsConfig(), "Augmented views the student and its teachers hear alike (train.views).")
+    tag_alpha: float = setting(0.0, "Weight of mn04 against the datasets' labels on the tag classes a dataset here names (0: the labels alone; mn04 always teaches the others).")
     temperature: float = setting(2.0, "Softmax temperature of keyword heads.")
     alpha: float = setting(0.7, "Weight of the distillation loss against the hard labels (with --views: keywords only; tags take the datasets' labels on their classes).")
     cache: str = setting("", "The teachers' cached outputs (default: OUT/teacher_probabilities.safetensors, or OUT/views.safetensors).")
@@ -167,11 +168,13 @@ class ViewTargets(HardLabels):
     teachers labelled: EfficientAT mn04 for tags (the AudioSet vocabulary), the MLPerf Tiny model
     for keywords, an edgetag teacher for the heads it has; where several teach one class their
     probabilities are averaged. Tags learn from one target per class: on the classes some dataset
-    here names (with their ontology ancestors) the clip's label, on the others the teachers'
-    probability: mn04 teaches the AudioSet vocabulary beyond the datasets' classes, not
-    different answers on them. (Mixing its probabilities into the named classes' targets made
-    its AudioSet priors the student's: "Music" became the answer for most UrbanSound8K clips,
-    and labelled classes mn04 was unsure of were out-voted by those it was sure of.) The loss is
+    here names (with their ontology ancestors) the clip's label, moved towards mn04's probability
+    by tag_alpha; on the others the teachers' probability. With tag_alpha 0 mn04 teaches the
+    AudioSet vocabulary beyond the datasets' classes, not different answers on them. (Its
+    probabilities alone on the named classes made its AudioSet priors the student's: "Music"
+    became the answer for most UrbanSound8K clips, and labelled classes mn04 was unsure of were
+    out-voted by those it was sure of; a share of them says which windows of a weakly labelled
+    clip actually hold its sound.) The loss is
     summed over classes and divided by the named ones, so the encoder hears the tags as loudly
     beside the keywords as a head of the named classes alone would make it (a mean over
     AudioSet's 531 made them a ninth as loud, and the tags stalled). Keywords: (1 - alpha) hard labels + alpha teachers, at
@@ -197,12 +200,12 @@ class ViewTargets(HardLabels):
 
     def provenance(self) -> dict:
         return {"teachers": {"teacher": self.c.teacher, "tags": self.c.tag_teacher, "keywords": self.c.keyword_teacher},
-                "alpha": self.c.alpha, "temperature": self.c.temperature, "views": asdict(self.c.views), "backgrounds": self.c.backgrounds}
+                "alpha": self.c.alpha, "tag_alpha": self.c.tag_alpha, "temperature": self.c.temperature, "views": asdict(self.c.views), "backgrounds": self.c.backgrounds}
 
     def _key(self, task: Task, spec: ModelSpec) -> str:
         files = [p for p in (self.c.teacher, self.c.tag_teacher, self.c.keyword_teacher) if p]
         return hashlib.sha256(json.dumps([VIEWS_VERSION, task.head, task.labels, [e.path for e in task.examples], [e.labels for e in task.examples],
-                                          asdict(self.c.views), self.c.backgrounds, self.c.alpha, spec.fbank.to_dict(), spec.window_frames,
+                                          asdict(self.c.views), self.c.backgrounds, self.c.alpha, self.c.tag_alpha, spec.fbank.to_dict(), spec.window_frames,
                                           [(p, Path(p).stat().st_size) for p in files]]).encode()).hexdigest()
 
     def teach(self, head: HeadConfig, name: str, audio: np.ndarray, feats: torch.Tensor) -> torch.Tensor | None:
@@ -253,8 +256,8 @@ class ViewTargets(HardLabels):
             soft = hard.clone()
         else:
             soft = torch.where(taught.isnan(), hard, taught)
-            if head.kind == TAGS:  # a clip's dataset speaks for the classes the datasets name, positive or not
-                soft = torch.where(hard.any(0), hard, soft)
+            if head.kind == TAGS:  # a clip's dataset speaks for the classes the datasets name, positive or not, mn04 beside it by tag_alpha
+                soft = torch.where(hard.any(0), torch.lerp(hard, soft, self.c.tag_alpha), soft)
         return {"feats": feats.half(), "hard": hard, "soft": soft, "taught": torch.tensor(taught is not None)}
 
     def prepare(self, tasks: list[Task], spec: ModelSpec) -> None:

@@ -42,6 +42,7 @@ from train.labels import columns
 from train.options import choose, command, setting
 
 MODES = ("full", "linear", "adapter")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -66,10 +67,11 @@ class FinetuneConfig:
     warmup_epochs: float = setting(1.0, "Epochs of linear warm-up.")
     augment: AugmentConfig = setting(AugmentConfig(), "Augmentation of the log-mel batches.")
     balance: bool = setting(False, "Draw tag clips class-balanced: a clip as often as its rarest class allows, so a class with three times the clips is not heard three times as often.")
+    precision: str = setting("fp32", "fp32, or bf16 autocast (1.4x faster steps on a CPU core with AVX512-BF16, as on CUDA GPUs).")
     seed: int = setting(0, "Seed of the splits' crops, the augmentation and the initial weights.")
 
     def __post_init__(self):
-        for name, allowed in (("size", SIZES), ("tokens", TOKENS), ("preset", PRESETS), ("mode", MODES)):
+        for name, allowed in (("size", SIZES), ("tokens", TOKENS), ("preset", PRESETS), ("mode", MODES), ("precision", PRECISIONS)):
             choose(name, getattr(self, name), allowed)
 
 
@@ -114,6 +116,9 @@ def build_tasks(c: FinetuneConfig, fbank: FbankConfig, labels: dict[str, list[st
                 print(f"{head} {name}: skipped {len(subset) - len(kept)} unreadable clip(s)")
             sides[name] = ([f for _, f in kept], [e for e, _ in kept])
         (train_x, train_e), (val_x, val_e) = sides["train"], sides["val"]
+        for name, kept in (("training", train_x), ("validation", val_x)):
+            if not kept:  # e.g. every group of a small source fell on one side of the split
+                raise ValueError(f"{head}: no readable {name} clips (of {len(examples)} read; --val-percent {c.val_percent:g} holds out groups by hash)")
         tasks.append(Task(head, head_labels, train_x, targets(train_e, head_labels), val_x, targets(val_e, head_labels), train_e))
     return tasks
 
@@ -199,7 +204,7 @@ def build_model(c: FinetuneConfig, heads: dict[str, HeadConfig], fbank: FbankCon
     its norm and the rows of every class the new head shares with it (`carry_head`)."""
     adapter_dim = c.adapter_dim if c.mode == "adapter" else 0
     if not c.init:
-        encoder = EncoderConfig.named(c.size, tokens=c.tokens, adapter_dim=adapter_dim)
+        encoder = EncoderConfig.named(c.size, tokens=c.tokens, n_mels=fbank.n_features, adapter_dim=adapter_dim)
         return AudioTransformer(ModelSpec(encoder, fbank, heads, c.stream, provenance={"init": {}}))
     source = checkpoint.load_model(c.init)
     if fbank != source.spec.fbank:
@@ -285,14 +290,22 @@ def setup(c: FinetuneConfig, learn: HardLabels, device: str) -> Run:
 
 
 def train_step(run: Run, c: FinetuneConfig, learn: HardLabels, orders: list[list[int]], i: int) -> dict[str, float]:
-    """One optimizer step: every head on one batch of its own data. Returns each head's loss."""
-    spec, losses, loss = run.spec, {}, 0.0
+    """One optimizer step: every head on one batch of its own data, all batches through one
+    encoder pass (so a conv stem's batch norms see the mixture they meet at run time, not one
+    head's audio at a time). Returns each head's loss."""
+    spec, inputs, targets = run.spec, [], []
     for t, order in zip(run.tasks, orders):
         index = [order[(i * c.batch_size + j) % len(order)] for j in range(c.batch_size)]
         x, starts = random_crops(t.train, index, spec.window_frames, run.generator, grid=learn.grid(spec), loudness=c.loudness)
         x, y = augment(x, learn.targets(t, index, starts), c.augment, run.generator, run.noise)
-        x = spec_augment(normalize(x, spec.fbank), c.augment.freq_mask, c.augment.time_mask, run.generator)
-        task_loss = learn.loss(spec.heads[t.head], run.model(x.to(run.device))[t.head], y.to(run.device))
+        inputs.append(spec_augment(normalize(x, spec.fbank), c.augment.freq_mask, c.augment.time_mask, run.generator))
+        targets.append(y)
+    with torch.autocast(torch.device(run.device).type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
+        out = run.model(torch.cat(inputs).to(run.device))
+    losses, loss = {}, 0.0
+    for k, (t, y) in enumerate(zip(run.tasks, targets)):
+        rows = slice(k * c.batch_size, (k + 1) * c.batch_size)
+        task_loss = learn.loss(spec.heads[t.head], out[t.head][rows].float(), y.to(run.device))
         losses[t.head] = task_loss.item()
         loss = loss + task_loss
     run.optimizer.zero_grad(set_to_none=True)

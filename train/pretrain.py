@@ -1,6 +1,7 @@
-"""Self-supervised pretraining: MAE-AST (default) or the SSAST baseline.
+"""Self-supervised pretraining: MAE-AST (default), the SSAST baseline, or TERA.
 
     python -m train.pretrain --data ../shared/data --size tiny --frames 128 --steps 20000 --out runs/pre
+    python -m train.pretrain --method tera --preset mfcc-gram --tokens frame ...   # MFCC-gram transformers
     torchrun --nproc-per-node 8 -m train.pretrain ...      # several GPUs (DistributedDataParallel)
 
 Writes into --out: `last.pt` (the training state, for --resume, every --checkpoint-every steps,
@@ -28,9 +29,11 @@ from edgetag.spec import SIZES, TOKENS, EncoderConfig, ModelSpec
 from train.data import CropDataset, collate, find_audio
 from train.objectives.mae import MAEAST, MASKINGS
 from train.objectives.ssast import SSAST
+from train.objectives.tera import TERA, TeraConfig
 from train.options import choose, command, setting
 
-METHODS = ("mae-ast", "ssast")
+METHODS = ("mae-ast", "ssast", "tera")
+MASKABLE_TOKENS = ("patch", "frame")  # a conv stem's tokens see their neighbours: hiding one hides nothing
 
 
 @dataclass
@@ -39,10 +42,11 @@ class PretrainConfig:
     out: str = setting("runs/pretrain", "Folder for the run: last.pt, encoder.safetensors, loss.csv, loss.png.")
     method: str = setting("mae-ast", f"Objective: {' or '.join(METHODS)}.")
     size: str = setting("tiny", f"Encoder size: {', '.join(SIZES)}.")
-    tokens: str = setting("patch", "patch (16x16) or frame (128x2) tokens.")
+    tokens: str = setting("patch", "patch (16x16), frame (2 frames) or conv (a convolutional stem; --method tera only) tokens.")
     masking: str = setting("chunk", "MAE-AST's masks: chunk or random (SSAST always masks clusters).")
     mask_ratio: float = setting(0.75, "Share of the tokens masked.")
     decoder_depth: int = setting(2, "MAE-AST decoder layers.")
+    tera: TeraConfig = setting(TeraConfig(), "TERA's alterations and loss (--method tera).")
     frames: int = setting(1024, "Random crops of this many frames (10 ms each).")
     preset: str = setting("ast", "Fbank recipe (edgetag.features.PRESETS).")
     batch_size: int = setting(16, "Crops per step.")
@@ -56,12 +60,20 @@ class PretrainConfig:
     compile: bool = setting(False, "torch.compile the model.")
 
     def __post_init__(self):
-        for name, allowed in (("method", METHODS), ("size", SIZES), ("tokens", TOKENS), ("masking", MASKINGS), ("preset", PRESETS)):
+        # TERA alters the input instead of hiding tokens, so any token kind suits it
+        tokens = TOKENS if self.method == "tera" else MASKABLE_TOKENS
+        for name, allowed in (("method", METHODS), ("size", SIZES), ("tokens", tokens), ("masking", MASKINGS), ("preset", PRESETS)):
             choose(name, getattr(self, name), allowed)
+        self.encoder_config()  # a token shape that does not fit the preset's features fails here, before any data is read
+
+    def encoder_config(self) -> EncoderConfig:
+        return EncoderConfig.named(self.size, tokens=self.tokens, n_mels=preset(self.preset).n_features)
 
 
 def build_model(c: PretrainConfig) -> torch.nn.Module:
-    encoder = EncoderConfig.named(c.size, tokens=c.tokens)
+    encoder = c.encoder_config()
+    if c.method == "tera":
+        return TERA(encoder, c.tera)
     if c.method == "ssast":
         return SSAST(encoder, mask_ratio=c.mask_ratio)
     return MAEAST(encoder, decoder_depth=c.decoder_depth, masking=c.masking, mask_ratio=c.mask_ratio)
@@ -120,7 +132,7 @@ def plot_losses(rows: list[dict], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in rows]
-    for key in ("loss", "mse", "nce"):
+    for key in ("loss", "mse", "nce", "l1"):
         if key in rows[0]:
             ax.plot(steps, [r[key] for r in rows], label=key)
     ax.set_xlabel("step")
@@ -166,8 +178,8 @@ def train_step(forward, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 
 
 def pretrain(c: PretrainConfig, resume: bool = False, device: str | None = None) -> list[dict]:
-    """Self-supervised pretraining of an encoder on unlabelled audio (MAE-AST, or the SSAST
-    baseline); returns the logged rows (step, loss, mse, nce, ...). `resume` continues from
+    """Self-supervised pretraining of an encoder on unlabelled audio (MAE-AST, the SSAST
+    baseline, or TERA); returns the logged rows (step, loss, mse, nce or l1, ...). `resume` continues from
     OUT/last.pt."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -225,8 +237,8 @@ def pretrain(c: PretrainConfig, resume: bool = False, device: str | None = None)
 
 
 def run(c: PretrainConfig, resume: bool = False) -> None:
-    """Self-supervised pretraining of an encoder on unlabelled audio (MAE-AST, or the SSAST
-    baseline); writes OUT/encoder.safetensors to fine-tune from."""
+    """Self-supervised pretraining of an encoder on unlabelled audio (MAE-AST, the SSAST
+    baseline, or TERA); writes OUT/encoder.safetensors to fine-tune from."""
     rows = pretrain(c, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{c.out}: {len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
