@@ -280,3 +280,10 @@ def test_tag_head_distillation_is_bce_against_the_teacher_weighted_with_the_labe
     entropy = -(soft * soft.log() + (1 - soft) * (1 - soft).log()).mean()
     torch.testing.assert_close(floor, entropy)
     assert distillation_loss(head, soft.logit() + 0.5, hard, soft, 4.0, 1.0) > floor
+
+
+@pytest.mark.parametrize("val_percent, side", [(100.0, "training"), (0.0, "validation")])
+def test_a_head_left_without_clips_on_one_side_is_one_clear_error(dataset, tmp_path, val_percent, side):
+    # every group held out (or none): the split leaves a side empty, which used to crash validation
+    with pytest.raises(ValueError, match=f"tags: no readable {side} clips .*--val-percent {val_percent:g}"):
+        finetune(quick_config(dataset, tmp_path, val_percent=val_percent), device="cpu")

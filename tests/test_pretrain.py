@@ -1,6 +1,7 @@
 """MAE-AST masking and losses, the SSAST baseline, TERA's alterations, and short pretraining runs."""
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,3 +299,15 @@ def test_pretraining_on_nothing_readable_stops_with_one_line(tmp_path):
         assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
         assert run.stderr.strip().splitlines()[-1].startswith("train.pretrain: error:")
     assert not (tmp_path / "out" / "encoder.safetensors").exists()
+
+
+def test_the_respiratory_task_is_source_disjoint_and_holds_its_seven_sounds(tmp_path):
+    from train.data import read_labelled_manifest
+    from train.input_study import RESPIRATORY, respiratory_manifests
+
+    data_path("dcase2016_task2/manifest.csv")
+    paths = respiratory_manifests(DATA, tmp_path)
+    train, val = (read_labelled_manifest(paths[side]) for side in ("train", "val"))
+    assert {e.labels[0] for e in train} == {e.labels[0] for e in val} == set(RESPIRATORY)
+    assert not {e.group for e in train} & {e.group for e in val}  # no source recording on both sides
+    assert all(Path(e.path).is_absolute() and Path(e.path).is_file() for e in train + val)

@@ -116,9 +116,10 @@ def build_tasks(c: FinetuneConfig, fbank: FbankConfig, labels: dict[str, list[st
                 print(f"{head} {name}: skipped {len(subset) - len(kept)} unreadable clip(s)")
             sides[name] = ([f for _, f in kept], [e for e, _ in kept])
         (train_x, train_e), (val_x, val_e) = sides["train"], sides["val"]
-        for name, kept in (("training", train_x), ("validation", val_x)):
-            if not kept:  # e.g. every group of a small source fell on one side of the split
-                raise ValueError(f"{head}: no readable {name} clips (of {len(examples)} read; --val-percent {c.val_percent:g} holds out groups by hash)")
+        for name, kept, chosen in (("training", train_x, train_examples), ("validation", val_x, val_examples)):
+            if not kept:  # all unreadable, or every group of a small source fell on one side of the split
+                split = "" if head in val else f"; --val-percent {c.val_percent:g} holds out groups by hash, of {len(examples)} clips"
+                raise ValueError(f"{head}: no readable {name} clips ({len(chosen)} listed{split})")
         tasks.append(Task(head, head_labels, train_x, targets(train_e, head_labels), val_x, targets(val_e, head_labels), train_e))
     return tasks
 
