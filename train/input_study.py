@@ -90,7 +90,10 @@ def study(c: StudyConfig) -> dict:
 
     data, out = Path(c.data), Path(c.out)
     task_sources = tasks(data, out)
-    results = {"settings": {"size": c.size, "steps": c.steps, "batch_size": c.batch_size, "epochs": c.epochs, "tokens": "frame"}, "runs": [], "hop_seconds": {}}
+    from train.finetune import gather
+
+    results = {"settings": {"size": c.size, "steps": c.steps, "batch_size": c.batch_size, "epochs": c.epochs, "tokens": "frame"}, "runs": [], "hop_seconds": {},
+               "val_clips": {task: sum(map(len, gather(sources["val"]).values())) for task, sources in task_sources.items()}}
     for name, preset_name in INPUTS.items():
         results["hop_seconds"][name] = hop_seconds(preset_name)
         for objective in OBJECTIVES:
@@ -121,7 +124,7 @@ def study(c: StudyConfig) -> dict:
 def render(results: dict) -> str:
     s = results["settings"]
     lines = [f"`{s['size']}` encoders with frame tokens; {s['steps']} pretraining steps of {s['batch_size']} 1 s crops; {s['epochs']} fine-tuning epochs. "
-             "Validation accuracy (best epoch):", "",
+             "Validation accuracy (best epoch" + (f"; {', '.join(f'{n} {task} clips' for task, n in results['val_clips'].items())}" if "val_clips" in results else "") + "):", "",
              "| input | pretraining | keywords (12-way) | respiratory (7-way) | pretraining minutes |", "|---|---|---|---|---|"]
     for r in results["runs"]:
         lines.append(f"| {r['input']} | {r['objective']} | {100 * r['keywords']:.1f}% | {100 * r['respiratory']:.1f}% | {r['pretrain_minutes']:.1f} |")
