@@ -2,8 +2,9 @@
 (their configs, `EncoderConfig` and `HeadConfig`, live in `edgetag.spec`, which needs no torch).
 
 Features [B, T, n_mels] are cut into tokens (16x16 patches or 128x2 frames, overlapping for
-imported AST teachers; or the cells of a convolutional stem's output), ordered time-major as MAE-AST does (all frequency patches of one time
-step, then the next), so a longer input only appends tokens. Positions are 1-D sinusoids over
+imported AST teachers; or the cells of a convolutional stem's output), ordered time-major as
+MAE-AST does (all frequency patches of one time step, then the next), so a longer input only
+appends tokens (patches and frames: a stem's last cells also see the frames after them). Positions are 1-D sinusoids over
 the token index (MAE-AST; any length) or a learned table cropped to the input (SSAST, AST).
 Heads read the mean of the token outputs, or of the cls tokens of an imported AST.
 """
