@@ -1,12 +1,12 @@
 """The default models, reproduced end to end from the shared data folder.
 
-    python -m pipeline.recipe default2 --out runs/d2                   # edgetag-default-2, the bundled model
-    python -m pipeline.recipe default2 --out runs/d2 --install         # ... copied into edgetag/assets
-    python -m pipeline.recipe default --previous runs/default-2       # edgetag-default-3 from default-2 (laid out as edgetag/assets)
+    python -m pipeline.recipe default --previous runs/default-2       # edgetag-default-3, the bundled model, beside default-2
+    python -m pipeline.recipe default --install                       # ... copied into edgetag/assets
     python -m pipeline.recipe default --stages nokd                   # some stages (e.g. a baseline in a second process)
+    python -m pipeline.recipe default2 --out runs/d2                   # edgetag-default-2, the model before it
 
 Stages, each in its own folder under --out (default-3 has no pretrain or teacher stage: its
-student continues default-2 on augmented views that third-party teachers label, and its keyword
+student learns from scratch on augmented views that third-party teachers label, and its keyword
 threshold comes from a running-audio scene):
 
 1. pretrain   MAE-AST on every clip under --data, labels unused (train.pretrain)
@@ -72,7 +72,7 @@ class Recipe:
 
 def default2(data: str = "../shared/data", out: str = "runs/default-2") -> Recipe:
     """edgetag-default-2: MAE-AST pretraining, a tiny teacher fine-tuned on 5.5 h of labelled
-    audio, a mini student distilled from it (57 tag classes). default-3 starts from its model."""
+    audio, a mini student distilled from it (57 tag classes). default-3 is measured beside it."""
     d, o = Path(data), Path(out)
     speech_commands, noise = str(d / "speech_commands"), [str(d / "background_noise")]
     esc50_train, esc50_val = f"esc50:{d / 'esc50_other_folds'}", f"esc50:{d / 'esc50'},folds=4"  # source-disjoint
@@ -594,7 +594,7 @@ def main(
     name: str = typer.Argument("default", help=f"The recipe: {', '.join(RECIPES)}."),
     data: str = typer.Option("../shared/data", help="The shared data folder (Speech Commands, ESC-50, DCASE 2016, FSDD, wake words, noise)."),
     out: str = typer.Option("runs/default", help="Where every stage writes its folder."),
-    previous: str = typer.Option("runs/default-2", help="default: the folder of edgetag-default-2 (model.safetensors), which default-3 starts from."),
+    previous: str = typer.Option("runs/default-2", help="default: the folder of edgetag-default-2 (model.safetensors, export/), measured beside default-3."),
     stages: str = typer.Option("", help="Comma-separated stages to run, in order (default: all; see the module's docstring)."),
     install_assets: bool = typer.Option(False, "--install", help="Copy the calibrated model, its export and the card into edgetag/assets."),
     refresh: bool = typer.Option(False, "--refresh-card", help="Train nothing: measure the installed card's int8 rows and latency again (after a runtime change)."),

@@ -458,3 +458,22 @@ def test_each_onnx_file_runs_with_the_thresholds_calibrated_through_it(exported,
     record_thresholds(folder, "model.int8.onnx", {"keywords": {"maybe": 0.5}}, {})
     with pytest.raises(BackendError, match="model.int8.onnx: its thresholds in manifest.json do not fit the model"):
         load_backend(folder)
+
+
+def test_format_1_exports_still_load(exported, tmp_path):
+    """edgetag-default-2 shipped a format-1 manifest (the spec under "config"); such exports
+    still load with the same spec and run the same numbers."""
+    import shutil
+
+    from edgetag.runtime import EXPORT_FORMAT_1, read_manifest
+
+    _, out, _ = exported
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest = {"format": EXPORT_FORMAT_1, "config": manifest.pop("spec"), **{k: v for k, v in manifest.items() if k != "format"}}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert read_manifest(old)["spec"] == read_manifest(out)["spec"]
+    x = np.load(out / "reference.npz")["fbank"]
+    for head, p in load_backend(old / "model.onnx").forward(x).items():
+        np.testing.assert_array_equal(p, load_backend(out / "model.onnx").forward(x)[head])

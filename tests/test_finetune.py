@@ -256,7 +256,7 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
     (["train.distill", "--train", "DATA"], "train.distill: error: give a --teacher, or --views N to learn from augmented views"),
     (["train.distill", "--train", "DATA", "--keyword-teacher", "k.tflite"], "train.distill: error: --tag-teacher and --keyword-teacher label augmented views: give --views N"),
     (["train.finetune", "--train", "DATA", "--mode", "half"], "train.finetune: error: mode must be one of full, linear, adapter, not 'half'"),
-    (["train.pretrain", "--data", "DATA", "--method", "byol"], "train.pretrain: error: method must be one of mae-ast, ssast, not 'byol'"),
+    (["train.pretrain", "--data", "DATA", "--method", "byol"], "train.pretrain: error: method must be one of mae-ast, ssast, tera, not 'byol'"),
 ])
 def test_training_commands_refuse_bad_input_in_one_line(args, message, dataset, tmp_path):
     args, message = [a.replace("DATA", str(dataset)) for a in args], message.replace("DATA", str(dataset))
