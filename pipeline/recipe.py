@@ -138,8 +138,8 @@ def default(data: str = "../shared/data", out: str = "runs/default", previous: s
     AudioSet-scale teachers on augmented views: EfficientAT mn04 for 531 tag classes (AudioSet's
     527 and four dataset classes it has no node for), the MLPerf Tiny model for keywords, hard
     labels for both; thresholds calibrated on running audio. `previous` holds edgetag-default-2
-    (model.safetensors, export/), measured beside it: `python -m pipeline.recipe default2 --out
-    runs/default-2 --install` rebuilds it."""
+    (model.safetensors, export/), measured beside it: the README's `git archive` line extracts
+    it from the last commit that bundled it."""
     d, o, teachers = Path(data), Path(out), Path(data).parent / "teachers"
     speech_commands, fsdd, wake_words = d / "speech_commands", d / "fsdd", d / "wake_words"
     esc50_train, esc50_val = f"esc50:{d / 'esc50_other_folds'}", f"esc50:{d / 'esc50'},folds=4"  # source-disjoint

@@ -40,9 +40,9 @@ class StudyConfig:
     data: str = setting("../shared/data", "The shared data folder.")
     out: str = setting("runs/inputs", "Folder for every run, results.json and results.md.")
     size: str = setting("nano", "Encoder size of every run.")
-    steps: int = setting(600, "Pretraining steps of each (input, objective).")
+    steps: int = setting(400, "Pretraining steps of each (input, objective).")
     batch_size: int = setting(32, "Pretraining crops per step.")
-    epochs: int = setting(15, "Fine-tuning epochs of each task.")
+    epochs: int = setting(12, "Fine-tuning epochs of each task.")
     seed: int = setting(0, "Seed of every run.")
 
 
@@ -85,13 +85,11 @@ def hop_seconds(preset_name: str, hop: float = 0.5, repeats: int = 200) -> float
 
 
 def study(c: StudyConfig) -> dict:
-    from train.finetune import FinetuneConfig, finetune
+    from train.finetune import FinetuneConfig, finetune, gather
     from train.pretrain import PretrainConfig, pretrain
 
     data, out = Path(c.data), Path(c.out)
     task_sources = tasks(data, out)
-    from train.finetune import gather
-
     results = {"settings": {"size": c.size, "steps": c.steps, "batch_size": c.batch_size, "epochs": c.epochs, "tokens": "frame"}, "runs": [], "hop_seconds": {},
                "val_clips": {task: sum(map(len, gather(sources["val"]).values())) for task, sources in task_sources.items()}}
     for name, preset_name in INPUTS.items():
