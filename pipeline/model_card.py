@@ -307,6 +307,10 @@ def render(recipe, report: dict, stages: dict[str, dict], bundle_bytes: int | No
     targets = targets_table(recipe, report, bundle_bytes)
     if targets:
         lines += ["## Targets", "", *targets, ""]
+        tried = getattr(recipe, "tried", None)
+        if tried:
+            lines += ["Tried before these settings, each measured by an earlier run on these validation sets (not measured again here):", "",
+                      *(f"- {t};" if i < len(tried) - 1 else f"- {t}." for i, t in enumerate(tried)), ""]
     if teacher_only:
         lines += ["## Classes only the teacher taught", "",
                   f"{len(teacher_only)} of the {tags} tag classes have no clip labelled with them (or with a more specific class) in the",

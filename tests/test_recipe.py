@@ -166,7 +166,7 @@ def test_a_recipe_that_continues_a_model_on_views_with_running_audio(recipe_run,
                      baselines={"nokd": DistillConfig(views=ViewsConfig(views=1), student=replace(student, out=str(out / "nokd")))},
                      calibrate={**first.calibrate, "keywords": [], "negatives": [], "scene": scene},
                      evaluation={**first.evaluation, "running": {**scene, "gates": [0.5]}, "previous": str(previous)},
-                     targets={"accuracy": {"keywords": 0.5}, "running": (1000.0, 0.0)})
+                     targets={"accuracy": {"keywords": 0.5}, "running": (1000.0, 0.0)}, tried=["a first idea: 1%", "a second: 2%"])
     assert stages_of(recipe) == ["student", "nokd", "calibrate", "export", "evaluate", "card"]
     run(recipe, out)
     report = json.loads((out / "evaluate" / "stage.json").read_text())["result"]
@@ -178,6 +178,7 @@ def test_a_recipe_that_continues_a_model_on_views_with_running_audio(recipe_run,
     assert set(model.spec.thresholds["keywords"].values()) == {chosen["threshold"]}  # one threshold, from the scene
     card = (out / "MODEL_CARD.md").read_text()
     assert "## Keywords in running audio" in card and "## Targets" in card and (out / "running.png").is_file()
+    assert "- a first idea: 1%;\n- a second: 2%.\n" in card.split("## Targets")[1]  # what was tried, under the targets it missed
     assert f"{100 * report['models']['student']['keywords']['accuracy']:.1f}%" in card
 
 
