@@ -257,6 +257,13 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
     (["train.distill", "--train", "DATA", "--keyword-teacher", "k.tflite"], "train.distill: error: --tag-teacher and --keyword-teacher label augmented views: give --views N"),
     (["train.finetune", "--train", "DATA", "--mode", "half"], "train.finetune: error: mode must be one of full, linear, adapter, not 'half'"),
     (["train.pretrain", "--data", "DATA", "--method", "byol"], "train.pretrain: error: method must be one of mae-ast, ssast, tera, not 'byol'"),
+    (["train.pretrain", "--data", "DATA", "--method", "tera", "--time-ratio", "1.5"], "train.pretrain: error: --time-ratio: 1.5 is not in [0, 1)"),
+    (["train.pretrain", "--data", "DATA", "--method", "mae-ast", "--tokens", "conv"], "train.pretrain: error: tokens must be one of patch, frame, not 'conv'"),
+    (["train.finetune", "--train", "DATA", "--precision", "fp16"], "train.finetune: error: precision must be one of fp32, bf16, not 'fp16'"),
+    (["train.distill", "--train", "DATA", "--views", "1", "--tag-alpha", "2"], "train.distill: error: --tag-alpha: 2 is not in [0, 1]"),
+    (["train.distill", "--train", "DATA", "--views", "1", "--alpha", "nan"], "train.distill: error: --alpha: nan is not in [0, 1]"),
+    (["train.input_study", "--size", "huge"], "train.input_study: error: size must be one of nano, mini, tiny, small, base, not 'huge'"),
+    (["train.input_study", "--epochs", "0"], "train.input_study: error: --epochs: 0 is not >= 1"),
 ])
 def test_training_commands_refuse_bad_input_in_one_line(args, message, dataset, tmp_path):
     args, message = [a.replace("DATA", str(dataset)) for a in args], message.replace("DATA", str(dataset))

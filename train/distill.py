@@ -58,7 +58,10 @@ class DistillConfig:
     student: FinetuneConfig = setting(FinetuneConfig(out="runs/distill", size="mini", lr=1e-3), "The student and its training.")
 
     def check(self) -> None:
-        """Refuse teachers without the views they label (before any data is read)."""
+        """Refuse weights outside [0, 1] and teachers without the views they label (before any data is read)."""
+        for name, value in (("--alpha", self.alpha), ("--tag-alpha", self.tag_alpha)):
+            if not 0 <= value <= 1:  # NaN fails too
+                raise ValueError(f"{name}: {value:g} is not in [0, 1]")
         if (self.tag_teacher or self.keyword_teacher) and not self.views.views:
             raise ValueError("--tag-teacher and --keyword-teacher label augmented views: give --views N")
         if not (self.teacher or self.views.views):

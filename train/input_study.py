@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from train.options import command, setting
+from edgetag.spec import SIZES
+from train.options import choose, command, setting
 
 INPUTS = {"log-mel": "ast", "MFCC-gram": "mfcc-gram"}  # name -> fbank preset
 OBJECTIVES = ("none", "mae-ast", "tera")
@@ -44,6 +45,12 @@ class StudyConfig:
     batch_size: int = setting(32, "Pretraining crops per step.")
     epochs: int = setting(12, "Fine-tuning epochs of each task.")
     seed: int = setting(0, "Seed of every run.")
+
+    def __post_init__(self):  # before any manifest is written or run started
+        choose("size", self.size, SIZES)
+        for name, value in (("--steps", self.steps), ("--batch-size", self.batch_size), ("--epochs", self.epochs)):
+            if value < 1:
+                raise ValueError(f"{name}: {value} is not >= 1")
 
 
 def respiratory_manifests(data: Path, out: Path) -> dict[str, Path]:
@@ -74,14 +81,12 @@ def tasks(data: Path, out: Path) -> dict[str, dict]:
 
 def hop_seconds(preset_name: str, hop: float = 0.5, repeats: int = 200) -> float:
     """Median seconds of the streaming fbank for one hop of audio."""
-    from edgetag.bench import median_seconds
-    from edgetag.features import StreamingFbank, preset
+    from edgetag.bench import hop_push_seconds
+    from edgetag.features import preset
 
     config = preset(preset_name)
-    stream = StreamingFbank(config)
     audio = (np.random.default_rng(0).standard_normal(int(hop * config.sample_rate)) * 0.1).astype(np.float32)
-    stream.push(audio)
-    return median_seconds(lambda: stream.push(audio), repeats=repeats)
+    return hop_push_seconds(config, audio, audio, repeats)
 
 
 def study(c: StudyConfig) -> dict:
