@@ -1,5 +1,7 @@
 """The Audio Spectrogram Transformer encoder that runs on the device, and its heads, in torch
 (their configs, `EncoderConfig` and `HeadConfig`, live in `edgetag.spec`, which needs no torch).
+Its blocks are a transformer's, or SSAMBA's bidirectional Mamba blocks (`edgetag.mamba`) over the
+same tokens, positions and heads.
 
 Features [B, T, n_mels] are cut into tokens (16x16 patches or 128x2 frames, overlapping for
 imported AST teachers; or the cells of a convolutional stem's output), ordered time-major as
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgetag.mamba import MambaBlock
 from edgetag.spec import CONV_STEM_LAYERS, TAGS, EncoderConfig, ModelSpec
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +170,10 @@ class Encoder(nn.Module):
             self.pos_embed = nn.Parameter(torch.randn(1, c.max_tokens, c.width) * 0.02)
         # A post-LN stack normalises its input (fairseq); a pre-LN stack its output.
         self.norm_pre = nn.Identity() if c.norm_first else nn.LayerNorm(c.width, eps=c.norm_eps)
-        self.blocks = nn.ModuleList(Block(c.width, c.heads, c.mlp_ratio, c.norm_first, c.norm_eps, c.adapter_dim) for _ in range(c.depth))
+        if c.encoder == "mamba":
+            self.blocks = nn.ModuleList(MambaBlock(c.width, c.d_state, c.d_conv, c.expand, c.norm_eps) for _ in range(c.depth))
+        else:
+            self.blocks = nn.ModuleList(Block(c.width, c.heads, c.mlp_ratio, c.norm_first, c.norm_eps, c.adapter_dim) for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.width, eps=c.norm_eps) if c.norm_first else nn.Identity()
 
     def positions(self, n: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ class SpecError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # The encoder and its heads
 
+ENCODERS = ("transformer", "mamba")
 TOKENS = ("patch", "frame", "conv")
 POSITIONS = ("sincos", "learned")
 POOLS = ("mean", "cls")
@@ -40,11 +41,25 @@ SIZES = {
     "small": dict(width=384, depth=12, heads=6),
     "base": dict(width=768, depth=12, heads=12),
 }
+# Mamba encoders: a block (no MLP) has about half a transformer block's parameters at equal
+# width, so the same names are as wide and deep enough to match the transformer's parameter
+# count (within 5%, tested); the ssamba-* sizes are SSAMBA's, 24 layers at every width. `heads`
+# only sizes a masked-pretraining decoder.
+MAMBA_SIZES = {
+    **{name: {**SIZES[name], "depth": depth} for name, depth in (("nano", 5), ("mini", 9), ("tiny", 19), ("small", 20), ("base", 21))},
+    **{f"ssamba-{name}": {**SIZES[name], "depth": 24} for name in ("tiny", "small", "base")},
+}
+
+
+def sizes_of(encoder: str) -> dict[str, dict]:
+    """The named sizes of an encoder kind."""
+    return MAMBA_SIZES if encoder == "mamba" else SIZES
 
 
 @dataclass(frozen=True)
 class EncoderConfig:
     n_mels: int = 128  # features per frame: mel bins, or MFCCs
+    encoder: str = "transformer"  # the blocks: "transformer" (attention + MLP) or "mamba" (SSAMBA's bidirectional Mamba)
     # "patch": 16x16 (freq x time); "frame": n_mels x 2; "conv": a stem of four stride-2 3x3
     # convolutions, one token per 16x16 cell like a patch, each seeing past its cell's edges
     tokens: str = "patch"
@@ -64,15 +79,21 @@ class EncoderConfig:
     cls_tokens: int = 0
     pool: str = "mean"  # "mean" of the patch tokens, or of the "cls" tokens
     adapter_dim: int = 0  # bottleneck adapters beside each MLP (0: none)
+    # Mamba's state size, causal conv width and inner expansion (dt's rank is ceil(width / 16))
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
 
     def __post_init__(self):
-        for name, value, allowed in (("tokens", self.tokens, TOKENS), ("positions", self.positions, POSITIONS), ("pool", self.pool, POOLS)):
+        for name, value, allowed in (("encoder", self.encoder, ENCODERS), ("tokens", self.tokens, TOKENS), ("positions", self.positions, POSITIONS), ("pool", self.pool, POOLS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
         if self.pool == "cls" and not self.cls_tokens:
             raise ValueError("pool='cls' needs cls_tokens > 0")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
+        if self.encoder == "mamba" and (not self.norm_first or self.adapter_dim):
+            raise ValueError("mamba blocks are pre-LN and have no MLP to put adapters beside")
         if self.tokens == "conv" and (self.stride_freq or self.stride_time):
             raise ValueError("conv tokens take no patch strides (the stem sets its own)")
         if self.tokens != "conv" and not self.overlapping and self.n_mels % self.patch_freq:
@@ -126,9 +147,10 @@ class EncoderConfig:
 
     @classmethod
     def named(cls, size: str, **overrides) -> EncoderConfig:
-        if size not in SIZES:
-            raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
-        return cls(**{**SIZES[size], **overrides})
+        sizes = sizes_of(overrides.get("encoder", "transformer"))
+        if size not in sizes:
+            raise ValueError(f"unknown size {size!r}; choose from {', '.join(sizes)}")
+        return cls(**{**sizes[size], **overrides})
 
 
 CONV_STEM_LAYERS = 4  # stride-2 convolutions of the "conv" stem: 16x fewer rows each way, as a patch

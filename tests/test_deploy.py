@@ -101,10 +101,11 @@ def test_onnx_backend_matches_torch_through_the_engine(exported):
     assert diff < 0.02
 
 
-@pytest.mark.parametrize("tokens, features", [("conv", "ast"), ("frame", "mfcc-40")])
-def test_other_tokens_and_features_export_and_int8_stays_close(tmp_path, tokens, features):
+@pytest.mark.parametrize("tokens, features, encoder", [("conv", "ast", "transformer"), ("frame", "mfcc-40", "transformer"), ("patch", "ast", "mamba")])
+def test_other_tokens_and_features_export_and_int8_stays_close(tmp_path, tokens, features, encoder):
     """A conv stem (its batch norms fold into its convolutions on export; dynamic int8 quantises
-    the convolutions too) and an MFCC-gram model (the features live in the spec the engines read)
+    the convolutions too), an MFCC-gram model (the features live in the spec the engines read)
+    and a Mamba encoder (its scan unrolls into plain ONNX ops for the window's fixed length)
     go through export and the engine like the patch model, within its bounds."""
     needs("onnx", "onnxscript", "onnxruntime")
     from deploy.export import export
@@ -113,7 +114,7 @@ def test_other_tokens_and_features_export_and_int8_stays_close(tmp_path, tokens,
 
     torch.manual_seed(0)
     fbank = preset(features)
-    model = make_model(EncoderConfig.named("nano", tokens=tokens, n_mels=fbank.n_features), HEADS, fbank=fbank, stream=(1.0, 0.25))
+    model = make_model(EncoderConfig.named("nano", encoder=encoder, tokens=tokens, n_mels=fbank.n_features), HEADS, fbank=fbank, stream=(1.0, 0.25))
     model.train()
     model(torch.randn(16, 98, fbank.n_features))  # batch-norm statistics that are not the identity
     ckpt = save(tmp_path / "model.safetensors", model.eval())

@@ -34,7 +34,7 @@ from edgetag import checkpoint
 from edgetag.features import PRESETS, FbankConfig, normalize, preset, windows
 from edgetag.model import AudioTransformer, num_parameters
 from edgetag.runtime import TorchBackend
-from edgetag.spec import SIZES, TAGS, TOKENS, EncoderConfig, HeadConfig, ModelSpec, StreamConfig
+from edgetag.spec import ENCODERS, TAGS, TOKENS, EncoderConfig, HeadConfig, ModelSpec, StreamConfig, sizes_of
 from train.augment import AugmentConfig, augment, spec_augment
 from train.data import Example, Source, find_audio, labels_of, load_features, split_examples
 from train.evaluate import FIGURES, clip_scores, headline, primary, report, targets
@@ -51,8 +51,9 @@ class FinetuneConfig:
     val: list[str] = setting([], "Validation source, as --train; a head without one is validated on a split of its training data.")
     out: str = setting("runs/finetune", "Folder for best.safetensors, history.csv and curves.png.")
     init: str = setting("", "Start from this edgetag checkpoint (a pretrained encoder.safetensors, or a model); empty: from scratch.")
-    size: str = setting("tiny", f"Encoder size from scratch: {', '.join(SIZES)}.")
-    tokens: str = setting("patch", "patch or frame tokens, from scratch.")
+    encoder: str = setting("transformer", f"Encoder from scratch: {' or '.join(ENCODERS)}.")
+    size: str = setting("tiny", "Encoder size from scratch: nano, mini, tiny, small, base (mamba: also ssamba-tiny/-small/-base, 24 layers).")
+    tokens: str = setting("patch", "patch, frame or conv tokens, from scratch.")
     preset: str = setting("ast", "Fbank recipe from scratch (an --init checkpoint brings its own).")
     mode: str = setting("full", "full, linear (heads only) or adapter (bottleneck adapters beside a frozen encoder).")
     adapter_dim: int = setting(32, "Adapter bottleneck width (--mode adapter).")
@@ -71,8 +72,10 @@ class FinetuneConfig:
     seed: int = setting(0, "Seed of the splits' crops, the augmentation and the initial weights.")
 
     def __post_init__(self):
-        for name, allowed in (("size", SIZES), ("tokens", TOKENS), ("preset", PRESETS), ("mode", MODES), ("precision", PRECISIONS)):
+        for name, allowed in (("encoder", ENCODERS), ("size", sizes_of(self.encoder)), ("tokens", TOKENS), ("preset", PRESETS), ("mode", MODES), ("precision", PRECISIONS)):
             choose(name, getattr(self, name), allowed)
+        if not self.init:  # an encoder that cannot be built fails here, before any data is read
+            EncoderConfig.named(self.size, encoder=self.encoder, tokens=self.tokens, adapter_dim=self.adapter_dim if self.mode == "adapter" else 0)
 
 
 @dataclass
@@ -205,7 +208,7 @@ def build_model(c: FinetuneConfig, heads: dict[str, HeadConfig], fbank: FbankCon
     its norm and the rows of every class the new head shares with it (`carry_head`)."""
     adapter_dim = c.adapter_dim if c.mode == "adapter" else 0
     if not c.init:
-        encoder = EncoderConfig.named(c.size, tokens=c.tokens, n_mels=fbank.n_features, adapter_dim=adapter_dim)
+        encoder = EncoderConfig.named(c.size, encoder=c.encoder, tokens=c.tokens, n_mels=fbank.n_features, adapter_dim=adapter_dim)
         return AudioTransformer(ModelSpec(encoder, fbank, heads, c.stream, provenance={"init": {}}))
     source = checkpoint.load_model(c.init)
     if fbank != source.spec.fbank:

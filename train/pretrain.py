@@ -1,7 +1,9 @@
-"""Self-supervised pretraining: MAE-AST (default), the SSAST baseline, or TERA.
+"""Self-supervised pretraining: MAE-AST (default), the SSAST baseline, or TERA, of a transformer
+or a Mamba encoder (SSAMBA: SSAST's objective on bidirectional Mamba blocks).
 
     python -m train.pretrain --data ../shared/data --size tiny --frames 128 --steps 20000 --out runs/pre
     python -m train.pretrain --method tera --preset mfcc-gram --tokens frame ...   # MFCC-gram transformers
+    python -m train.pretrain --encoder mamba --method ssast --size tiny ...          # SSAMBA
     torchrun --nproc-per-node 8 -m train.pretrain ...      # several GPUs (DistributedDataParallel)
 
 Writes into --out: `last.pt` (the training state, for --resume, every --checkpoint-every steps,
@@ -25,7 +27,7 @@ import typer
 from edgetag import checkpoint
 from edgetag.features import PRESETS, preset
 from edgetag.model import AudioTransformer
-from edgetag.spec import SIZES, TOKENS, EncoderConfig, ModelSpec
+from edgetag.spec import ENCODERS, TOKENS, EncoderConfig, ModelSpec, sizes_of
 from train.data import CropDataset, collate, find_audio
 from train.objectives.mae import MAEAST, MASKINGS
 from train.objectives.ssast import SSAST
@@ -41,7 +43,8 @@ class PretrainConfig:
     data: list[str] = setting([], "Folders, manifests (.csv/.jsonl with a path column) or files; repeatable.", required=True)
     out: str = setting("runs/pretrain", "Folder for the run: last.pt, encoder.safetensors, loss.csv, loss.png.")
     method: str = setting("mae-ast", f"Objective: {' or '.join(METHODS)}.")
-    size: str = setting("tiny", f"Encoder size: {', '.join(SIZES)}.")
+    encoder: str = setting("transformer", f"Encoder blocks: {' or '.join(ENCODERS)} (SSAMBA's bidirectional Mamba).")
+    size: str = setting("tiny", "Encoder size: nano, mini, tiny, small, base (mamba: also ssamba-tiny/-small/-base, 24 layers).")
     tokens: str = setting("patch", "patch (16x16), frame (2 frames) or conv (a convolutional stem; --method tera only) tokens.")
     masking: str = setting("chunk", "MAE-AST's masks: chunk or random (SSAST always masks clusters).")
     mask_ratio: float = setting(0.75, "Share of the tokens masked.")
@@ -62,12 +65,12 @@ class PretrainConfig:
     def __post_init__(self):
         # TERA alters the input instead of hiding tokens, so any token kind suits it
         tokens = TOKENS if self.method == "tera" else MASKABLE_TOKENS
-        for name, allowed in (("method", METHODS), ("size", SIZES), ("tokens", tokens), ("masking", MASKINGS), ("preset", PRESETS)):
+        for name, allowed in (("method", METHODS), ("encoder", ENCODERS), ("size", sizes_of(self.encoder)), ("tokens", tokens), ("masking", MASKINGS), ("preset", PRESETS)):
             choose(name, getattr(self, name), allowed)
         self.encoder_config()  # a token shape that does not fit the preset's features fails here, before any data is read
 
     def encoder_config(self) -> EncoderConfig:
-        return EncoderConfig.named(self.size, tokens=self.tokens, n_mels=preset(self.preset).n_features)
+        return EncoderConfig.named(self.size, encoder=self.encoder, tokens=self.tokens, n_mels=preset(self.preset).n_features)
 
 
 def build_model(c: PretrainConfig) -> torch.nn.Module:

@@ -56,6 +56,9 @@ def chunk_noise(batch: int, time_patches: int, freq_patches: int, num_masked: in
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
     """Keep a random subset of tokens per clip, as MAE does: sort noise, keep the lowest.
 
+    The visible tokens keep their order in the sequence: attention does not care, but a Mamba
+    encoder scans them in that order (MAE shuffles them).
+
     x [B, N, D] -> visible [B, N_keep, D], mask [B, N] (1 = masked), ids_restore [B, N]
     """
     B, N, D = x.shape
@@ -63,8 +66,9 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     if noise is None:
         noise = torch.rand(B, N, device=x.device)
     ids_shuffle = torch.argsort(noise.to(x.device), dim=1)  # ascending: kept tokens first
+    ids_keep = ids_shuffle[:, :keep].sort(dim=1).values
+    ids_shuffle = torch.cat([ids_keep, ids_shuffle[:, keep:]], dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :keep]
     visible = torch.gather(x, 1, ids_keep[:, :, None].expand(-1, -1, D))
     mask = torch.ones(B, N, device=x.device)
     mask[:, :keep] = 0
