@@ -237,7 +237,7 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
         return [n for f in fields(config) for n in (leaves(getattr(config, f.name)) if is_dataclass(getattr(config, f.name)) else [f.name])]
 
     assert list(inspect.signature(finetune_module.main).parameters) == leaves(FinetuneConfig()) == [
-        *"train val out init size tokens preset mode adapter_dim".split(), "window", "hop", *"loudness val_percent noise epochs batch_size lr weight_decay warmup_epochs".split(),
+        *"train val out init encoder size tokens preset mode adapter_dim".split(), "window", "hop", *"loudness val_percent noise epochs batch_size lr weight_decay warmup_epochs".split(),
         *"mixup mixup_alpha noise_prob snr_db gain_db shift freq_mask time_mask".split(), "balance", "precision", "seed"]
     assert list(inspect.signature(distill_module.main).parameters) == [
         *"teacher tag_teacher keyword_teacher audioset backgrounds".split(), *leaves(ViewsConfig()), "tag_alpha", "temperature", "alpha", "cache", *leaves(FinetuneConfig())]
@@ -267,6 +267,10 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
     (["train.distill", "--train", "DATA", "--views", "1", "--alpha", "nan"], "train.distill: error: --alpha: nan is not in [0, 1]"),
     (["train.input_study", "--size", "huge"], "train.input_study: error: size must be one of nano, mini, tiny, small, base, not 'huge'"),
     (["train.input_study", "--epochs", "0"], "train.input_study: error: --epochs: 0 is not >= 1"),
+    (["train.bench_encoders", "--size", "huge"], "train.bench_encoders: error: --size: 'huge' is not one of nano, mini, tiny, small, base"),
+    (["train.bench_encoders", "--tokens", "0"], "train.bench_encoders: error: --tokens: [0] are not all >= 1"),
+    (["train.bench_encoders", "--device", "tpu"], "train.bench_encoders: error: --device: 'tpu' is not cpu or cuda"),
+    (["train.bench_encoders", "--steps", "0"], "train.bench_encoders: error: --steps: 0 is not >= 1"),
 ])
 def test_training_commands_refuse_bad_input_in_one_line(args, message, dataset, tmp_path):
     args, message = [a.replace("DATA", str(dataset)) for a in args], message.replace("DATA", str(dataset))

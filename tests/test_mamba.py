@@ -30,7 +30,7 @@ def scan_inputs(L: int, seed: int = 0, dtype=torch.float32, batch: int = 2, inne
 
 
 @pytest.mark.parametrize("L", [1, 2, 3, 7, 48, 100, 257])
-@pytest.mark.parametrize("chunk", [5, 2048])
+@pytest.mark.parametrize("chunk", [5, None, 4096])
 def test_scan_computes_the_recurrence(L, chunk):
     """To float32 rounding (1e-5) for lengths that are not powers of two, whole or in chunks
     that carry the state across (chunk 5 splits every length above 5)."""
@@ -47,7 +47,7 @@ def test_associative_scan_is_the_linear_recurrence():
     torch.testing.assert_close(associative_scan(a, b), torch.stack(expected, dim=1))
 
 
-@pytest.mark.parametrize("L, chunk", [(37, 2048), (37, 8)])
+@pytest.mark.parametrize("L, chunk", [(37, 4096), (37, 8)])
 def test_scan_gradients_are_the_recurrences(L, chunk):
     """Every input's gradient equals the step-by-step reference's (float64, so the comparison
     is of the algorithms, not of their rounding)."""

@@ -46,16 +46,16 @@ def peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(method: str, size: str, tokens: str, frames: int, batch_size: int, steps: int, device: str, threads: int = 0) -> dict:
+def measure(method: str, size: str, tokens: str, frames: int, batch_size: int, steps: int, device: str, threads: int = 0, encoder: str = "transformer") -> dict:
     """Median step time, and peak memory above what the model and optimizer hold at rest
     (activations, gradients, optimizer state), over one warm-up step and `steps` timed ones."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    config = EncoderConfig.named(size, tokens=tokens)
+    config = EncoderConfig.named(size, encoder=encoder, tokens=tokens)
     # MAE-AST's released models: chunked masks for patches, random for frames
     masking = "chunk" if tokens == "patch" else "random"
-    model = build_model(PretrainConfig(method=method, size=size, tokens=tokens, masking=masking)).to(device)
+    model = build_model(PretrainConfig(method=method, encoder=encoder, size=size, tokens=tokens, masking=masking)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     features = torch.randn(batch_size, frames, config.n_mels, device=device)
     cuda = device.startswith("cuda")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,10 +72,10 @@ def respiratory_manifests(data: Path, out: Path) -> dict[str, Path]:
 
 
 def tasks(data: Path, out: Path) -> dict[str, dict]:
-    sc = data / "speech_commands"
+    from train.study import keyword_task
+
     respiratory = respiratory_manifests(data, out)
-    return {"keywords": {"train": [f"keywords={sc},split=train,percent=20"], "val": [f"keywords={sc},split=val,percent=20"]},
-            "respiratory": {"train": [f"tags=manifest:{respiratory['train']}"], "val": [f"tags=manifest:{respiratory['val']}"]}}
+    return {"keywords": keyword_task(data), "respiratory": {"train": [f"tags=manifest:{respiratory['train']}"], "val": [f"tags=manifest:{respiratory['val']}"]}}
 
 
 def hop_seconds(preset_name: str, hop: float = 0.5, repeats: int = 200) -> float:
@@ -90,8 +89,8 @@ def hop_seconds(preset_name: str, hop: float = 0.5, repeats: int = 200) -> float
 
 
 def study(c: StudyConfig) -> dict:
-    from train.finetune import FinetuneConfig, finetune, gather
-    from train.pretrain import PretrainConfig, pretrain
+    from train.finetune import gather
+    from train.study import equal_budget_run
 
     data, out = Path(c.data), Path(c.out)
     task_sources = tasks(data, out)
@@ -100,21 +99,9 @@ def study(c: StudyConfig) -> dict:
     for name, preset_name in INPUTS.items():
         results["hop_seconds"][name] = hop_seconds(preset_name)
         for objective in OBJECTIVES:
-            folder = out / f"{preset_name}-{objective}"
-            run = {"input": name, "objective": objective, "pretrain_minutes": 0.0}
-            init = ""
-            if objective != "none":
-                start = time.perf_counter()
-                # frame models mask at random (MAE-AST's frame recipe); equal steps and crops for both objectives
-                rows = pretrain(PretrainConfig(data=[str(data)], out=str(folder / "pretrain"), method=objective, size=c.size, tokens="frame", masking="random",
-                                               preset=preset_name, frames=98, batch_size=c.batch_size, steps=c.steps, lr=1e-3, warmup_steps=c.steps // 10,
-                                               checkpoint_every=c.steps, num_workers=1, seed=c.seed))
-                run.update(pretrain_minutes=(time.perf_counter() - start) / 60, pretrain_loss=[rows[0]["loss"], rows[-1]["loss"]])
-                init = str(folder / "pretrain" / "encoder.safetensors")
-            for task, sources in task_sources.items():
-                best = finetune(FinetuneConfig(**sources, out=str(folder / task), init=init, size=c.size, tokens="frame", preset=preset_name,
-                                               epochs=c.epochs, lr=1e-3, precision="bf16", seed=c.seed))
-                run[task] = next(iter(best.values()))["accuracy"]
+            # frame tokens, as the MFCC-gram model reads frames
+            run = {"input": name, **equal_budget_run(out / f"{preset_name}-{objective}", data, task_sources, objective, size=c.size, tokens="frame",
+                                                     preset=preset_name, steps=c.steps, batch_size=c.batch_size, epochs=c.epochs, seed=c.seed)}
             results["runs"].append(run)
             print(json.dumps(run))
     (out / "results.json").write_text(json.dumps(results, indent=1))

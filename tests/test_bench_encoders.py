@@ -1,0 +1,46 @@
+"""`python -m train.bench_encoders`: which encoder is faster where, read off the measured rows,
+and the command end to end (slow: it exports and times four models)."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from train.bench_encoders import crossover, render, summary
+
+
+def rows(times: dict[int, tuple[float, float]], batch: int = 1) -> list[dict]:
+    """Inference rows from {tokens: (transformer seconds, Mamba seconds)}, memory 10x the seconds."""
+    return [{"encoder": e, "tokens": n, "batch": batch, "seconds": s, "peak_bytes": int(10 * s * 2**20), "params": 1000}
+            for n, pair in times.items() for e, s in zip(("transformer", "mamba"), pair)]
+
+
+def test_crossover_is_the_count_from_which_the_mamba_stays_faster():
+    assert crossover(rows({100: (1, 5), 1000: (3, 4), 4000: (9, 6), 16000: (90, 20)})) == 4000
+    # faster once at 1000, slower again at 4000: the crossing is where it stays ahead
+    assert crossover(rows({100: (1, 5), 1000: (5, 4), 4000: (9, 10), 16000: (90, 20)})) == 16000
+    assert crossover(rows({100: (1, 5), 16000: (90, 100)})) is None
+    # batch 8 rows and failed rows do not count
+    assert crossover(rows({100: (1, 5), 16000: (90, 20)}) + rows({100: (9, 1)}, batch=8) + [{"encoder": "mamba", "tokens": 50, "batch": 1, "error": "killed"}]) == 16000
+
+
+def test_summary_and_table_give_transformer_over_mamba_at_16k():
+    measured = rows({100: (1, 5), 16000: (90, 20)})
+    s = summary(measured)
+    assert s == {"crossover_tokens": 16000, "speedup_at_16k": 4.5, "memory_at_16k": pytest.approx(4.5, rel=1e-3)}
+    table = render({"settings": {"size": "nano", "device": "cpu", "cpu": "x"}, "inference": measured, "streaming": [], "pretraining": []})
+    assert "| 16000 | 1 | 90000.0 ms | 20000.0 ms | 4.50x |" in table
+
+
+@pytest.mark.slow
+def test_the_command_prints_its_table_and_last_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "train.bench_encoders", "--size", "nano", "--tokens", "64", "--tokens", "128", "--batch8-max", "64",
+                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert re.fullmatch(r"crossover_tokens (\d+|None) speedup_at_16k nanx memory_at_16k nanx", lines[-1])  # no 16k row asked for
+    for needle in ("| 64 | 1 |", "| 128 | 1 |", "| 64 | 8 |", "| mamba | onnx |", "| mamba | ssast |", "| transformer | mae-ast |"):
+        assert needle in done.stdout
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "results.md").read_text().strip() in done.stdout

@@ -1,0 +1,305 @@
+"""Encoders compared in one run: the transformer and SSAMBA's bidirectional Mamba at equal width
+and parameter count (the named sizes).
+
+    python -m train.bench_encoders --quick                            # under 5 minutes, no data needed
+    python -m train.bench_encoders --data ../shared/data --out runs/encoders
+
+1. Inference: the encoder's blocks on N tokens (N from 100, one second of patches, to 16k and
+   beyond), batch 1 and 8: median seconds and peak memory (peak RSS above the process's RSS
+   before the pass, a fresh process each; CUDA's max allocated on a GPU).
+2. Streaming: the engine's per-hop latency at the 1 s window, torch and ONNX Runtime int8.
+3. Pretraining: one step (forward, backward, AdamW) of each objective on 10 s crops.
+4. Unless --quick: each encoder pretrained by each objective (or not at all) at an equal budget,
+   then fine-tuned on the keyword and ESC-50 validation splits (`train.study`).
+
+Writes OUT/results.json and OUT/results.md. Last line, transformer / Mamba at batch 1:
+`crossover_tokens <n> speedup_at_16k <x>x memory_at_16k <y>x`, n being the fewest measured tokens
+from which on the Mamba is faster at every count measured.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+from edgetag.spec import ENCODERS
+from train.options import command, setting
+
+OBJECTIVES = ("none", "ssast", "mae-ast")  # SSAMBA's objective, and MAE-AST's (visible tokens only)
+
+
+@dataclass
+class BenchConfig:
+    quick: bool = setting(False, "Finish in under 5 minutes on a 2-core CPU: mini encoders, batch 8 up to 2k tokens, no fine-tuning.")
+    size: str = setting("", "Named size of both encoders (equal width, parameters within 5%); default tiny, mini with --quick.")
+    tokens: list[int] = setting([100, 250, 500, 1000, 2000, 4000, 8000, 16000], "Token counts of the inference sweep (batch 1; batch 8 up to --batch8-max).")
+    batch8_max: int = setting(0, "Largest token count measured at batch 8; default all, 2000 with --quick.")
+    data: str = setting("", "The shared data folder, for the fine-tuning comparison (skipped without it or with --quick).")
+    out: str = setting("runs/encoders", "Folder for results.json, results.md and the study's runs.")
+    study_size: str = setting("nano", "Encoder size of the pretraining and fine-tuning runs.")
+    study_tokens: str = setting("frame", "Tokens of the pretraining and fine-tuning runs: frame (two frames each: a 1-D sequence over time, as a scan reads best) or patch.")
+    steps: int = setting(400, "Pretraining steps of each (encoder, objective).")
+    batch_size: int = setting(32, "Pretraining crops per step.")
+    epochs: int = setting(12, "Fine-tuning epochs of each task.")
+    device: str = setting("", "cpu or cuda (default: cuda when available).")
+
+    def __post_init__(self):
+        from edgetag.spec import SIZES
+
+        if not self.tokens or min(self.tokens) < 1:
+            raise ValueError(f"--tokens: {self.tokens} are not all >= 1")
+        for name, value in (("size", self.encoder_size), ("study_size", self.study_size)):
+            if value not in SIZES:
+                raise ValueError(f"--{name.replace('_', '-')}: {value!r} is not one of {', '.join(SIZES)}")
+        if self.batch8_max < 0:
+            raise ValueError(f"--batch8-max: {self.batch8_max} is not >= 0")
+        for name in ("steps", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: {getattr(self, name)} is not >= 1")
+        if self.study_tokens not in ("frame", "patch"):
+            raise ValueError(f"--study-tokens: {self.study_tokens!r} is not frame or patch")
+        if self.device not in ("", "cpu", "cuda"):
+            raise ValueError(f"--device: {self.device!r} is not cpu or cuda")
+
+    @property
+    def encoder_size(self) -> str:
+        return self.size or ("mini" if self.quick else "tiny")
+
+    @property
+    def batch8_limit(self) -> int:
+        return self.batch8_max or (2000 if self.quick else max(self.tokens))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Inference over token counts
+
+
+def inference(encoder: str, size: str, tokens: int, batch: int, device: str) -> dict:
+    """Median seconds and peak bytes of the blocks on `tokens` random tokens (no grad); run it in
+    a process of its own (`in_subprocess`): peak RSS is a process's high-water mark."""
+    import torch
+
+    from edgetag.model import Encoder, num_parameters
+    from edgetag.spec import EncoderConfig
+    from train.bench_pretrain import peak_rss, reset_peak_rss
+
+    torch.manual_seed(0)
+    model = Encoder(EncoderConfig.named(size, encoder=encoder)).to(device).eval()
+    x = torch.randn(batch, tokens, model.config.width, device=device)
+    cuda = device == "cuda"
+    run = lambda: model.forward_blocks(x + model.positions(tokens))  # noqa: E731
+    repeats = 3 if tokens * batch <= 8000 else 1  # the long passes take seconds each: one, after no warm-up
+    with torch.inference_mode():
+        if repeats > 1:
+            run()  # warm-up
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = reset_peak_rss()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() - base if cuda else peak_rss() - base
+    return {"encoder": encoder, "size": size, "tokens": tokens, "batch": batch, "params": num_parameters(model),
+            "seconds": statistics.median(times), "peak_bytes": max(peak, 0), "threads": torch.get_num_threads()}
+
+
+def in_subprocess(function: str, **kwargs) -> dict:
+    """train.bench_encoders.<function>(**kwargs) in a fresh process; its JSON result, or the
+    error's last line (an out-of-memory kill, say) under "error"."""
+    code = f"import json, sys; from train import bench_encoders as b; print(json.dumps(b.{function}(**json.loads(sys.argv[1]))))"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True)
+    if done.returncode:
+        lines = done.stderr.strip().splitlines()
+        return {**kwargs, "error": lines[-1] if lines else f"exit code {done.returncode}"}
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def crossover(rows: list[dict]) -> int | None:
+    """The fewest tokens from which on the Mamba is faster at every measured count (batch 1)."""
+    times = {(r["encoder"], r["tokens"]): r["seconds"] for r in rows if r["batch"] == 1 and "seconds" in r}
+    counts = sorted({n for _, n in times})
+    faster = [n for n in counts if ("mamba", n) in times and ("transformer", n) in times and times["mamba", n] < times["transformer", n]]
+    for i, n in enumerate(counts):
+        if all(m in faster for m in counts[i:]):
+            return n
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Streaming, 3. pretraining steps
+
+
+def streaming(size: str, folder: Path) -> list[dict]:
+    """Per-hop latency of an untrained model of each encoder (the cost does not depend on the
+    weights), 1 s windows every 0.5 s: torch, and ONNX Runtime on its int8 export (made by
+    `python -m deploy.export`, as a user makes one: train/ does not import deploy/)."""
+    import torch
+
+    from edgetag import checkpoint
+    from edgetag.bench import EXAMPLE, hop_latency
+    from edgetag.features import preset
+    from edgetag.model import AudioTransformer
+    from edgetag.spec import EncoderConfig, HeadConfig, ModelSpec, StreamConfig
+
+    rows = []
+    for encoder in ENCODERS:
+        torch.manual_seed(0)
+        spec = ModelSpec(EncoderConfig.named(size, encoder=encoder), preset("ast"), {"tags": HeadConfig("tags", [f"class {i}" for i in range(50)])},
+                         StreamConfig(1.0, 0.5))
+        path = checkpoint.save(folder / f"{encoder}.safetensors", AudioTransformer(spec).eval())
+        exported = subprocess.run([sys.executable, "-m", "deploy.export", "--ckpt", str(path), "--out", str(folder / f"{encoder}-export"),
+                                   "--calibration", str(EXAMPLE), "--calibration-windows", "32"], capture_output=True, text=True)
+        if exported.returncode:
+            raise RuntimeError(f"deploy.export of the {encoder} model: {exported.stderr.strip().splitlines()[-1]}")
+        for backend, model in (("torch", path), ("onnx", folder / f"{encoder}-export")):
+            r = hop_latency(str(model), backend, seconds=20.0, repeats=2)
+            rows.append({"encoder": encoder, "backend": backend, "encoder_ms": 1e3 * r["encoder_median_s"], "total_ms": 1e3 * r["total_median_s"]})
+    return rows
+
+
+def pretraining_steps(size: str, device: str) -> list[dict]:
+    """One pretraining step of each objective and encoder (10 s crops, batch 8, 75% masked), each
+    in a fresh process (`train.bench_pretrain.measure`)."""
+    from train.bench_pretrain import measure_in_subprocess
+
+    return [{"encoder": encoder, **measure_in_subprocess(method, size=size, tokens="patch", frames=1024, batch_size=8, steps=2, device=device, encoder=encoder)}
+            for encoder in ENCODERS for method in ("ssast", "mae-ast")]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Fine-tuning at an equal budget
+
+
+def study(c: BenchConfig) -> list[dict]:
+    """The runs, each kept in OUT/study.json as it finishes: a run already there with the same
+    settings is not trained again (the study takes an hour on a CPU; the timings above are
+    measured afresh every time)."""
+    from train.study import equal_budget_run, esc50_task, keyword_task
+
+    data, out = Path(c.data), Path(c.out)
+    tasks = {"keywords": keyword_task(data), "esc50": esc50_task(data)}
+    settings = {"data": str(data.resolve()), "size": c.study_size, "tokens": c.study_tokens, "steps": c.steps, "batch_size": c.batch_size, "epochs": c.epochs}
+    path = out / "study.json"
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    runs = done.get("runs", []) if done.get("settings") == settings else []
+    for encoder in ENCODERS:
+        for objective in OBJECTIVES:
+            if any(r["encoder"] == encoder and r["objective"] == objective for r in runs):
+                continue
+            start = time.perf_counter()
+            run = {"encoder": encoder, **equal_budget_run(out / f"{encoder}-{objective}", data, tasks, objective, encoder=encoder, size=c.study_size,
+                                                          tokens=c.study_tokens, steps=c.steps, batch_size=c.batch_size, epochs=c.epochs)}
+            run["minutes"] = (time.perf_counter() - start) / 60
+            runs.append(run)
+            path.write_text(json.dumps({"settings": settings, "runs": runs}, indent=1))
+            print(json.dumps(run), flush=True)
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def bench(c: BenchConfig) -> dict:
+    import torch
+
+    device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(c.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"settings": {**vars(c), "size": c.encoder_size, "batch8_max": c.batch8_limit, "device": device, "cpu": _cpu()}, "inference": []}
+    for tokens in sorted(c.tokens):
+        for batch in (1, 8):
+            if batch == 8 and tokens > c.batch8_limit:
+                continue
+            for encoder in ENCODERS:
+                row = in_subprocess("inference", encoder=encoder, size=c.encoder_size, tokens=tokens, batch=batch, device=device)
+                results["inference"].append(row)
+                print(_inference_line(row), flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        results["streaming"] = streaming(c.encoder_size, Path(folder))
+    results["pretraining"] = pretraining_steps(c.encoder_size, device)
+    if c.data and not c.quick:
+        results["study"] = study(c)
+    results["summary"] = summary(results["inference"])
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    table = render(results)
+    (out / "results.md").write_text(table + "\n")
+    print(table)
+    s = results["summary"]
+    print(f"crossover_tokens {s['crossover_tokens']} speedup_at_16k {s['speedup_at_16k']:.2f}x memory_at_16k {s['memory_at_16k']:.2f}x")
+    return results
+
+
+def summary(rows: list[dict]) -> dict:
+    at = {(r["encoder"], r["batch"]): r for r in rows if r["tokens"] == 16000 and "seconds" in r}
+    t, m = at.get(("transformer", 1)), at.get(("mamba", 1))
+    nan = float("nan")
+    return {"crossover_tokens": crossover(rows), "speedup_at_16k": t["seconds"] / m["seconds"] if t and m else nan,
+            "memory_at_16k": t["peak_bytes"] / max(m["peak_bytes"], 1) if t and m else nan}
+
+
+def _cpu() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor()
+
+
+def _inference_line(r: dict) -> str:
+    if "error" in r:
+        return f"{r['encoder']:<11} {r['tokens']:>6} tokens batch {r['batch']}: failed: {r['error']}"
+    return f"{r['encoder']:<11} {r['tokens']:>6} tokens batch {r['batch']}: {1e3 * r['seconds']:9.1f} ms {r['peak_bytes'] / 2**20:8.1f} MiB"
+
+
+def render(results: dict) -> str:
+    s = results["settings"]
+    inference = results["inference"]
+    params = {r["encoder"]: r["params"] for r in inference if "params" in r}
+    lines = [f"Encoders at equal width and parameters: `{s['size']}` ({', '.join(f'{e} {n / 1e6:.2f}M' for e, n in params.items())}), "
+             f"{s['device']} ({s['cpu']}, {inference[0].get('threads', '?')} threads).", "",
+             "| tokens | batch | transformer | Mamba | time ratio (transformer / Mamba) | transformer memory | Mamba memory | memory ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    cell = {(r["encoder"], r["tokens"], r["batch"]): r for r in inference}
+    for tokens, batch in sorted({(r["tokens"], r["batch"]) for r in inference}, key=lambda k: (k[1], k[0])):
+        t, m = cell.get(("transformer", tokens, batch), {}), cell.get(("mamba", tokens, batch), {})
+        ms = lambda r: f"{1e3 * r['seconds']:.1f} ms" if "seconds" in r else "failed"  # noqa: E731
+        mib = lambda r: f"{r['peak_bytes'] / 2**20:.0f} MiB" if "peak_bytes" in r else "–"  # noqa: E731
+        ratio = f"{t['seconds'] / m['seconds']:.2f}x" if "seconds" in t and "seconds" in m else "–"
+        mem = f"{t['peak_bytes'] / max(m['peak_bytes'], 1):.2f}x" if "peak_bytes" in t and "peak_bytes" in m else "–"
+        lines.append(f"| {tokens} | {batch} | {ms(t)} | {ms(m)} | {ratio} | {mib(t)} | {mib(m)} | {mem} |")
+    lines += ["", "Per-hop streaming latency (1 s window every 0.5 s, 1 thread, median):", "", "| encoder | backend | encoder | total per hop |", "|---|---|---|---|"]
+    lines += [f"| {r['encoder']} | {r['backend']} | {r['encoder_ms']:.2f} ms | {r['total_ms']:.2f} ms |" for r in results["streaming"]]
+    lines += ["", "One pretraining step (10 s crops, batch 8, 75% masked; forward, backward, AdamW):", "",
+              "| encoder | objective | median step | peak memory |", "|---|---|---|---|"]
+    lines += [f"| {r['encoder']} | {r['method']} | {1e3 * r['step_s']:.0f} ms | {r['peak_bytes'] / 2**20:.0f} MiB |" for r in results["pretraining"]]
+    if "study" in results:
+        lines += ["", f"Fine-tuning at an equal budget: `{s['study_size']}` encoders, {s['study_tokens']} tokens, {s['steps']} pretraining steps of {s['batch_size']} 1 s crops, "
+                  f"{s['epochs']} fine-tuning epochs; best validation accuracy:", "",
+                  "| encoder | pretraining | keywords (12-way) | ESC-50 fold 4 (50-way) | pretraining minutes | minutes in all |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['encoder']} | {r['objective']} | {100 * r['keywords']:.1f}% | {100 * r['esc50']:.1f}% | {r['pretrain_minutes']:.1f} | {r['minutes']:.1f} |"
+                  for r in results["study"]]
+    return "\n".join(lines)
+
+
+main = command(BenchConfig, bench)
+
+if __name__ == "__main__":
+    from edgetag.cli import run_guarded
+
+    run_guarded(lambda: typer.run(main), __spec__.name)
