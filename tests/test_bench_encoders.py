@@ -36,7 +36,7 @@ def test_summary_and_table_give_transformer_over_mamba_at_16k():
 
 @pytest.mark.slow
 def test_the_command_prints_its_table_and_last_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "train.bench_encoders", "--size", "nano", "--tokens", "64", "--tokens", "128", "--batch8-max", "64",
+    done = subprocess.run([sys.executable, "-m", "train.bench_encoders", "--size", "nano", "--tokens", "64", "--tokens", "128", "--batch8-max", "64", "--stream-size", "nano",
                            "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()

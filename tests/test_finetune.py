@@ -271,6 +271,9 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
     (["train.bench_encoders", "--tokens", "0"], "train.bench_encoders: error: --tokens: [0] are not all >= 1"),
     (["train.bench_encoders", "--device", "tpu"], "train.bench_encoders: error: --device: 'tpu' is not cpu or cuda"),
     (["train.bench_encoders", "--steps", "0"], "train.bench_encoders: error: --steps: 0 is not >= 1"),
+    (["train.bench_encoders", "--stream-size", "huge"], "train.bench_encoders: error: --stream-size: 'huge' is not one of nano, mini, tiny, small, base"),
+    (["train.bench_encoders", "--study-tokens", "conv"], "train.bench_encoders: error: --study-tokens: 'conv' is not frame or patch"),
+    (["train.bench_encoders", "--batch8-max", "-1"], "train.bench_encoders: error: --batch8-max: -1 is not >= 0"),
 ])
 def test_training_commands_refuse_bad_input_in_one_line(args, message, dataset, tmp_path):
     args, message = [a.replace("DATA", str(dataset)) for a in args], message.replace("DATA", str(dataset))

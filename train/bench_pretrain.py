@@ -89,7 +89,10 @@ def measure_in_subprocess(method: str, **kwargs) -> dict:
         "import json, sys; from train.bench_pretrain import measure; "
         f"print(json.dumps(measure({method!r}, **json.loads(sys.argv[1]))))"
     )
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True)
+    if out.returncode:  # killed for memory, say: one line, not a traceback of the parent
+        raise RuntimeError(f"a {method} step ({', '.join(f'{k}={v}' for k, v in kwargs.items())}) failed: "
+                           f"{(out.stderr.strip().splitlines() or [f'exit code {out.returncode}'])[-1]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
