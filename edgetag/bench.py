@@ -13,6 +13,7 @@ process of its own: torch's thread pool is process-wide, and a peak RSS is a pro
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 import subprocess
 import sys
@@ -239,6 +240,17 @@ def listen_memory(hours: float = 1.0, samples: int = 13, backend: str = "auto") 
     slope = float(np.polyfit(hours_axis[1:], mib[1:], 1)[0])
     return {"listen_hours": hours, "listen_wall_s": time.perf_counter() - start, "listen_hops": session.hops,
             "listen_rss_start_mib": float(mib[1]), "listen_rss_end_mib": float(mib[-1]), "listen_rss_slope_mib_per_hour": slope}
+
+
+def cpu_name() -> str:
+    """The CPU benchmarks ran on, as /proc/cpuinfo names it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def proc_status(field: str) -> int:

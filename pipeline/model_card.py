@@ -6,10 +6,10 @@ chosen by what was measured (a missed target says so, and by how much).
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Callable
 from pathlib import Path
 
+from edgetag.bench import cpu_name
 from edgetag.spec import KEYWORDS
 
 TASKS = {  # report key -> how the card names the task
@@ -40,16 +40,6 @@ TOKEN_WORDS = {"patch": "16x16 patch tokens", "frame": "frame tokens", "conv": "
 
 def pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def results_table(report: dict) -> list[str]:

@@ -218,10 +218,12 @@ def study(c: BenchConfig) -> list[dict]:
 def bench(c: BenchConfig) -> dict:
     import torch
 
+    from edgetag.bench import cpu_name
+
     device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(c.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"settings": {**vars(c), "size": c.encoder_size, "batch8_max": c.batch8_limit, "device": device, "cpu": _cpu()}, "inference": []}
+    results: dict = {"settings": {**vars(c), "size": c.encoder_size, "batch8_max": c.batch8_limit, "device": device, "cpu": cpu_name()}, "inference": []}
     for tokens in sorted(c.tokens):
         for batch in (1, 8):
             if batch == 8 and tokens > c.batch8_limit:
@@ -251,15 +253,6 @@ def summary(rows: list[dict]) -> dict:
     nan = float("nan")
     return {"crossover_tokens": crossover(rows), "speedup_at_16k": t["seconds"] / m["seconds"] if t and m else nan,
             "memory_at_16k": t["peak_bytes"] / max(m["peak_bytes"], 1) if t and m else nan}
-
-
-def _cpu() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-
-        return platform.processor()
 
 
 def _inference_line(r: dict) -> str:
