@@ -1,7 +1,10 @@
 """The Audio Spectrogram Transformer encoder that runs on the device, and its heads, in torch
 (their configs, `EncoderConfig` and `HeadConfig`, live in `edgetag.spec`, which needs no torch).
 Its blocks are a transformer's, or SSAMBA's bidirectional Mamba blocks (`edgetag.mamba`) over the
-same tokens, positions and heads.
+same tokens, positions and heads. A transformer attends over every token, or (TI-CL's FTA) along
+each token's frequency row and time column of the token grid; adapters for a frozen encoder go
+beside its MLPs (AAT), after attention and beside the MLP (AAT's placement), or beside both as
+convolutions over the grid (TI-CL's ConvPass).
 
 Features [B, T, n_mels] are cut into tokens (16x16 patches or 128x2 frames, overlapping for
 imported AST teachers; or the cells of a convolutional stem's output), ordered time-major as
@@ -94,9 +97,12 @@ class ConvStem(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    """Multi-head self-attention over every token, or FTA over a (time, frequency) token grid
+    when given `grid` (its frequency rows and the cls tokens before it)."""
+
+    def __init__(self, width: int, heads: int, grid: tuple[int, int] | None = None):
         super().__init__()
-        self.heads = heads
+        self.heads, self.grid = heads, grid
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
@@ -104,8 +110,36 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads)  # [B, N, 3, H, C/H]
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, N, C/H]
-        x = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, C/H]
+        x = F.scaled_dot_product_attention(q, k, v) if self.grid is None else factorised_attention(q, k, v, *self.grid)  # [B, H, N, C/H]
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+def factorised_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freq: int, cls: int = 0) -> torch.Tensor:
+    """TI-CL's frequency-time factorised attention (FTA) as row attention plus column attention.
+
+    q, k, v [B, H, cls + t * freq, d], the patch tokens a time-major (t, freq) grid. A patch
+    attends to the cls tokens, its frequency row (its f, every t) and its time column (its t,
+    every f), itself once: one softmax over those t + freq - 1 + cls keys, which is full
+    attention under the equivalent -inf mask, at t + freq + cls scores per query instead of
+    cls + t * freq. (TI-CL's released code multiplies the full N x N logits by a 0/1 mask: the
+    cost stays, and masked pairs keep logit 0.) cls tokens attend to every token.
+    """
+    B, H, N, d = q.shape
+    t = (N - cls) // freq
+    if cls + t * freq != N:
+        raise ValueError(f"{N - cls} tokens are not a grid of {freq} frequency rows")
+    grid = lambda a: a[:, :, cls:].reshape(B, H, t, freq, d)  # noqa: E731  [B, H, t, f, d]
+    qp, kp, vp = grid(q * d**-0.5), grid(k), grid(v)
+    rows = (qp.transpose(2, 3) @ kp.transpose(2, 3).transpose(-1, -2)).transpose(2, 3)  # [B, H, t, f, t']: same f
+    columns = (qp @ kp.transpose(-1, -2)).masked_fill(torch.eye(freq, dtype=torch.bool, device=q.device), float("-inf"))  # [B, H, t, f, f']: same t, self in rows
+    kc, vc = k[:, :, None, :cls], v[:, :, None, :cls]  # [B, H, 1, cls, d]
+    scores = torch.cat([rows, columns, qp @ kc.transpose(-1, -2)], dim=-1).softmax(dim=-1)  # [B, H, t, f, t' + f' + cls]
+    a_rows, a_columns, a_cls = scores.split([t, freq, cls], dim=-1)
+    out = (a_rows.transpose(2, 3) @ vp.transpose(2, 3)).transpose(2, 3) + a_columns @ vp + a_cls @ vc  # [B, H, t, f, d]
+    out = out.reshape(B, H, t * freq, d)
+    if not cls:
+        return out
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, :cls], k, v), out], dim=2)
 
 
 class Mlp(nn.Module):
@@ -119,8 +153,8 @@ class Mlp(nn.Module):
 
 
 class Adapter(nn.Module):
-    """A bottleneck beside the MLP (AAT): trained while the encoder stays frozen. The up
-    projection starts at zero, so an untrained adapter leaves the encoder unchanged."""
+    """A bottleneck (AAT): trained while the encoder stays frozen. The up projection starts at
+    zero, so an untrained adapter leaves the encoder unchanged."""
 
     def __init__(self, width: int, bottleneck: int):
         super().__init__()
@@ -133,24 +167,75 @@ class Adapter(nn.Module):
         return self.up(F.gelu(self.down(x)))
 
 
+class ConvAdapter(nn.Module):
+    """TI-CL's convolutional adapter (ConvPass): a bottleneck with a 3x3 convolution over the
+    (time, frequency) token grid between its projections, so the adapter sees each token's
+    neighbours, which a frozen encoder's token-wise MLP cannot add. The convolution starts as
+    the identity (ConvPass's init) and the up projection at zero: an untrained adapter leaves
+    the encoder unchanged. A cls token has no neighbours: it meets only the centre tap, as a
+    1x1 grid (ConvPass does the same)."""
+
+    def __init__(self, width: int, bottleneck: int, grid: tuple[int, int], dropout: float = 0.1):
+        super().__init__()
+        self.freq, self.cls = grid
+        self.down = nn.Linear(width, bottleneck)
+        self.conv = nn.Conv2d(bottleneck, bottleneck, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(bottleneck, width)
+        nn.init.xavier_uniform_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, :, 1, 1] = torch.eye(bottleneck)
+            self.conv.bias.zero_()
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        c, f = self.cls, self.freq
+        t = (N - c) // f
+        if c + t * f != N:
+            raise ValueError(f"{N - c} tokens are not a grid of {f} frequency rows")
+        h = F.gelu(self.down(x))  # [B, N, d]
+        cells = h[:, c:].reshape(B, t, f, -1).permute(0, 3, 1, 2)  # [B, d, t, f]
+        cells = self.conv(cells).permute(0, 2, 3, 1).reshape(B, t * f, -1)  # [B, t * f, d]
+        if c:
+            cells = torch.cat([F.linear(h[:, :c], self.conv.weight[:, :, 1, 1], self.conv.bias), cells], dim=1)
+        return self.up(self.dropout(F.gelu(cells)))
+
+
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, norm_first: bool = True, norm_eps: float = 1e-6, adapter_dim: int = 0):
+    """A transformer block. `grid` (frequency rows, cls tokens) is the token grid FTA and conv
+    adapters work on; `adapter` places adapters of width `adapter_dim` (EncoderConfig.adapter)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, norm_first: bool = True, norm_eps: float = 1e-6, adapter_dim: int = 0,
+                 adapter: str = "mlp", attention: str = "full", grid: tuple[int, int] = (1, 0)):
         super().__init__()
         self.norm_first = norm_first
         self.norm1 = nn.LayerNorm(width, eps=norm_eps)
-        self.attn = Attention(width, heads)
+        self.attn = Attention(width, heads, grid if attention == "fta" else None)
         self.norm2 = nn.LayerNorm(width, eps=norm_eps)
         self.mlp = Mlp(width, int(width * mlp_ratio))
-        self.adapter = Adapter(width, adapter_dim) if adapter_dim else None
+        self.sequential = adapter == "aat"  # AAT's attention adapter reads attention's output; ConvPass's its input
+        make = (lambda: ConvAdapter(width, adapter_dim, grid)) if adapter == "conv" else (lambda: Adapter(width, adapter_dim))
+        self.adapter = make() if adapter_dim else None
+        self.adapter_attn = make() if adapter_dim and adapter != "mlp" else None
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attn(x)
+        if self.adapter_attn is None:
+            return a
+        return a + self.adapter_attn(a if self.sequential else x)
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x) if self.adapter is None else self.mlp(x) + self.adapter(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_first:
-            x = x + self.attn(self.norm1(x))
+            x = x + self.attend(self.norm1(x))
             return x + self.feed_forward(self.norm2(x))
-        x = self.norm1(x + self.attn(x))
+        x = self.norm1(x + self.attend(x))
         return self.norm2(x + self.feed_forward(x))
 
 
@@ -173,7 +258,8 @@ class Encoder(nn.Module):
         if c.encoder == "mamba":
             self.blocks = nn.ModuleList(MambaBlock(c.width, c.d_state, c.d_conv, c.expand, c.norm_eps) for _ in range(c.depth))
         else:
-            self.blocks = nn.ModuleList(Block(c.width, c.heads, c.mlp_ratio, c.norm_first, c.norm_eps, c.adapter_dim) for _ in range(c.depth))
+            grid = (c.freq_patches, c.cls_tokens)
+            self.blocks = nn.ModuleList(Block(c.width, c.heads, c.mlp_ratio, c.norm_first, c.norm_eps, c.adapter_dim, c.adapter, c.attention, grid) for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.width, eps=c.norm_eps) if c.norm_first else nn.Identity()
 
     def positions(self, n: int) -> torch.Tensor:

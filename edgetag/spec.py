@@ -32,6 +32,8 @@ ENCODERS = ("transformer", "mamba")
 TOKENS = ("patch", "frame", "conv")
 POSITIONS = ("sincos", "learned")
 POOLS = ("mean", "cls")
+ATTENTIONS = ("full", "fta")
+ADAPTERS = ("mlp", "aat", "conv")
 
 # Named sizes: SSAST's tiny/small/base, plus smaller students for the edge.
 SIZES = {
@@ -78,14 +80,23 @@ class EncoderConfig:
     stride_time: int = 0  # 0: the patch width
     cls_tokens: int = 0
     pool: str = "mean"  # "mean" of the patch tokens, or of the "cls" tokens
-    adapter_dim: int = 0  # bottleneck adapters beside each MLP (0: none)
+    # Self-attention over every token, or TI-CL's frequency-time factorised attention: a patch
+    # attends to its frequency row and its time column (and the cls tokens), F + T keys, not F x T.
+    # FTA has no weights of its own: a full-attention encoder's weights run under it unchanged.
+    attention: str = "full"
+    adapter_dim: int = 0  # adapters' bottleneck width (0: none)
+    # Where adapters go: "mlp", a bottleneck beside each MLP; "aat", AAT's placement (a sequential
+    # bottleneck after attention and one beside the MLP); "conv", TI-CL's ConvPass (a 3x3
+    # convolution over the token grid inside a bottleneck, beside attention and beside the MLP).
+    adapter: str = "mlp"
     # Mamba's state size, causal conv width and inner expansion (dt's rank is ceil(width / 16))
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
 
     def __post_init__(self):
-        for name, value, allowed in (("encoder", self.encoder, ENCODERS), ("tokens", self.tokens, TOKENS), ("positions", self.positions, POSITIONS), ("pool", self.pool, POOLS)):
+        for name, value, allowed in (("encoder", self.encoder, ENCODERS), ("tokens", self.tokens, TOKENS), ("positions", self.positions, POSITIONS), ("pool", self.pool, POOLS),
+                                     ("attention", self.attention, ATTENTIONS), ("adapter", self.adapter, ADAPTERS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
         if self.pool == "cls" and not self.cls_tokens:
@@ -94,6 +105,10 @@ class EncoderConfig:
             raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
         if self.encoder == "mamba" and (not self.norm_first or self.adapter_dim):
             raise ValueError("mamba blocks are pre-LN and have no MLP to put adapters beside")
+        if self.encoder == "mamba" and self.attention != "full":
+            raise ValueError("mamba blocks have no attention to factorise (attention 'fta' is for transformer blocks)")
+        if self.adapter_dim < 0:
+            raise ValueError(f"adapter_dim {self.adapter_dim} is not >= 0")
         if self.tokens == "conv" and (self.stride_freq or self.stride_time):
             raise ValueError("conv tokens take no patch strides (the stem sets its own)")
         if self.tokens != "conv" and not self.overlapping and self.n_mels % self.patch_freq:
@@ -137,6 +152,13 @@ class EncoderConfig:
     def num_tokens(self, frames: int) -> int:
         """Patch tokens for `frames` input frames (cls tokens not counted)."""
         return self.time_patches(frames) * self.freq_patches
+
+    @property
+    def grid(self) -> bool:
+        """Do the blocks need the tokens as their whole (time, frequency) grid? FTA's rows and
+        columns and a conv adapter's 3x3 neighbours do; masked pretraining's visible subset is
+        not a grid."""
+        return self.attention == "fta" or (self.adapter_dim > 0 and self.adapter == "conv")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -46,6 +46,26 @@ def data_path(relative: str) -> Path:
 EXAMPLE = "example"  # the bundled example (edgetag/assets): real audio every checkout has
 
 
+def assert_streaming_equals_offline(model_path: Path) -> None:
+    """Per hop, for the bundled example pushed in blocks of random sizes (as a microphone
+    delivers them), the engine's probabilities are the offline windows' of every head."""
+    from edgetag import audio
+    from edgetag.features import fbank, windows
+    from edgetag.runtime import clip_probabilities, load_backend
+    from edgetag.stream import Engine, process_blocks
+
+    backend = load_backend(model_path)
+    x = audio.load(REPO / "edgetag" / "assets" / "example.flac")
+    sizes = np.random.default_rng(0).integers(1, 5000, 1000)
+    edges = np.cumsum(sizes)[np.cumsum(sizes) < len(x)]
+    hops = process_blocks(Engine(backend), np.split(x, edges)).hops
+    feats = fbank(x, backend.spec.fbank)
+    assert len(hops) == len(windows(feats, backend.spec.window_frames, backend.spec.hop_frames)) > 20
+    expected = clip_probabilities(backend, [feats])[0]
+    for name in backend.spec.heads:
+        np.testing.assert_allclose(np.stack([h.probabilities[name] for h in hops]), expected[name], atol=1e-5)
+
+
 @pytest.fixture(params=[EXAMPLE, *REAL_CLIPS], ids=lambda p: p.split("/")[0])
 def real_clip(request) -> Path:
     return REPO / "edgetag" / "assets" / "example.flac" if request.param == EXAMPLE else data_path(request.param)

@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from train.bench_encoders import crossover, render, summary
+from train.bench_encoders import crossover, fta_summary, render, summary
 
 
 def rows(times: dict[int, tuple[float, float]], batch: int = 1) -> list[dict]:
@@ -44,3 +44,31 @@ def test_the_command_prints_its_table_and_last_line(tmp_path):
     for needle in ("| 64 | 1 |", "| 128 | 1 |", "| 64 | 8 |", "| mamba | onnx |", "| mamba | ssast |", "| transformer | mae-ast |"):
         assert needle in done.stdout
     assert (tmp_path / "results.json").is_file() and (tmp_path / "results.md").read_text().strip() in done.stdout
+
+
+def window_rows(times: dict[tuple[str, float], tuple[float, float]], batch: int = 1) -> list[dict]:
+    """Window rows from {(grid, seconds): (full seconds, FTA seconds)}."""
+    return [{"attention": a, "grid": grid, "window_s": w, "batch": batch, "tokens": 48, "freq_rows": 8, "keys_per_query": 48 if a == "full" else 13,
+             "seconds": s, "peak_bytes": 2**20, "params": 1000} for (grid, w), pair in times.items() for a, s in zip(("full", "fta"), pair)]
+
+
+def test_fta_summary_is_full_over_fta_at_batch_1_on_patches():
+    measured = window_rows({("patch", 1.0): (2.0, 4.0), ("patch", 10.0): (9.0, 3.0), ("overlapping", 10.0): (100.0, 1.0)}) + window_rows({("patch", 10.0): (50.0, 1.0)}, batch=8)
+    assert fta_summary(measured) == {"fta_speedup_1s": 0.5, "fta_speedup_10s": 3.0}
+    assert all(v != v for v in fta_summary(window_rows({("patch", 5.0): (1.0, 1.0)})).values())  # not measured: nan
+    table = render({"settings": {"size": "nano", "device": "cpu", "cpu": "x"}, "windows": measured, "streaming": []})
+    assert "| patch (8 rows) | 10 s | 48 | 48 / 13 | 1 | 9000.0 ms | 3000.0 ms | 3.00x |" in table and "pretraining" not in table
+
+
+@pytest.mark.slow
+def test_the_attention_comparison_prints_its_table_and_last_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "train.bench_encoders", "--attention", "--windows", "1", "--windows", "10", "--size", "nano", "--stream-size", "nano",
+                           "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"fta_speedup_1s \d+\.\d\dx fta_speedup_10s \d+\.\d\dx", last)
+    # one second of 16x16 patches: 6 x 8 tokens; a query scores all 48 under full attention, its row and column (6 + 8 - 1) under FTA
+    for needle in ("| patch (8 rows) | 1 s | 48 | 48 / 13 | 1 |", "| overlapping (12 rows) | 10 s | 1188 | 1188 / 110 | 8 |", "| fta | onnx |"):
+        assert needle in done.stdout
+    assert (tmp_path / "results.md").read_text().strip() in done.stdout

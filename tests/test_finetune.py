@@ -237,7 +237,7 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
         return [n for f in fields(config) for n in (leaves(getattr(config, f.name)) if is_dataclass(getattr(config, f.name)) else [f.name])]
 
     assert list(inspect.signature(finetune_module.main).parameters) == leaves(FinetuneConfig()) == [
-        *"train val out init encoder size tokens preset mode adapter_dim".split(), "window", "hop", *"loudness val_percent noise epochs batch_size lr weight_decay warmup_epochs".split(),
+        *"train val out init encoder size tokens preset mode adapter adapter_dim attention".split(), "window", "hop", *"loudness val_percent noise epochs batch_size lr weight_decay warmup_epochs".split(),
         *"mixup mixup_alpha noise_prob snr_db gain_db shift freq_mask time_mask".split(), "balance", "precision", "seed"]
     assert list(inspect.signature(distill_module.main).parameters) == [
         *"teacher tag_teacher keyword_teacher audioset backgrounds".split(), *leaves(ViewsConfig()), "tag_alpha", "temperature", "alpha", "cache", *leaves(FinetuneConfig())]
@@ -274,6 +274,14 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
     (["train.bench_encoders", "--stream-size", "huge"], "train.bench_encoders: error: --stream-size: 'huge' is not one of nano, mini, tiny, small, base"),
     (["train.bench_encoders", "--study-tokens", "conv"], "train.bench_encoders: error: --study-tokens: 'conv' is not frame or patch"),
     (["train.bench_encoders", "--batch8-max", "-1"], "train.bench_encoders: error: --batch8-max: -1 is not >= 0"),
+    (["train.bench_encoders", "--attention", "--windows", "0"], "train.bench_encoders: error: --windows: [0.0] are not all in [0.1, 60] seconds"),
+    (["train.bench_encoders", "--attention", "--study-tokens", "frame"], "train.bench_encoders: error: --study-tokens frame: a frame model's grid has one frequency row"),
+    (["train.pretrain", "--data", "DATA", "--attention", "fta"], "train.pretrain: error: --attention fta: MAE-AST's encoder sees a random quarter of the tokens"),
+    (["train.pretrain", "--data", "DATA", "--method", "ssast", "--attention", "sparse"], "train.pretrain: error: attention must be one of full, fta, not 'sparse'"),
+    (["train.pretrain", "--data", "DATA", "--method", "ssast", "--encoder", "mamba", "--attention", "fta"], "train.pretrain: error: mamba blocks have no attention to factorise"),
+    (["train.finetune", "--train", "DATA", "--mode", "adapter", "--adapter", "lora"], "train.finetune: error: adapter must be one of mlp, aat, conv, not 'lora'"),
+    (["train.finetune", "--train", "DATA", "--mode", "adapter", "--adapter-dim", "0"], "train.finetune: error: --adapter-dim: 0 is not >= 1"),
+    (["train.finetune", "--train", "DATA", "--attention", "axial"], "train.finetune: error: attention must be one of full, fta, not 'axial'"),
 ])
 def test_training_commands_refuse_bad_input_in_one_line(args, message, dataset, tmp_path):
     args, message = [a.replace("DATA", str(dataset)) for a in args], message.replace("DATA", str(dataset))

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_dataset, make_model
+from conftest import REPO, assert_streaming_equals_offline, make_dataset, make_model
 
 from edgetag import checkpoint
 from edgetag.mamba import BiMamba, associative_scan, selective_scan, selective_scan_reference
@@ -132,21 +132,7 @@ def test_checkpoint_round_trip_is_bit_identical(mamba_model, tmp_path):
 
 def test_streaming_equals_offline(mamba_model):
     """Per hop, the engine's probabilities are the offline windows' (the bundled example)."""
-    from edgetag import audio
-    from edgetag.features import fbank, windows
-    from edgetag.runtime import clip_probabilities, load_backend
-    from edgetag.stream import Engine, process_blocks
-
-    backend = load_backend(mamba_model)
-    x = audio.load(REPO / "edgetag" / "assets" / "example.flac")
-    sizes = np.random.default_rng(0).integers(1, 5000, 1000)  # blocks of any size, as a microphone delivers them
-    edges = np.cumsum(sizes)[np.cumsum(sizes) < len(x)]
-    hops = process_blocks(Engine(backend), np.split(x, edges)).hops
-    feats = fbank(x, backend.spec.fbank)
-    assert len(hops) == len(windows(feats, backend.spec.window_frames, backend.spec.hop_frames)) > 20
-    expected = clip_probabilities(backend, [feats])[0]
-    for name in HEADS:
-        np.testing.assert_allclose(np.stack([h.probabilities[name] for h in hops]), expected[name], atol=1e-5)
+    assert_streaming_equals_offline(mamba_model)
 
 
 def test_pretrain_resume_finetune_and_edgetag_file(tmp_path):

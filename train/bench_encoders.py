@@ -1,20 +1,29 @@
 """Encoders compared in one run: the transformer and SSAMBA's bidirectional Mamba at equal width
-and parameter count (the named sizes).
+and parameter count (the named sizes); with --attention, full attention and TI-CL's
+frequency-time factorised attention (FTA) in the same transformer.
 
     python -m train.bench_encoders --quick                            # under 5 minutes, no data needed
     python -m train.bench_encoders --data ../shared/data --out runs/encoders
+    python -m train.bench_encoders --attention --quick                # FTA against full attention
+    python -m train.bench_encoders --attention --data ../shared/data --out runs/fta
 
 1. Inference: the encoder's blocks on N tokens (N from 100, one second of patches, to 16k and
    beyond), batch 1 and 8: median seconds and peak memory (peak RSS above the process's RSS
-   before the pass, a fresh process each; CUDA's max allocated on a GPU).
+   before the pass, a fresh process each; CUDA's max allocated on a GPU). With --attention: the
+   whole encoder on one window of 1, 5 and 10 s (--windows; 16x16 patches, 8 frequency rows, and AST's
+   overlapping stride-10 patches, 12 rows), batch 1 and 8, full against FTA.
 2. Streaming: the engine's per-hop latency at the 1 s window, torch and ONNX Runtime int8.
-3. Pretraining: one step (forward, backward, AdamW) of each objective on 10 s crops.
+3. Pretraining: one step (forward, backward, AdamW) of each objective on 10 s crops (not with
+   --attention: MAE-AST's encoder sees no whole grid, and FTA has no weights of its own).
 4. Unless --quick: each encoder pretrained by each objective (or not at all) at an equal budget,
-   then fine-tuned on the keyword and ESC-50 validation splits (`train.study`).
+   then fine-tuned on the keyword and ESC-50 validation splits (`train.study`). With
+   --attention: from scratch and from MAE-AST (pretrained with full attention), fine-tuned
+   under each attention, patch tokens (a frame model's grid has one row: FTA is full there).
 
 Writes OUT/results.json and OUT/results.md. Last line, transformer / Mamba at batch 1:
 `crossover_tokens <n> speedup_at_16k <x>x memory_at_16k <y>x`, n being the fewest measured tokens
-from which on the Mamba is faster at every count measured.
+from which on the Mamba is faster at every count measured; with --attention, full / FTA at
+batch 1 on 16x16 patches: `fta_speedup_1s <x>x fta_speedup_10s <y>x`.
 """
 
 from __future__ import annotations
@@ -34,19 +43,26 @@ from edgetag.spec import ENCODERS
 from train.options import command, setting
 
 OBJECTIVES = ("none", "ssast", "mae-ast")  # SSAMBA's objective, and MAE-AST's (visible tokens only)
+ENCODER_VARIANTS = {encoder: {"encoder": encoder} for encoder in ENCODERS}
+ATTENTION_VARIANTS = {"full": {}, "fta": {"attention": "fta"}}
+# 16x16 patches (8 frequency rows of 128 mels), and the stride-10 patches AST and SSAST
+# fine-tune with (12 rows, TI-CL's grid)
+GRIDS = {"patch": {}, "overlapping": {"stride_freq": 10, "stride_time": 10}}
 
 
 @dataclass
 class BenchConfig:
     quick: bool = setting(False, "Finish in under 5 minutes on a 2-core CPU: mini encoders, batch 8 up to 2k tokens, no fine-tuning.")
+    attention: bool = setting(False, "Compare full attention with TI-CL's FTA in the transformer instead of the encoders (windows of 1, 5 and 10 s).")
     size: str = setting("", "Named size of both encoders (equal width, parameters within 5%); default tiny, mini with --quick.")
+    windows: list[float] = setting([1.0, 5.0, 10.0], "Window lengths in seconds of the --attention sweep (batch 1 and 8).")
     tokens: list[int] = setting([100, 250, 500, 1000, 2000, 4000, 8000, 16000], "Token counts of the inference sweep (batch 1; batch 8 up to --batch8-max).")
     batch8_max: int = setting(0, "Largest token count measured at batch 8; default all, 2000 with --quick.")
     data: str = setting("", "The shared data folder, for the fine-tuning comparison (skipped without it or with --quick).")
     out: str = setting("runs/encoders", "Folder for results.json, results.md and the study's runs.")
     stream_size: str = setting("mini", "Encoder size of the per-hop latency (the default model's); ONNX export of a 19-layer Mamba took over 10 minutes.")
     study_size: str = setting("nano", "Encoder size of the pretraining and fine-tuning runs.")
-    study_tokens: str = setting("frame", "Tokens of the pretraining and fine-tuning runs: frame (two frames each: a 1-D sequence over time, as a scan reads best) or patch.")
+    study_tokens: str = setting("", "Tokens of the pretraining and fine-tuning runs: frame (two frames each: a 1-D sequence over time, as a scan reads best) or patch; default frame, patch with --attention.")
     steps: int = setting(400, "Pretraining steps of each (encoder, objective).")
     batch_size: int = setting(32, "Pretraining crops per step.")
     epochs: int = setting(12, "Fine-tuning epochs of each task.")
@@ -57,6 +73,8 @@ class BenchConfig:
 
         if not self.tokens or min(self.tokens) < 1:
             raise ValueError(f"--tokens: {self.tokens} are not all >= 1")
+        if not self.windows or not all(0.1 <= w <= 60 for w in self.windows):
+            raise ValueError(f"--windows: {self.windows} are not all in [0.1, 60] seconds")
         for name, value in (("size", self.encoder_size), ("stream_size", self.stream_size), ("study_size", self.study_size)):
             if value not in SIZES:
                 raise ValueError(f"--{name.replace('_', '-')}: {value!r} is not one of {', '.join(SIZES)}")
@@ -65,14 +83,20 @@ class BenchConfig:
         for name in ("steps", "batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: {getattr(self, name)} is not >= 1")
-        if self.study_tokens not in ("frame", "patch"):
+        if self.study_tokens not in ("", "frame", "patch"):
             raise ValueError(f"--study-tokens: {self.study_tokens!r} is not frame or patch")
+        if self.attention and self.study_tokens == "frame":
+            raise ValueError("--study-tokens frame: a frame model's grid has one frequency row, where FTA is full attention; use patch with --attention")
         if self.device not in ("", "cpu", "cuda"):
             raise ValueError(f"--device: {self.device!r} is not cpu or cuda")
 
     @property
     def encoder_size(self) -> str:
         return self.size or ("mini" if self.quick else "tiny")
+
+    @property
+    def tokens_of_study(self) -> str:
+        return self.study_tokens or ("patch" if self.attention else "frame")
 
     @property
     def batch8_limit(self) -> int:
@@ -90,14 +114,46 @@ def inference(encoder: str, size: str, tokens: int, batch: int, device: str) -> 
 
     from edgetag.model import Encoder, num_parameters
     from edgetag.spec import EncoderConfig
-    from train.bench_pretrain import peak_rss, reset_peak_rss
 
     torch.manual_seed(0)
     model = Encoder(EncoderConfig.named(size, encoder=encoder)).to(device).eval()
     x = torch.randn(batch, tokens, model.config.width, device=device)
+    measured = timed(lambda: model.forward_blocks(x + model.positions(tokens)), tokens * batch, device)
+    return {"encoder": encoder, "size": size, "tokens": tokens, "batch": batch, "params": num_parameters(model), **measured, "threads": torch.get_num_threads()}
+
+
+def window_pass(attention: str, grid: str, size: str, seconds: float, batch: int, device: str) -> dict:
+    """Median seconds and peak bytes of the whole encoder (tokens embedded, blocks, norm) on
+    `batch` windows of `seconds` of log-mel frames, in a process of its own; with the keys each
+    patch query scores (full: every token; FTA: its row and its column)."""
+    import torch
+
+    from edgetag.features import preset
+    from edgetag.model import Encoder, num_parameters
+    from edgetag.spec import EncoderConfig
+
+    torch.manual_seed(0)
+    fbank = preset("ast")
+    config = EncoderConfig.named(size, attention=attention, **GRIDS[grid])
+    frames = fbank.num_frames(round(seconds * fbank.sample_rate))
+    rows, columns = config.freq_patches, config.time_patches(frames)
+    model = Encoder(config).to(device).eval()
+    x = torch.randn(batch, frames, config.n_mels, device=device)
+    measured = timed(lambda: model(x), rows * columns * batch, device)
+    return {"attention": attention, "grid": grid, "size": size, "window_s": seconds, "batch": batch, "tokens": rows * columns, "freq_rows": rows,
+            "keys_per_query": rows * columns if attention == "full" else rows + columns - 1, "params": num_parameters(model), **measured,
+            "threads": torch.get_num_threads()}
+
+
+def timed(run, work: int, device: str) -> dict:
+    """{"seconds": median of `run()`, "peak_bytes": its peak memory above the start}, no grad;
+    a warm-up and three repeats unless `work` (tokens x batch) makes a pass take seconds."""
+    import torch
+
+    from train.bench_pretrain import peak_rss, reset_peak_rss
+
     cuda = device == "cuda"
-    run = lambda: model.forward_blocks(x + model.positions(tokens))  # noqa: E731
-    repeats = 3 if tokens * batch <= 8000 else 1  # the long passes take seconds each: one, after no warm-up
+    repeats = 3 if work <= 8000 else 1  # the long passes take seconds each: one, after no warm-up
     with torch.inference_mode():
         if repeats > 1:
             run()  # warm-up
@@ -115,8 +171,7 @@ def inference(encoder: str, size: str, tokens: int, batch: int, device: str) -> 
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() - base if cuda else peak_rss() - base
-    return {"encoder": encoder, "size": size, "tokens": tokens, "batch": batch, "params": num_parameters(model),
-            "seconds": statistics.median(times), "peak_bytes": max(peak, 0), "threads": torch.get_num_threads()}
+    return {"seconds": statistics.median(times), "peak_bytes": max(peak, 0)}
 
 
 def in_subprocess(function: str, **kwargs) -> dict:
@@ -145,10 +200,11 @@ def crossover(rows: list[dict]) -> int | None:
 # 2. Streaming, 3. pretraining steps
 
 
-def streaming(size: str, folder: Path) -> list[dict]:
-    """Per-hop latency of an untrained model of each encoder (the cost does not depend on the
-    weights), 1 s windows every 0.5 s: torch, and ONNX Runtime on its int8 export (made by
-    `python -m deploy.export`, as a user makes one: train/ does not import deploy/)."""
+def streaming(size: str, folder: Path, variants: dict[str, dict]) -> list[dict]:
+    """Per-hop latency of an untrained model of each variant (EncoderConfig overrides; the cost
+    does not depend on the weights), 1 s windows every 0.5 s: torch, and ONNX Runtime on its
+    int8 export (made by `python -m deploy.export`, as a user makes one: train/ does not import
+    deploy/)."""
     import torch
 
     from edgetag import checkpoint
@@ -158,18 +214,18 @@ def streaming(size: str, folder: Path) -> list[dict]:
     from edgetag.spec import EncoderConfig, HeadConfig, ModelSpec, StreamConfig
 
     rows = []
-    for encoder in ENCODERS:
+    for name, overrides in variants.items():
         torch.manual_seed(0)
-        spec = ModelSpec(EncoderConfig.named(size, encoder=encoder), preset("ast"), {"tags": HeadConfig("tags", [f"class {i}" for i in range(50)])},
+        spec = ModelSpec(EncoderConfig.named(size, **overrides), preset("ast"), {"tags": HeadConfig("tags", [f"class {i}" for i in range(50)])},
                          StreamConfig(1.0, 0.5))
-        path = checkpoint.save(folder / f"{encoder}.safetensors", AudioTransformer(spec).eval())
-        exported = subprocess.run([sys.executable, "-m", "deploy.export", "--ckpt", str(path), "--out", str(folder / f"{encoder}-export"),
+        path = checkpoint.save(folder / f"{name}.safetensors", AudioTransformer(spec).eval())
+        exported = subprocess.run([sys.executable, "-m", "deploy.export", "--ckpt", str(path), "--out", str(folder / f"{name}-export"),
                                    "--calibration", str(EXAMPLE), "--calibration-windows", "32"], capture_output=True, text=True)
         if exported.returncode:
-            raise RuntimeError(f"deploy.export of the {encoder} model: {(exported.stderr.strip().splitlines() or ['failed'])[-1]}")
-        for backend, model in (("torch", path), ("onnx", folder / f"{encoder}-export")):
+            raise RuntimeError(f"deploy.export of the {name} model: {(exported.stderr.strip().splitlines() or ['failed'])[-1]}")
+        for backend, model in (("torch", path), ("onnx", folder / f"{name}-export")):
             r = hop_latency(str(model), backend, seconds=20.0, repeats=2)
-            rows.append({"encoder": encoder, "backend": backend, "encoder_ms": 1e3 * r["encoder_median_s"], "total_ms": 1e3 * r["total_median_s"]})
+            rows.append({"variant": name, "backend": backend, "encoder_ms": 1e3 * r["encoder_median_s"], "total_ms": 1e3 * r["total_median_s"]})
     return rows
 
 
@@ -186,7 +242,7 @@ def pretraining_steps(size: str, device: str) -> list[dict]:
 # 4. Fine-tuning at an equal budget
 
 
-def study(c: BenchConfig) -> list[dict]:
+def study(c: BenchConfig, variants: dict[str, dict], objectives: tuple[str, ...]) -> list[dict]:
     """The runs, each kept in OUT/study.json as it finishes: a run already there with the same
     settings is not trained again (the study takes an hour on a CPU; the timings above are
     measured afresh every time)."""
@@ -194,17 +250,17 @@ def study(c: BenchConfig) -> list[dict]:
 
     data, out = Path(c.data), Path(c.out)
     tasks = {"keywords": keyword_task(data), "esc50": esc50_task(data)}
-    settings = {"data": str(data.resolve()), "size": c.study_size, "tokens": c.study_tokens, "steps": c.steps, "batch_size": c.batch_size, "epochs": c.epochs}
+    settings = {"data": str(data.resolve()), "size": c.study_size, "tokens": c.tokens_of_study, "steps": c.steps, "batch_size": c.batch_size, "epochs": c.epochs}
     path = out / "study.json"
     done = json.loads(path.read_text()) if path.is_file() else {}
     runs = done.get("runs", []) if done.get("settings") == settings else []
-    for encoder in ENCODERS:
-        for objective in OBJECTIVES:
-            if any(r["encoder"] == encoder and r["objective"] == objective for r in runs):
+    for name, overrides in variants.items():
+        for objective in objectives:
+            if any(r["variant"] == name and r["objective"] == objective for r in runs):
                 continue
             start = time.perf_counter()
-            run = {"encoder": encoder, **equal_budget_run(out / f"{encoder}-{objective}", data, tasks, objective, encoder=encoder, size=c.study_size,
-                                                          tokens=c.study_tokens, steps=c.steps, batch_size=c.batch_size, epochs=c.epochs)}
+            run = {"variant": name, **equal_budget_run(out / f"{name}-{objective}", data, tasks, objective, size=c.study_size, tokens=c.tokens_of_study,
+                                                       steps=c.steps, batch_size=c.batch_size, epochs=c.epochs, **overrides)}
             run["minutes"] = (time.perf_counter() - start) / 60
             runs.append(run)
             path.write_text(json.dumps({"settings": settings, "runs": runs}, indent=1))
@@ -223,27 +279,44 @@ def bench(c: BenchConfig) -> dict:
     device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(c.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"settings": {**vars(c), "size": c.encoder_size, "batch8_max": c.batch8_limit, "device": device, "cpu": cpu_name()}, "inference": []}
-    for tokens in sorted(c.tokens):
-        for batch in (1, 8):
-            if batch == 8 and tokens > c.batch8_limit:
-                continue
-            for encoder in ENCODERS:
-                row = in_subprocess("inference", encoder=encoder, size=c.encoder_size, tokens=tokens, batch=batch, device=device)
-                results["inference"].append(row)
-                print(_inference_line(row), flush=True)
+    results: dict = {"settings": {**vars(c), "size": c.encoder_size, "batch8_max": c.batch8_limit, "study_tokens": c.tokens_of_study, "device": device,
+                                  "cpu": cpu_name()}}
+    variants = ATTENTION_VARIANTS if c.attention else ENCODER_VARIANTS
+    if c.attention:
+        results["windows"] = []
+        for grid in GRIDS:
+            for seconds in sorted(c.windows):
+                for batch in (1, 8):
+                    for attention in ATTENTION_VARIANTS:
+                        row = in_subprocess("window_pass", attention=attention, grid=grid, size=c.encoder_size, seconds=seconds, batch=batch, device=device)
+                        results["windows"].append(row)
+                        print(_window_line(row), flush=True)
+    else:
+        results["inference"] = []
+        for tokens in sorted(c.tokens):
+            for batch in (1, 8):
+                if batch == 8 and tokens > c.batch8_limit:
+                    continue
+                for encoder in ENCODERS:
+                    row = in_subprocess("inference", encoder=encoder, size=c.encoder_size, tokens=tokens, batch=batch, device=device)
+                    results["inference"].append(row)
+                    print(_inference_line(row), flush=True)
     with tempfile.TemporaryDirectory() as folder:
-        results["streaming"] = streaming(c.stream_size, Path(folder))
-    results["pretraining"] = pretraining_steps(c.encoder_size, device)
+        results["streaming"] = streaming(c.stream_size, Path(folder), variants)
+    if not c.attention:
+        results["pretraining"] = pretraining_steps(c.encoder_size, device)
     if c.data and not c.quick:
-        results["study"] = study(c)
-    results["summary"] = summary(results["inference"])
+        results["study"] = study(c, variants, ("none", "mae-ast") if c.attention else OBJECTIVES)
+    results["summary"] = fta_summary(results["windows"]) if c.attention else summary(results["inference"])
     (out / "results.json").write_text(json.dumps(results, indent=1))
     table = render(results)
     (out / "results.md").write_text(table + "\n")
     print(table)
     s = results["summary"]
-    print(f"crossover_tokens {s['crossover_tokens']} speedup_at_16k {s['speedup_at_16k']:.2f}x memory_at_16k {s['memory_at_16k']:.2f}x")
+    if c.attention:
+        print(f"fta_speedup_1s {s['fta_speedup_1s']:.2f}x fta_speedup_10s {s['fta_speedup_10s']:.2f}x")
+    else:
+        print(f"crossover_tokens {s['crossover_tokens']} speedup_at_16k {s['speedup_at_16k']:.2f}x memory_at_16k {s['memory_at_16k']:.2f}x")
     return results
 
 
@@ -255,6 +328,20 @@ def summary(rows: list[dict]) -> dict:
             "memory_at_16k": t["peak_bytes"] / max(m["peak_bytes"], 1) if t and m else nan}
 
 
+def fta_summary(rows: list[dict]) -> dict:
+    """Full / FTA seconds per window at batch 1 on 16x16 patches, at 1 s and at 10 s."""
+    at = {(r["attention"], r["window_s"]): r["seconds"] for r in rows if r["grid"] == "patch" and r["batch"] == 1 and "seconds" in r}
+    ratio = lambda s: at["full", s] / at["fta", s] if ("full", s) in at and ("fta", s) in at else float("nan")  # noqa: E731
+    return {"fta_speedup_1s": ratio(1.0), "fta_speedup_10s": ratio(10.0)}
+
+
+def _window_line(r: dict) -> str:
+    where = f"{r['attention']:<4} {r['grid']:<11} {r['window_s']:>4g} s batch {r['batch']}"
+    if "error" in r:
+        return f"{where}: failed: {r['error']}"
+    return f"{where}: {r['tokens']:>5} tokens, {r['keys_per_query']:>5} keys per query: {1e3 * r['seconds']:9.1f} ms {r['peak_bytes'] / 2**20:8.1f} MiB"
+
+
 def _inference_line(r: dict) -> str:
     if "error" in r:
         return f"{r['encoder']:<11} {r['tokens']:>6} tokens batch {r['batch']}: failed: {r['error']}"
@@ -263,7 +350,39 @@ def _inference_line(r: dict) -> str:
 
 def render(results: dict) -> str:
     s = results["settings"]
-    inference = results["inference"]
+    lines = render_windows(results) if "windows" in results else render_inference(results)
+    what = "attention" if "windows" in results else "encoder"
+    lines += ["", f"Per-hop streaming latency, `{s.get('stream_size', s['size'])}` encoders (1 s window every 0.5 s, 1 thread, median):", "",
+              f"| {what} | backend | encoder | total per hop |", "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['backend']} | {r['encoder_ms']:.2f} ms | {r['total_ms']:.2f} ms |" for r in results["streaming"]]
+    if "pretraining" in results:
+        lines += ["", "One pretraining step (10 s crops, batch 8, 75% masked; forward, backward, AdamW):", "",
+                  "| encoder | objective | median step | peak memory |", "|---|---|---|---|"]
+        lines += [f"| {r['encoder']} | {r['method']} | {1e3 * r['step_s']:.0f} ms | {r['peak_bytes'] / 2**20:.0f} MiB |" for r in results["pretraining"]]
+    if "study" in results:
+        pretrained = " (MAE-AST pretrains with full attention; FTA fine-tunes its weights)" if what == "attention" else ""
+        lines += ["", f"Fine-tuning at an equal budget: `{s['study_size']}` encoders, {s['study_tokens']} tokens, {s['steps']} pretraining steps of {s['batch_size']} 1 s crops, "
+                  f"{s['epochs']} fine-tuning epochs{pretrained}; best validation accuracy:", "",
+                  f"| {what} | pretraining | keywords (12-way) | ESC-50 fold 4 (50-way) | pretraining minutes | minutes in all |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['objective']} | {100 * r['keywords']:.1f}% | {100 * r['esc50']:.1f}% | {r['pretrain_minutes']:.1f} | {r['minutes']:.1f} |"
+                  for r in results["study"]]
+    return "\n".join(lines)
+
+
+def _ms(r: dict) -> str:
+    return f"{1e3 * r['seconds']:.1f} ms" if "seconds" in r else "failed"
+
+
+def _mib(r: dict) -> str:
+    return f"{r['peak_bytes'] / 2**20:.0f} MiB" if "peak_bytes" in r else "–"
+
+
+def _ratio(a: dict, b: dict, key: str) -> str:
+    return f"{a[key] / max(b[key], 1e-12 if key == 'seconds' else 1):.2f}x" if key in a and key in b else "–"
+
+
+def render_inference(results: dict) -> list[str]:
+    s, inference = results["settings"], results["inference"]
     params = {r["encoder"]: r["params"] for r in inference if "params" in r}
     lines = [f"Encoders at equal width and parameters: `{s['size']}` ({', '.join(f'{e} {n / 1e6:.2f}M' for e, n in params.items())}), "
              f"{s['device']} ({s['cpu']}, {inference[0].get('threads', '?')} threads).", "",
@@ -272,23 +391,24 @@ def render(results: dict) -> str:
     cell = {(r["encoder"], r["tokens"], r["batch"]): r for r in inference}
     for tokens, batch in sorted({(r["tokens"], r["batch"]) for r in inference}, key=lambda k: (k[1], k[0])):
         t, m = cell.get(("transformer", tokens, batch), {}), cell.get(("mamba", tokens, batch), {})
-        ms = lambda r: f"{1e3 * r['seconds']:.1f} ms" if "seconds" in r else "failed"  # noqa: E731
-        mib = lambda r: f"{r['peak_bytes'] / 2**20:.0f} MiB" if "peak_bytes" in r else "–"  # noqa: E731
-        ratio = f"{t['seconds'] / m['seconds']:.2f}x" if "seconds" in t and "seconds" in m else "–"
-        mem = f"{t['peak_bytes'] / max(m['peak_bytes'], 1):.2f}x" if "peak_bytes" in t and "peak_bytes" in m else "–"
-        lines.append(f"| {tokens} | {batch} | {ms(t)} | {ms(m)} | {ratio} | {mib(t)} | {mib(m)} | {mem} |")
-    lines += ["", f"Per-hop streaming latency, `{s.get('stream_size', s['size'])}` encoders (1 s window every 0.5 s, 1 thread, median):", "", "| encoder | backend | encoder | total per hop |", "|---|---|---|---|"]
-    lines += [f"| {r['encoder']} | {r['backend']} | {r['encoder_ms']:.2f} ms | {r['total_ms']:.2f} ms |" for r in results["streaming"]]
-    lines += ["", "One pretraining step (10 s crops, batch 8, 75% masked; forward, backward, AdamW):", "",
-              "| encoder | objective | median step | peak memory |", "|---|---|---|---|"]
-    lines += [f"| {r['encoder']} | {r['method']} | {1e3 * r['step_s']:.0f} ms | {r['peak_bytes'] / 2**20:.0f} MiB |" for r in results["pretraining"]]
-    if "study" in results:
-        lines += ["", f"Fine-tuning at an equal budget: `{s['study_size']}` encoders, {s['study_tokens']} tokens, {s['steps']} pretraining steps of {s['batch_size']} 1 s crops, "
-                  f"{s['epochs']} fine-tuning epochs; best validation accuracy:", "",
-                  "| encoder | pretraining | keywords (12-way) | ESC-50 fold 4 (50-way) | pretraining minutes | minutes in all |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['encoder']} | {r['objective']} | {100 * r['keywords']:.1f}% | {100 * r['esc50']:.1f}% | {r['pretrain_minutes']:.1f} | {r['minutes']:.1f} |"
-                  for r in results["study"]]
-    return "\n".join(lines)
+        lines.append(f"| {tokens} | {batch} | {_ms(t)} | {_ms(m)} | {_ratio(t, m, 'seconds')} | {_mib(t)} | {_mib(m)} | {_ratio(t, m, 'peak_bytes')} |")
+    return lines
+
+
+def render_windows(results: dict) -> list[str]:
+    s, rows = results["settings"], results["windows"]
+    params = next((r["params"] for r in rows if "params" in r), 0)
+    lines = [f"Full attention against FTA in one encoder, `{s['size']}` ({params / 1e6:.2f}M parameters either way), one pass per window (tokens embedded, "
+             f"blocks, norm), {s['device']} ({s['cpu']}, {rows[0].get('threads', '?')} threads).", "",
+             "| patches | window | tokens | keys per query (full / FTA) | batch | full | FTA | speedup (full / FTA) | full memory | FTA memory | memory ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    cell = {(r["attention"], r["grid"], r["window_s"], r["batch"]): r for r in rows}
+    for grid, seconds, batch in sorted({(r["grid"], r["window_s"], r["batch"]) for r in rows}, key=lambda k: (list(GRIDS).index(k[0]), k[2], k[1])):
+        full, fta = cell.get(("full", grid, seconds, batch), {}), cell.get(("fta", grid, seconds, batch), {})
+        keys = f"{full.get('keys_per_query', '–')} / {fta.get('keys_per_query', '–')}"
+        lines.append(f"| {grid} ({full.get('freq_rows', fta.get('freq_rows', '?'))} rows) | {seconds:g} s | {full.get('tokens', fta.get('tokens', '–'))} | {keys} | {batch} | "
+                     f"{_ms(full)} | {_ms(fta)} | {_ratio(full, fta, 'seconds')} | {_mib(full)} | {_mib(fta)} | {_ratio(full, fta, 'peak_bytes')} |")
+    return lines
 
 
 main = command(BenchConfig, bench)

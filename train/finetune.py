@@ -8,7 +8,9 @@ A source is `[HEAD=][READER:]PATH[,key=value]` (`train.data.Source`). A head wit
 source is validated on a split of its training data by speaker or source recording. Each step
 trains every head on one batch of its own data; both heads share one encoder pass at run time.
 `--mode` picks what is trained: `full`, `linear` (heads only) or `adapter` (heads and
-bottleneck adapters beside a frozen encoder, AAT-style).
+adapters in a frozen encoder: `--adapter mlp`, a bottleneck beside each MLP; `aat`, AAT's
+placement; `conv`, TI-CL's convolutional adapters). `--attention fta` runs the encoder's blocks
+under frequency-time factorised attention (no new weights: an --init encoder runs as it is).
 
 The loop is the same for distillation: `train(config, targets)` takes what each head learns
 from, `HardLabels` here (its clips' labels), a teacher's soft targets in train.distill. Writes
@@ -34,7 +36,7 @@ from edgetag import checkpoint
 from edgetag.features import PRESETS, FbankConfig, normalize, preset, windows
 from edgetag.model import AudioTransformer, num_parameters
 from edgetag.runtime import TorchBackend
-from edgetag.spec import ENCODERS, TAGS, TOKENS, EncoderConfig, HeadConfig, ModelSpec, StreamConfig, sizes_of
+from edgetag.spec import ADAPTERS, ATTENTIONS, ENCODERS, TAGS, TOKENS, EncoderConfig, HeadConfig, ModelSpec, StreamConfig, sizes_of
 from train.augment import AugmentConfig, augment, spec_augment
 from train.data import Example, Source, find_audio, labels_of, load_features, split_examples
 from train.evaluate import FIGURES, clip_scores, headline, primary, report, targets
@@ -55,8 +57,10 @@ class FinetuneConfig:
     size: str = setting("tiny", "Encoder size from scratch: nano, mini, tiny, small, base (mamba: also ssamba-tiny/-small/-base, 24 layers).")
     tokens: str = setting("patch", "patch, frame or conv tokens, from scratch.")
     preset: str = setting("ast", "Fbank recipe from scratch (an --init checkpoint brings its own).")
-    mode: str = setting("full", "full, linear (heads only) or adapter (bottleneck adapters beside a frozen encoder).")
-    adapter_dim: int = setting(32, "Adapter bottleneck width (--mode adapter).")
+    mode: str = setting("full", "full, linear (heads only) or adapter (adapters in a frozen encoder, --adapter).")
+    adapter: str = setting("mlp", "Adapters of --mode adapter: mlp (a bottleneck beside each MLP), aat (AAT's: one after attention in sequence, one beside the MLP) or conv (TI-CL's ConvPass beside attention and the MLP).")
+    adapter_dim: int = setting(32, "Adapter bottleneck width (--mode adapter; AAT's ratio 0.25 is a quarter of the encoder's width).")
+    attention: str = setting("", "full or fta (TI-CL's frequency-time factorised attention); empty: full from scratch, the --init encoder's otherwise.")
     stream: StreamConfig = setting(StreamConfig(), "The window the model reads, and the hop between validation windows.")
     loudness: float = setting(1.0, "Bias training crops towards loud windows (0: uniform).")
     val_percent: float = setting(10.0, "Share of speakers/sources held out when a head has no --val.")
@@ -72,10 +76,20 @@ class FinetuneConfig:
     seed: int = setting(0, "Seed of the splits' crops, the augmentation and the initial weights.")
 
     def __post_init__(self):
-        for name, allowed in (("encoder", ENCODERS), ("size", sizes_of(self.encoder)), ("tokens", TOKENS), ("preset", PRESETS), ("mode", MODES), ("precision", PRECISIONS)):
+        for name, allowed in (("encoder", ENCODERS), ("size", sizes_of(self.encoder)), ("tokens", TOKENS), ("preset", PRESETS), ("mode", MODES), ("precision", PRECISIONS),
+                              ("adapter", ADAPTERS)):
             choose(name, getattr(self, name), allowed)
+        if self.attention:  # empty: the --init encoder's
+            choose("attention", self.attention, ATTENTIONS)
+        if self.mode == "adapter" and self.adapter_dim < 1:
+            raise ValueError(f"--adapter-dim: {self.adapter_dim} is not >= 1")
         if not self.init:  # an encoder that cannot be built fails here, before any data is read
-            EncoderConfig.named(self.size, encoder=self.encoder, tokens=self.tokens, adapter_dim=self.adapter_dim if self.mode == "adapter" else 0)
+            EncoderConfig.named(self.size, encoder=self.encoder, tokens=self.tokens, **self.encoder_overrides())
+
+    def encoder_overrides(self) -> dict:
+        """What this run changes in an encoder's config: its adapters, its attention."""
+        adapters = {"adapter_dim": self.adapter_dim, "adapter": self.adapter} if self.mode == "adapter" else {}
+        return {**adapters, **({"attention": self.attention} if self.attention else {})}
 
 
 @dataclass
@@ -206,17 +220,16 @@ def build_model(c: FinetuneConfig, heads: dict[str, HeadConfig], fbank: FbankCon
     """A model with these heads reading `fbank`: the encoder from --init, whose provenance it
     keeps under "init", or from scratch. A head of --init's with the same name and kind lends
     its norm and the rows of every class the new head shares with it (`carry_head`)."""
-    adapter_dim = c.adapter_dim if c.mode == "adapter" else 0
     if not c.init:
-        encoder = EncoderConfig.named(c.size, encoder=c.encoder, tokens=c.tokens, n_mels=fbank.n_features, adapter_dim=adapter_dim)
+        encoder = EncoderConfig.named(c.size, encoder=c.encoder, tokens=c.tokens, n_mels=fbank.n_features, **c.encoder_overrides())
         return AudioTransformer(ModelSpec(encoder, fbank, heads, c.stream, provenance={"init": {}}))
     source = checkpoint.load_model(c.init)
     if fbank != source.spec.fbank:
         raise ValueError(f"{c.init}: its fbank differs from the teacher's; distil from scratch or from an encoder trained on the same features")
-    encoder = replace(source.spec.encoder, adapter_dim=adapter_dim or source.spec.encoder.adapter_dim)
+    encoder = replace(source.spec.encoder, **c.encoder_overrides())
     model = AudioTransformer(ModelSpec(encoder, fbank, heads, c.stream, provenance={"init": source.spec.provenance}))
     missing, unexpected = model.load_state_dict({k: v for k, v in source.state_dict().items() if not k.startswith("heads.")}, strict=False)
-    if unexpected or any(not (k.startswith("heads.") or ".adapter." in k) for k in missing):
+    if unexpected or any(not (k.startswith("heads.") or is_adapter(k)) for k in missing):
         raise ValueError(f"{c.init}: encoder does not fit ({unexpected or missing})")
     for name, head in heads.items():
         old = source.spec.heads.get(name)
@@ -236,10 +249,15 @@ def carry_head(source: torch.nn.Module, source_labels: tuple[str, ...], head: to
     head.fc.bias[mine] = source.fc.bias[theirs]
 
 
+def is_adapter(name: str) -> bool:
+    """An adapter's parameter (`blocks.3.adapter.up.weight`, `blocks.3.adapter_attn.conv.bias`)."""
+    return ".adapter." in name or ".adapter_attn." in name
+
+
 def set_trainable(model: AudioTransformer, mode: str) -> None:
     choose("mode", mode, MODES)
     for name, p in model.named_parameters():
-        p.requires_grad = mode == "full" or name.startswith("heads.") or (mode == "adapter" and ".adapter." in name)
+        p.requires_grad = mode == "full" or name.startswith("heads.") or (mode == "adapter" and is_adapter(name))
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:

@@ -27,7 +27,7 @@ import typer
 from edgetag import checkpoint
 from edgetag.features import PRESETS, preset
 from edgetag.model import AudioTransformer
-from edgetag.spec import ENCODERS, TOKENS, EncoderConfig, ModelSpec, sizes_of
+from edgetag.spec import ATTENTIONS, ENCODERS, TOKENS, EncoderConfig, ModelSpec, sizes_of
 from train.data import CropDataset, collate, find_audio
 from train.objectives.mae import MAEAST, MASKINGS
 from train.objectives.ssast import SSAST
@@ -46,6 +46,7 @@ class PretrainConfig:
     encoder: str = setting("transformer", f"Encoder blocks: {' or '.join(ENCODERS)} (SSAMBA's bidirectional Mamba).")
     size: str = setting("tiny", "Encoder size: nano, mini, tiny, small, base (mamba: also ssamba-tiny/-small/-base, 24 layers).")
     tokens: str = setting("patch", "patch (16x16), frame (2 frames) or conv (a convolutional stem; --method tera only) tokens.")
+    attention: str = setting("full", "full, or fta (TI-CL's frequency-time factorised attention; not --method mae-ast, whose encoder sees no whole grid).")
     masking: str = setting("chunk", "MAE-AST's masks: chunk or random (SSAST always masks clusters).")
     mask_ratio: float = setting(0.75, "Share of the tokens masked.")
     decoder_depth: int = setting(2, "MAE-AST decoder layers.")
@@ -65,12 +66,16 @@ class PretrainConfig:
     def __post_init__(self):
         # TERA alters the input instead of hiding tokens, so any token kind suits it
         tokens = TOKENS if self.method == "tera" else MASKABLE_TOKENS
-        for name, allowed in (("method", METHODS), ("encoder", ENCODERS), ("size", sizes_of(self.encoder)), ("tokens", tokens), ("masking", MASKINGS), ("preset", PRESETS)):
+        for name, allowed in (("method", METHODS), ("encoder", ENCODERS), ("size", sizes_of(self.encoder)), ("tokens", tokens), ("masking", MASKINGS), ("preset", PRESETS),
+                              ("attention", ATTENTIONS)):
             choose(name, getattr(self, name), allowed)
+        if self.method == "mae-ast" and self.attention == "fta":
+            raise ValueError("--attention fta: MAE-AST's encoder sees a random quarter of the tokens, not the grid FTA attends along; "
+                             "pretrain with full attention and fine-tune with --attention fta (FTA has no weights of its own)")
         self.encoder_config()  # a token shape that does not fit the preset's features fails here, before any data is read
 
     def encoder_config(self) -> EncoderConfig:
-        return EncoderConfig.named(self.size, encoder=self.encoder, tokens=self.tokens, n_mels=preset(self.preset).n_features)
+        return EncoderConfig.named(self.size, encoder=self.encoder, tokens=self.tokens, attention=self.attention, n_mels=preset(self.preset).n_features)
 
 
 def build_model(c: PretrainConfig) -> torch.nn.Module:

@@ -117,6 +117,9 @@ class MAEAST(nn.Module):
         super().__init__()
         if masking not in MASKINGS:
             raise ValueError(f"masking must be one of {', '.join(MASKINGS)}, not {masking!r}")
+        if config.grid:
+            raise ValueError("MAE-AST's encoder sees a random quarter of the tokens, not their grid, which FTA and conv adapters need: "
+                             "pretrain with full attention (FTA has no weights of its own: fine-tune the encoder with attention 'fta')")
         self.config, self.masking, self.mask_ratio = config, masking, mask_ratio
         self.reconstruction_weight, self.contrastive_weight = reconstruction_weight, contrastive_weight
 
