@@ -40,6 +40,14 @@ def choose(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
 
 
+def bounded(config, *checks: tuple[str, bool, str]) -> None:
+    """Refuse the first (field, holds, bound) whose check fails, naming its option and value:
+    `--time-ratio: 1.5 is not in [0, 1)` (NaN fails every comparison, so it is refused too)."""
+    for name, holds, bound in checks:
+        if not holds:
+            raise ValueError(f"--{name.replace('_', '-')}: {getattr(config, name):g} is not {bound}")
+
+
 def _options(cls, defaults) -> list[inspect.Parameter]:
     """The command-line parameter of every leaf field, nested configs flattened."""
     hints = typing.get_type_hints(cls)

@@ -1,9 +1,10 @@
-"""Self-supervised pretraining: MAE-AST (default), the SSAST baseline, or TERA, of a transformer
-or a Mamba encoder (SSAMBA: SSAST's objective on bidirectional Mamba blocks).
+"""Self-supervised pretraining: MAE-AST (default), the SSAST baseline, TERA or SS-MAST, of a
+transformer or a Mamba encoder (SSAMBA: SSAST's objective on bidirectional Mamba blocks).
 
     python -m train.pretrain --data ../shared/data --size tiny --frames 128 --steps 20000 --out runs/pre
     python -m train.pretrain --method tera --preset mfcc-gram --tokens frame ...   # MFCC-gram transformers
     python -m train.pretrain --encoder mamba --method ssast --size tiny ...          # SSAMBA
+    python -m train.pretrain --method ss-mast --patch-drop 0.1 --queue-size 4096 ... # contrastive, a momentum teacher
     torchrun --nproc-per-node 8 -m train.pretrain ...      # several GPUs (DistributedDataParallel)
 
 Writes into --out: `last.pt` (the training state, for --resume, every --checkpoint-every steps,
@@ -31,10 +32,11 @@ from edgetag.spec import ATTENTIONS, ENCODERS, TOKENS, EncoderConfig, ModelSpec,
 from train.data import CropDataset, collate, find_audio
 from train.objectives.mae import MAEAST, MASKINGS
 from train.objectives.ssast import SSAST
+from train.objectives.ssmast import SSMAST, SSMASTConfig
 from train.objectives.tera import TERA, TeraConfig
 from train.options import choose, command, setting
 
-METHODS = ("mae-ast", "ssast", "tera")
+METHODS = ("mae-ast", "ssast", "tera", "ss-mast")
 MASKABLE_TOKENS = ("patch", "frame")  # a conv stem's tokens see their neighbours: hiding one hides nothing
 
 
@@ -51,6 +53,7 @@ class PretrainConfig:
     mask_ratio: float = setting(0.75, "Share of the tokens masked.")
     decoder_depth: int = setting(2, "MAE-AST decoder layers.")
     tera: TeraConfig = setting(TeraConfig(), "TERA's alterations and loss (--method tera).")
+    ssmast: SSMASTConfig = setting(SSMASTConfig(), "SS-MAST's views, patch-drop, queue and teacher (--method ss-mast).")
     frames: int = setting(1024, "Random crops of this many frames (10 ms each).")
     preset: str = setting("ast", "Fbank recipe (edgetag.features.PRESETS).")
     batch_size: int = setting(16, "Crops per step.")
@@ -64,13 +67,14 @@ class PretrainConfig:
     compile: bool = setting(False, "torch.compile the model.")
 
     def __post_init__(self):
-        # TERA alters the input instead of hiding tokens, so any token kind suits it
-        tokens = TOKENS if self.method == "tera" else MASKABLE_TOKENS
+        # TERA alters the input and SS-MAST compares views instead of predicting hidden tokens, so any token kind suits them
+        tokens = TOKENS if self.method in ("tera", "ss-mast") else MASKABLE_TOKENS
         for name, allowed in (("method", METHODS), ("encoder", ENCODERS), ("size", sizes_of(self.encoder)), ("tokens", tokens), ("masking", MASKINGS), ("preset", PRESETS),
                               ("attention", ATTENTIONS)):
             choose(name, getattr(self, name), allowed)
-        if self.method == "mae-ast" and self.attention == "fta":
-            raise ValueError("--attention fta: MAE-AST's encoder sees a random quarter of the tokens, not the grid FTA attends along; "
+        if self.method in ("mae-ast", "ss-mast") and self.attention == "fta":
+            sees = "a random quarter of the tokens" if self.method == "mae-ast" else "the tokens patch-drop leaves"
+            raise ValueError(f"--attention fta: {self.method}'s encoder sees {sees}, not the grid FTA attends along; "
                              "pretrain with full attention and fine-tune with --attention fta (FTA has no weights of its own)")
         self.encoder_config()  # a token shape that does not fit the preset's features fails here, before any data is read
 
@@ -84,6 +88,8 @@ def build_model(c: PretrainConfig) -> torch.nn.Module:
         return TERA(encoder, c.tera)
     if c.method == "ssast":
         return SSAST(encoder, mask_ratio=c.mask_ratio)
+    if c.method == "ss-mast":
+        return SSMAST(encoder, c.ssmast, steps=c.steps)
     return MAEAST(encoder, decoder_depth=c.decoder_depth, masking=c.masking, mask_ratio=c.mask_ratio)
 
 
@@ -187,7 +193,7 @@ def train_step(forward, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 
 def pretrain(c: PretrainConfig, resume: bool = False, device: str | None = None) -> list[dict]:
     """Self-supervised pretraining of an encoder on unlabelled audio (MAE-AST, the SSAST
-    baseline, or TERA); returns the logged rows (step, loss, mse, nce or l1, ...). `resume` continues from
+    baseline, TERA or SS-MAST); returns the logged rows (step, loss, mse, nce or l1, ...). `resume` continues from
     OUT/last.pt."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -197,7 +203,8 @@ def pretrain(c: PretrainConfig, resume: bool = False, device: str | None = None)
     torch.manual_seed(c.seed + rank)
     dataset, sampler, loader = make_loader(c, distributed)
     model = build_model(c).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.98))
+    # a momentum teacher (SS-MAST) follows the student by its own rule, never by gradients
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.98))
     step, rows = restore(c, model, optimizer, device) if resume and (Path(c.out) / "last.pt").exists() else (0, [])
     trained = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     forward = torch.compile(trained) if c.compile else trained
@@ -246,7 +253,7 @@ def pretrain(c: PretrainConfig, resume: bool = False, device: str | None = None)
 
 def run(c: PretrainConfig, resume: bool = False) -> None:
     """Self-supervised pretraining of an encoder on unlabelled audio (MAE-AST, the SSAST
-    baseline, or TERA); writes OUT/encoder.safetensors to fine-tune from."""
+    baseline, TERA or SS-MAST); writes OUT/encoder.safetensors to fine-tune from."""
     rows = pretrain(c, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{c.out}: {len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")

@@ -20,7 +20,7 @@ from torch import nn
 
 from edgetag.model import Encoder, patchify
 from edgetag.spec import EncoderConfig
-from train.options import setting
+from train.options import bounded, setting
 
 LOSS_ON = ("altered", "all")
 
@@ -35,11 +35,8 @@ class TeraConfig:
     loss_on: str = setting("altered", "L1 on the altered values only, or on all values.")
 
     def __post_init__(self):
-        for name, ok, allowed in (("--time-ratio", 0 <= self.time_ratio < 1, "in [0, 1)"), ("--time-span", self.time_span >= 1, ">= 1"),
-                                  ("--freq-width", self.freq_width >= 0, ">= 0"), ("--noise-prob", 0 <= self.noise_prob <= 1, "in [0, 1]"),
-                                  ("--noise-std", self.noise_std >= 0, ">= 0")):
-            if not ok:
-                raise ValueError(f"{name}: {getattr(self, name[2:].replace('-', '_')):g} is not {allowed}")
+        bounded(self, ("time_ratio", 0 <= self.time_ratio < 1, "in [0, 1)"), ("time_span", self.time_span >= 1, ">= 1"),
+                ("freq_width", self.freq_width >= 0, ">= 0"), ("noise_prob", 0 <= self.noise_prob <= 1, "in [0, 1]"), ("noise_std", self.noise_std >= 0, ">= 0"))
         if self.loss_on not in LOSS_ON:
             raise ValueError(f"loss_on must be one of {', '.join(LOSS_ON)}, not {self.loss_on!r}")
 
