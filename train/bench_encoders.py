@@ -378,7 +378,10 @@ def _mib(r: dict) -> str:
 
 
 def _ratio(a: dict, b: dict, key: str) -> str:
-    return f"{a[key] / max(b[key], 1e-12 if key == 'seconds' else 1):.2f}x" if key in a and key in b else "–"
+    """a / b, or "–" where either was not measured or (memory) is under 1 MiB: RSS peaks that small are allocator noise."""
+    if key not in a or key not in b or (key == "peak_bytes" and min(a[key], b[key]) < 2**20):
+        return "–"
+    return f"{a[key] / max(b[key], 1e-12):.2f}x"
 
 
 def render_inference(results: dict) -> list[str]:
