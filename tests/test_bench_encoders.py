@@ -72,3 +72,18 @@ def test_the_attention_comparison_prints_its_table_and_last_line(tmp_path):
     for needle in ("| patch (8 rows) | 1 s | 48 | 48 / 13 | 1 |", "| overlapping (12 rows) | 10 s | 1188 | 1188 / 110 | 8 |", "| fta | onnx |"):
         assert needle in done.stdout
     assert (tmp_path / "results.md").read_text().strip() in done.stdout
+
+
+def test_a_study_kept_before_runs_were_keyed_by_variant_is_not_trained_again(tmp_path):
+    """study.json of an earlier encoder study names each run's encoder, not its variant: its runs
+    are read as done (training one would take minutes and fail on this empty data folder)."""
+    import json
+
+    from train.bench_encoders import ENCODER_VARIANTS, OBJECTIVES, BenchConfig, study
+
+    c = BenchConfig(data=str(tmp_path), out=str(tmp_path))
+    settings = {"data": str(tmp_path.resolve()), "size": c.study_size, "tokens": "frame", "steps": c.steps, "batch_size": c.batch_size, "epochs": c.epochs}
+    old = [{"encoder": e, "objective": o, "keywords": 0.5, "esc50": 0.1, "pretrain_minutes": 0.0, "minutes": 1.0} for e in ENCODER_VARIANTS for o in OBJECTIVES]
+    (tmp_path / "study.json").write_text(json.dumps({"settings": settings, "runs": old}))
+    runs = study(c, ENCODER_VARIANTS, OBJECTIVES)
+    assert [(r["variant"], r["objective"]) for r in runs] == [(e, o) for e in ENCODER_VARIANTS for o in OBJECTIVES]

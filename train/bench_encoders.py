@@ -254,6 +254,8 @@ def study(c: BenchConfig, variants: dict[str, dict], objectives: tuple[str, ...]
     path = out / "study.json"
     done = json.loads(path.read_text()) if path.is_file() else {}
     runs = done.get("runs", []) if done.get("settings") == settings else []
+    for r in runs:  # the encoder studies written before runs were keyed by variant: their variant is the encoder
+        r.setdefault("variant", r.get("encoder"))
     for name, overrides in variants.items():
         for objective in objectives:
             if any(r["variant"] == name and r["objective"] == objective for r in runs):
