@@ -114,6 +114,15 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
+def grid_columns(n: int, freq: int, cls: int) -> int:
+    """Time columns t of a token sequence of n = cls + t * freq (cls tokens first); a count that
+    is not such a grid is an error, never a truncation."""
+    t = (n - cls) // freq
+    if cls + t * freq != n:
+        raise ValueError(f"{n - cls} tokens are not a grid of {freq} frequency rows")
+    return t
+
+
 def factorised_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freq: int, cls: int = 0) -> torch.Tensor:
     """TI-CL's frequency-time factorised attention (FTA) as row attention plus column attention.
 
@@ -125,9 +134,7 @@ def factorised_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freq
     cost stays, and masked pairs keep logit 0.) cls tokens attend to every token.
     """
     B, H, N, d = q.shape
-    t = (N - cls) // freq
-    if cls + t * freq != N:
-        raise ValueError(f"{N - cls} tokens are not a grid of {freq} frequency rows")
+    t = grid_columns(N, freq, cls)
     grid = lambda a: a[:, :, cls:].reshape(B, H, t, freq, d)  # noqa: E731  [B, H, t, f, d]
     qp, kp, vp = grid(q * d**-0.5), grid(k), grid(v)
     rows = (qp.transpose(2, 3) @ kp.transpose(2, 3).transpose(-1, -2)).transpose(2, 3)  # [B, H, t, f, t']: same f
@@ -194,9 +201,7 @@ class ConvAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         c, f = self.cls, self.freq
-        t = (N - c) // f
-        if c + t * f != N:
-            raise ValueError(f"{N - c} tokens are not a grid of {f} frequency rows")
+        t = grid_columns(N, f, c)
         h = F.gelu(self.down(x))  # [B, N, d]
         cells = h[:, c:].reshape(B, t, f, -1).permute(0, 3, 1, 2)  # [B, d, t, f]
         cells = self.conv(cells).permute(0, 2, 3, 1).reshape(B, t * f, -1)  # [B, t * f, d]

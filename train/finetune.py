@@ -41,7 +41,7 @@ from train.augment import AugmentConfig, augment, spec_augment
 from train.data import Example, Source, find_audio, labels_of, load_features, split_examples
 from train.evaluate import FIGURES, clip_scores, headline, primary, report, targets
 from train.labels import columns
-from train.options import choose, command, setting
+from train.options import bounded, choose, command, setting
 
 MODES = ("full", "linear", "adapter")
 PRECISIONS = ("fp32", "bf16")
@@ -81,8 +81,8 @@ class FinetuneConfig:
             choose(name, getattr(self, name), allowed)
         if self.attention:  # empty: the --init encoder's
             choose("attention", self.attention, ATTENTIONS)
-        if self.mode == "adapter" and self.adapter_dim < 1:
-            raise ValueError(f"--adapter-dim: {self.adapter_dim} is not >= 1")
+        if self.mode == "adapter":
+            bounded(self, ("adapter_dim", self.adapter_dim >= 1, ">= 1"))
         if not self.init:  # an encoder that cannot be built fails here, before any data is read
             EncoderConfig.named(self.size, encoder=self.encoder, tokens=self.tokens, **self.encoder_overrides())
 

@@ -37,6 +37,9 @@ from train.objectives.tera import TERA, TeraConfig
 from train.options import choose, command, setting
 
 METHODS = ("mae-ast", "ssast", "tera", "ss-mast")
+# Objectives whose encoder reads a subset of the tokens (MAE-AST's visible quarter, what SS-MAST's
+# patch-drop leaves): not the whole grid FTA attends along, so they pretrain with full attention.
+SUBSET_METHODS = ("mae-ast", "ss-mast")
 MASKABLE_TOKENS = ("patch", "frame")  # a conv stem's tokens see their neighbours: hiding one hides nothing
 
 
@@ -72,7 +75,7 @@ class PretrainConfig:
         for name, allowed in (("method", METHODS), ("encoder", ENCODERS), ("size", sizes_of(self.encoder)), ("tokens", tokens), ("masking", MASKINGS), ("preset", PRESETS),
                               ("attention", ATTENTIONS)):
             choose(name, getattr(self, name), allowed)
-        if self.method in ("mae-ast", "ss-mast") and self.attention == "fta":
+        if self.method in SUBSET_METHODS and self.attention == "fta":
             sees = "a random quarter of the tokens" if self.method == "mae-ast" else "the tokens patch-drop leaves"
             raise ValueError(f"--attention fta: {self.method}'s encoder sees {sees}, not the grid FTA attends along; "
                              "pretrain with full attention and fine-tune with --attention fta (FTA has no weights of its own)")

@@ -24,11 +24,11 @@ def esc50_task(data: Path) -> dict[str, list[str]]:
 def equal_budget_run(folder: Path, data: Path, tasks: dict[str, dict], objective: str, *, encoder: str = "transformer", attention: str = "full", size: str,
                      tokens: str, preset: str = "ast", steps: int, batch_size: int, epochs: int, seed: int = 0) -> dict:
     """Pretrain (unless `objective` is "none") on 1 s crops of everything under `data`, then
-    fine-tune on each task under `attention` (MAE-AST pretrains with full attention: its encoder
-    sees no whole grid, and FTA has no weights of its own);
+    fine-tune on each task under `attention` (MAE-AST and SS-MAST pretrain with full attention:
+    their encoders see no whole grid, and FTA has no weights of its own);
     -> {"objective", "pretrain_minutes", "pretrain_loss", task: best validation accuracy}."""
     from train.finetune import FinetuneConfig, finetune
-    from train.pretrain import PretrainConfig, pretrain
+    from train.pretrain import SUBSET_METHODS, PretrainConfig, pretrain
 
     run: dict = {"objective": objective, "pretrain_minutes": 0.0}
     init = ""
@@ -36,7 +36,7 @@ def equal_budget_run(folder: Path, data: Path, tasks: dict[str, dict], objective
         start = time.perf_counter()
         # patches mask in chunks, frames at random (MAE-AST's recipes); the same steps and crops for every objective
         rows = pretrain(PretrainConfig(data=[str(data)], out=str(folder / "pretrain"), method=objective, encoder=encoder, size=size, tokens=tokens,
-                                       attention="full" if objective == "mae-ast" else attention,
+                                       attention="full" if objective in SUBSET_METHODS else attention,
                                        masking="chunk" if tokens == "patch" else "random", preset=preset, frames=98, batch_size=batch_size, steps=steps,
                                        lr=1e-3, warmup_steps=steps // 10, checkpoint_every=steps, num_workers=1, seed=seed))
         run.update(pretrain_minutes=(time.perf_counter() - start) / 60, pretrain_loss=[rows[0]["loss"], rows[-1]["loss"]])

@@ -142,6 +142,7 @@ class SSMAST(nn.Module):
         with torch.no_grad():
             k1 = self.embed(self.teacher_encoder, self.teacher_projection, v1, 0.0)
             k2 = self.embed(self.teacher_encoder, self.teacher_projection, v2, 0.0)
+        # a copy: backward needs the negatives as they were, and enqueue overwrites the queue in place
         loss, accuracy = symmetric_info_nce(q1, q2, k1, k2, self.queue.clone(), self.c.temperature)
         if self.training:
             self.enqueue(torch.cat([k1, k2]))
