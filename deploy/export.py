@@ -48,12 +48,13 @@ class ExportError(Exception):
 
 
 class Probabilities(torch.nn.Module):
-    """The model with its heads' activations inside, outputs in head order (ONNX has no dicts)."""
+    """The model with its heads' activations inside, outputs in head order, each task after the
+    heads (ONNX has no dicts)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.heads = list(model.spec.heads)
+        self.heads = list(model.spec.outputs)
 
     def forward(self, fbank: torch.Tensor) -> tuple[torch.Tensor, ...]:
         probs = self.model.probabilities(fbank)
@@ -183,7 +184,7 @@ def agreement(reference: list[np.ndarray], got: list[np.ndarray], heads: list[st
 def export(ckpt, out: Path, calibration: list[str], calibration_windows_count: int = 256) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model = checkpoint.load_model(ckpt)
-    spec, heads = model.spec, list(model.spec.heads)
+    spec, heads = model.spec, list(model.spec.outputs)
     if not heads:
         raise ExportError(f"{ckpt}: the checkpoint has no heads (an encoder alone); fine-tune it first")
     backend = TorchBackend(model)

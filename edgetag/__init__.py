@@ -32,17 +32,18 @@ def load_model(path=None, device="cpu"):
     return _load_model(path, device)
 
 
-def open_stream(model=None, backend: str = "auto", window: float | None = None, hop: float | None = None, threads: int = 0, gate=None, **post):
+def open_stream(model=None, backend: str = "auto", window: float | None = None, hop: float | None = None, threads: int = 0, gate=None, tasks=(), **post):
     """A streaming `Engine` for `model` (a checkpoint, an export folder or .onnx file, a TensorRT
     .plan; None: the bundled model): `push(samples)` audio at the model's sample rate in blocks of
     any size, get the hops it completed with their events; `flush()` at the end. `gate` (a
-    `stream.GateConfig`) skips the encoder on windows near the noise floor. `post` are the
+    `stream.GateConfig`) skips the encoder on windows near the noise floor. `tasks` picks the
+    model's tasks to run ("base": its own heads; none: all). `post` are the
     `PostConfig` fields (tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, fold,
     classes)."""
     from edgetag.runtime import load_backend
     from edgetag.stream import Engine, PostConfig
 
-    return Engine(load_backend(model, backend, threads=threads), PostConfig(**post), window, hop, gate=gate)
+    return Engine(load_backend(model, backend, threads=threads, tasks=tasks), PostConfig(**post), window, hop, gate=gate)
 
 
 def tag_file(path, model=None, backend: str = "auto", window: float | None = None, hop: float | None = None, **post) -> list:

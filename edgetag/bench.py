@@ -126,29 +126,42 @@ def example_audio(seconds: float, rate: int) -> np.ndarray:
     return np.tile(clip, int(np.ceil(seconds * rate / len(clip))))[: int(seconds * rate)]
 
 
-def hop_latency(model=None, backend: str = "auto", seconds: float = 30.0, repeats: int = 3, hop: float | None = None) -> dict:
+def hop_latency(model=None, backend: str = "auto", seconds: float = 30.0, repeats: int = 3, hop: float | None = None, tasks: tuple[str, ...] = ()) -> dict:
     """Per-hop cost by stage, one hop of audio pushed at a time as live audio arrives, 1 thread."""
+    engine = hop_engine(model, backend, hop, tasks)
+    x = example_audio(seconds, engine.spec.fbank.sample_rate)
+    stages = {"fbank": [], "encoder": [], "post": [], "total": []}
+    for _ in range(repeats):
+        time_hops(engine, x, stages)
+    return hop_figures(engine, seconds, stages)
+
+
+def hop_engine(model, backend: str, hop: float | None = None, tasks: tuple[str, ...] = ()):
     from edgetag.runtime import load_backend
     from edgetag.stream import Engine, PostConfig
 
-    loaded = load_backend(model, backend, threads=1)
-    engine = Engine(loaded, PostConfig(), hop=hop)
+    return Engine(load_backend(model, backend, threads=1, tasks=tasks), PostConfig(), hop=hop)
+
+
+def time_hops(engine, x: np.ndarray, stages: dict[str, list[float]]) -> None:
+    """Push `x` one hop at a time through a fresh stream; each hop's seconds by stage into `stages`."""
     spec, rate = engine.spec, engine.spec.fbank.sample_rate
-    x = example_audio(seconds, rate)
     step = spec.hop_frames * spec.fbank.frame_shift  # samples per hop
-    r: dict = {"model": loaded.model_id, "backend": loaded.name, "window_s": spec.window_seconds, "hop_s": spec.hop_seconds, "audio_s": seconds}
-    stages = {"fbank": [], "encoder": [], "post": [], "total": []}
-    for _ in range(repeats):
-        engine.reset()
-        for i in range(0, len(x) - step + 1, step):
-            before = (engine.timings.fbank, engine.timings.encoder, engine.timings.post)
-            engine.push(x[i : i + step])
-            after = (engine.timings.fbank, engine.timings.encoder, engine.timings.post)
-            if engine.timings.hops and i >= spec.window_seconds * rate:  # skip the first window's fill
-                deltas = [b - a for a, b in zip(before, after)]
-                for name, d in zip(("fbank", "encoder", "post"), deltas):
-                    stages[name].append(d)
-                stages["total"].append(sum(deltas))
+    engine.reset()
+    for i in range(0, len(x) - step + 1, step):
+        before = (engine.timings.fbank, engine.timings.encoder, engine.timings.post)
+        engine.push(x[i : i + step])
+        after = (engine.timings.fbank, engine.timings.encoder, engine.timings.post)
+        if engine.timings.hops and i >= spec.window_seconds * rate:  # skip the first window's fill
+            deltas = [b - a for a, b in zip(before, after)]
+            for name, d in zip(("fbank", "encoder", "post"), deltas):
+                stages[name].append(d)
+            stages["total"].append(sum(deltas))
+
+
+def hop_figures(engine, seconds: float, stages: dict[str, list[float]]) -> dict:
+    spec = engine.spec
+    r: dict = {"model": engine.backend.model_id, "backend": engine.backend.name, "window_s": spec.window_seconds, "hop_s": spec.hop_seconds, "audio_s": seconds}
     for name, values in stages.items():
         r[f"{name}_median_s"] = float(np.median(values))
         r[f"{name}_p95_s"] = float(np.percentile(values, 95))
@@ -197,6 +210,48 @@ def print_stream_benchmark(r: dict) -> None:
     for threads in (1, 2):
         print(f"file, {threads} thread{'s' * (threads > 1)}: {r['audio_s']:.0f} s of audio in {r[f'file_{threads}_s']:.3f} s = {r[f'file_{threads}_x_realtime']:.0f}x real time")
     print(f"listen --input: peak RSS {r['listen_peak_rss_mib']:.0f} MiB")
+
+
+def task_costs(model, backend: str = "auto", seconds: float = 30.0, repeats: int = 3) -> dict:
+    """Per-hop latency of the model's own heads alone, with each task beside them, and with
+    every task: what a task adds to a hop (its adapted blocks and head; a linear probe only its
+    head, the base's blocks being shared). The runs take turns, `repeats` rounds, so a machine
+    that slows down slows all of them."""
+    from edgetag.runtime import load_backend
+
+    configs = load_backend(model, backend).tasks
+    if not configs:
+        raise RuntimeError(f"{model}: has no tasks (add some with edgetag learn or train.finetune --task)")
+    runs = {"base": ("base",), **{f"base + {n}": ("base", n) for n in configs}, "base + every task": ()}
+    engines = {label: hop_engine(model, backend, tasks=tasks) for label, tasks in runs.items()}
+    x = example_audio(seconds, engines["base"].spec.fbank.sample_rate)
+    stages = {label: {"fbank": [], "encoder": [], "post": [], "total": []} for label in runs}
+    for _ in range(repeats):
+        for label, engine in engines.items():
+            time_hops(engine, x, stages[label])
+    rows = {label: hop_figures(engines[label], seconds, stages[label]) for label in runs}
+    tasks = {n: {"adapter": t.adapter, "layers": t.layers, "adapter_dim": t.adapter_dim} for n, t in configs.items()}
+    return {"model": rows["base"]["model"], "backend": rows["base"]["backend"], "rows": rows, "tasks": tasks, "repeats": repeats}
+
+
+def print_task_costs(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    base = r["rows"]["base"]
+    table = Table(title=f"per-hop cost of tasks, {r['model']} ({r['backend']}, 1 thread)")
+    for column in ("run", "adapters", "encoder median", "added to the base", "total median", "p95"):
+        table.add_column(column, justify="left" if column in ("run", "adapters") else "right")
+    for label, row in r["rows"].items():
+        name = label.removeprefix("base + ")
+        t = r["tasks"].get(name)
+        adapters = "-" if t is None else ("none (linear)" if t["adapter"] == "none" else f"{t['adapter']} {t['adapter_dim']} in the last {t['layers']}")
+        added = row["encoder_median_s"] - base["encoder_median_s"]
+        table.add_row(label, adapters, f"{row['encoder_median_s'] * 1000:.2f} ms", "-" if label == "base" else f"{added * 1000:+.2f} ms ({row['encoder_median_s'] / base['encoder_median_s']:.2f}x)",
+                      f"{row['total_median_s'] * 1000:.2f} ms", f"{row['total_p95_s'] * 1000:.2f} ms")
+    Console().print(table)
+    every = r["rows"]["base + every task"]
+    print(f"every task beside the base: {every['encoder_median_s'] / base['encoder_median_s']:.2f}x the base's encoder time per hop")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,6 +69,29 @@ def read_spec(path=None) -> ModelSpec:
         raise CheckpointError(path, f"its config does not describe a model ({e})") from e
 
 
+def digests(path) -> dict[str, str]:
+    """sha256 of what each part of a checkpoint owns: "base" (its spec without the tasks, every
+    tensor outside `tasks.`) and each task by name (its TaskConfig, its tensors). Adding a task
+    changes no other entry."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    path = _resolve(path)
+    spec = read_spec(path).to_dict()
+    tasks = spec.pop("tasks", {})
+    parts = {"base": hashlib.sha256(json.dumps(spec, sort_keys=True).encode())}
+    for name, task in tasks.items():
+        parts[name] = hashlib.sha256(json.dumps(task, sort_keys=True).encode())
+    with safe_open(str(path), "np") as f:
+        for key in sorted(f.keys()):
+            owner = key.split(".")[1] if key.startswith("tasks.") else "base"
+            tensor = f.get_tensor(key)
+            parts[owner].update(f"{key} {tensor.dtype} {tensor.shape}".encode())
+            parts[owner].update(tensor.tobytes())
+    return {name: h.hexdigest() for name, h in parts.items()}
+
+
 def load_model(path=None, device: str | torch.device = "cpu") -> AudioTransformer:
     """The model in eval mode (`None`: the bundled default model), its spec in `model.spec`."""
     from safetensors.torch import load_file

@@ -124,17 +124,18 @@ REFRACTORY = typer.Option(1.0, callback=bounded("--refractory", 0, 3600), help="
 ALL_TAGS = typer.Option(False, "--all-tags", help="Also report a tag while a more specific one is on (Animal beside Dog); default: folded into it.")
 CLASSES = typer.Option(None, "--classes", help="Report only this class (repeatable; an exact label, e.g. --classes Dog --classes yes).")
 JSON = typer.Option(False, "--json", help="JSON lines, one event per line.")
+TASK = typer.Option(None, "--task", help="Run this task of the model (repeatable; 'base': its own heads; default: the base and every task).")
 GATE = typer.Option(0.0, callback=bounded("--gate", 0, 100), help="Skip the encoder on windows whose loudest frame is less than this many dB over the noise floor (0: every window runs).")
 
 
-def _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes, gate):
+def _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes, gate, tasks):
     from edgetag import open_stream
     from edgetag.checkpoint import CheckpointError
     from edgetag.runtime import BackendError
     from edgetag.stream import GateConfig
 
     try:
-        return open_stream(model, backend.value, window, hop, threads, gate=GateConfig(margin_db=gate) if gate else None, tag_on=tag_on, tag_off=tag_off,
+        return open_stream(model, backend.value, window, hop, threads, gate=GateConfig(margin_db=gate) if gate else None, tasks=tuple(tasks or ()), tag_on=tag_on, tag_off=tag_off,
                            keyword_on=keyword_on, smoothing=smoothing, min_duration=min_duration, refractory=refractory, fold=not all_tags,
                            classes=tuple(classes or ()))
     except (CheckpointError, BackendError, ValueError) as e:
@@ -156,6 +157,7 @@ def file_(
     refractory: float = REFRACTORY,
     all_tags: bool = ALL_TAGS,
     classes: list[str] = CLASSES,
+    tasks: list[str] = TASK,
     gate: float = GATE,
     json_out: bool = JSON,
     csv_out: bool = typer.Option(False, "--csv", help="CSV with a header row."),
@@ -169,7 +171,7 @@ def file_(
 
     if json_out and csv_out:
         fail("--json and --csv: choose one output format")
-    engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes, gate)
+    engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes, gate, tasks)
     files, errors = audio.expand(paths)
     try:
         plots = output.plot_paths(plot, files) if plot else {}
@@ -229,6 +231,7 @@ def listen(
     refractory: float = REFRACTORY,
     all_tags: bool = ALL_TAGS,
     classes: list[str] = CLASSES,
+    tasks: list[str] = TASK,
     gate: float = GATE,
     json_out: bool = JSON,
     block: float = typer.Option(0.1, callback=bounded("--block", 0, 10, lo_open=True), help="Seconds of audio per block read from the device."),
@@ -242,7 +245,7 @@ def listen(
 
     signal.signal(signal.SIGTERM, _interrupt)
 
-    engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes, gate)
+    engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes, gate, tasks)
     rate = engine.spec.fbank.sample_rate
     with contextlib.ExitStack() as stack:
         if input_file is not None:
@@ -291,6 +294,75 @@ def _until_error(blocks, failed: list):
     except (audio.AudioError, audio.MicrophoneError) as e:
         print(f"edgetag: error: {e}", file=sys.stderr)
         failed.append(e)
+
+
+class TaskAdapter(str, Enum):
+    conv = "conv"
+    aat = "aat"
+    mlp = "mlp"
+    none = "none"
+
+
+@app.command()
+def learn(
+    name: str = typer.Argument(..., help="The task's name, and its class's unless CLIPS is one folder of class folders."),
+    clips: list[str] = typer.Argument(..., help="Clips of the sound (files, folders, glob patterns), or one folder holding a folder of clips per class."),
+    into: Path = typer.Option(..., "--into", help="The checkpoint to write: the model with the task; one that exists gets the task added."),
+    negatives: list[str] = typer.Option(None, "--negatives", help="Audio without the sound (files, folders, patterns; repeatable); default: built-in noise, hum and silence."),
+    model: Path = typer.Option(None, "--model", "-m", help="The checkpoint to add the task to (default: the bundled model; not with an --into that exists)."),
+    adapter: TaskAdapter = typer.Option(TaskAdapter.conv, help="The task's adapters: conv (TI-CL's ConvPass), aat, mlp, or none (a linear probe on the model's embedding)."),
+    adapter_dim: int = typer.Option(16, callback=bounded("--adapter-dim", 1, 1024), help="Adapter bottleneck width."),
+    layers: int = typer.Option(2, callback=bounded("--layers", 1, 1024), help="Adapted blocks, the last ones (the ones before run once for the base and every task)."),
+    steps: int = typer.Option(300, callback=bounded("--steps", 1, 10**6), help="Training steps."),
+    seed: int = typer.Option(0, help="Seed of the views and the training."),
+    threads: int = typer.Option(2, callback=bounded("--threads", 1, 1024), help="torch threads."),
+) -> None:
+    """Teach the model new sounds from a handful of clips (TI-CL: the model's own heads stay as they
+    are and run beside the new task). Exit 2 when any clip was unreadable (the task is still learned
+    from the rest when enough remain)."""
+    from edgetag.checkpoint import CheckpointError
+    from edgetag.learn import LearnConfig, LearnError, class_clips
+    from edgetag.learn import learn as learn_task
+
+    try:
+        import torch
+    except ImportError:
+        fail("edgetag learn trains, which needs torch: pip install 'edgetag[torch]'")
+    torch.set_num_threads(threads)
+    classes, errors = class_clips(name, clips)
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    console = Console(stderr=True)
+    config = LearnConfig(adapter=adapter.value, adapter_dim=adapter_dim if adapter != TaskAdapter.none else 0, layers=layers if adapter != TaskAdapter.none else 0,
+                         steps=steps, seed=seed)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), console=console,
+                  transient=True, disable=not console.is_terminal) as bars:
+        shown: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in shown:
+                shown[stage] = bars.add_task(stage, total=total)
+            bars.update(shown[stage], completed=done)
+
+        try:
+            learned, unreadable = learn_task(name, classes, negatives or [], into, model, config, progress)
+        except (LearnError, CheckpointError) as e:
+            bars.stop()
+            for error in errors:
+                print(f"edgetag: error: {error}", file=sys.stderr)
+            fail(str(e))
+    errors += unreadable
+    for error in errors:
+        print(f"edgetag: error: {error}", file=sys.stderr)
+    negatives_text = "built-in noise, hum and silence" if learned.builtin_negatives else f"{learned.negatives} clip(s)"
+    print(f"{name}: {', '.join(f'{label} {n} clips ({learned.windows[label]} windows)' for label, n in learned.clips.items())}; negatives: {negatives_text}")
+    print(f"trained {learned.trainable:,} parameters ({100 * learned.trainable / learned.base_parameters:.1f}% of the model's {learned.base_parameters:,}) in {learned.seconds:.1f} s")
+    for label, r in learned.calibration.items():
+        print(f"threshold {label} {r['threshold']:.2f}: {r['clips_found']}/{r['clips']} of its clips, {r['negatives_firing']}/{r['negatives']} other clips reach it")
+    print(f"{learned.path}: written; run it with: edgetag listen --model {learned.path}")
+    if errors:
+        raise typer.Exit(EXIT_BAD_INPUT)
 
 
 @app.command()
@@ -374,6 +446,24 @@ def bench_stream(
 
     try:
         bench.print_stream_benchmark(bench.stream_benchmark(model, seconds, repeats, listen_seconds, hop, backend.value))
+    except (CheckpointError, BackendError, RuntimeError) as e:
+        fail(str(e))
+
+
+@bench_app.command("tasks")
+def bench_tasks(
+    model: Path = typer.Option(..., "--model", "-m", help="A checkpoint with tasks (edgetag learn, train.finetune --task)."),
+    backend: BackendName = BACKEND,
+    seconds: float = typer.Option(30.0, callback=bounded("--seconds", 1, 3600), help="Audio per measurement (the bundled example, repeated)."),
+    repeats: int = typer.Option(3, callback=bounded("--repeats", 1, 100)),
+) -> None:
+    """Per-hop latency of the model's own heads, of each task beside them and of every task (1 thread)."""
+    from edgetag import bench
+    from edgetag.checkpoint import CheckpointError
+    from edgetag.runtime import BackendError
+
+    try:
+        bench.print_task_costs(bench.task_costs(model, backend.value, seconds, repeats))
     except (CheckpointError, BackendError, RuntimeError) as e:
         fail(str(e))
 

@@ -12,6 +12,10 @@ MAE-AST does (all frequency patches of one time step, then the next), so a longe
 appends tokens (patches and frames: a stem's last cells also see the frames after them). Positions are 1-D sinusoids over
 the token index (MAE-AST; any length) or a learned table cropped to the input (SSAST, AST).
 Heads read the mean of the token outputs, or of the cls tokens of an imported AST.
+
+Tasks added to a frozen base (`TaskConfig`) own a head and, unless they are linear probes, their
+adapters in the last blocks: one pass runs the base's blocks once, and each adapted task leaves
+that trunk at its first adapted block to run the rest with its own adapters.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetag.mamba import MambaBlock
-from edgetag.spec import CONV_STEM_LAYERS, TAGS, EncoderConfig, ModelSpec
+from edgetag.spec import CONV_STEM_LAYERS, TAGS, EncoderConfig, ModelSpec, TaskConfig
 
 # ---------------------------------------------------------------------------------------------
 # Tokens
@@ -210,38 +214,49 @@ class ConvAdapter(nn.Module):
         return self.up(self.dropout(F.gelu(cells)))
 
 
-class Block(nn.Module):
-    """A transformer block. `grid` (frequency rows, cls tokens) is the token grid FTA and conv
-    adapters work on; `adapter` places adapters of width `adapter_dim` (EncoderConfig.adapter)."""
+class BlockAdapters(nn.Module):
+    """One block's adapters (EncoderConfig.adapter's placements): `adapter` beside the MLP and,
+    for "aat" and "conv", `adapter_attn` on attention. A Block holds its own the same way; a
+    task brings its own for the blocks it adapts."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, norm_first: bool = True, norm_eps: float = 1e-6, adapter_dim: int = 0,
-                 adapter: str = "mlp", attention: str = "full", grid: tuple[int, int] = (1, 0)):
+    def __init__(self, width: int, adapter_dim: int, adapter: str, grid: tuple[int, int]):
         super().__init__()
-        self.norm_first = norm_first
-        self.norm1 = nn.LayerNorm(width, eps=norm_eps)
-        self.attn = Attention(width, heads, grid if attention == "fta" else None)
-        self.norm2 = nn.LayerNorm(width, eps=norm_eps)
-        self.mlp = Mlp(width, int(width * mlp_ratio))
         self.sequential = adapter == "aat"  # AAT's attention adapter reads attention's output; ConvPass's its input
         make = (lambda: ConvAdapter(width, adapter_dim, grid)) if adapter == "conv" else (lambda: Adapter(width, adapter_dim))
         self.adapter = make() if adapter_dim else None
         self.adapter_attn = make() if adapter_dim and adapter != "mlp" else None
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.attn(x)
-        if self.adapter_attn is None:
-            return a
-        return a + self.adapter_attn(a if self.sequential else x)
 
-    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x) if self.adapter is None else self.mlp(x) + self.adapter(x)
+class Block(BlockAdapters):
+    """A transformer block. `grid` (frequency rows, cls tokens) is the token grid FTA and conv
+    adapters work on; `adapter` places adapters of width `adapter_dim` (EncoderConfig.adapter).
+    `forward(x, adapters)` runs it with a task's adapters instead of its own."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, norm_first: bool = True, norm_eps: float = 1e-6, adapter_dim: int = 0,
+                 adapter: str = "mlp", attention: str = "full", grid: tuple[int, int] = (1, 0)):
+        super().__init__(width, adapter_dim, adapter, grid)
+        self.norm_first = norm_first
+        self.norm1 = nn.LayerNorm(width, eps=norm_eps)
+        self.attn = Attention(width, heads, grid if attention == "fta" else None)
+        self.norm2 = nn.LayerNorm(width, eps=norm_eps)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+
+    def attend(self, x: torch.Tensor, a: BlockAdapters) -> torch.Tensor:
+        out = self.attn(x)
+        if a.adapter_attn is None:
+            return out
+        return out + a.adapter_attn(out if a.sequential else x)
+
+    def feed_forward(self, x: torch.Tensor, a: BlockAdapters) -> torch.Tensor:
+        return self.mlp(x) if a.adapter is None else self.mlp(x) + a.adapter(x)
+
+    def forward(self, x: torch.Tensor, adapters: BlockAdapters | None = None) -> torch.Tensor:
+        a = self if adapters is None else adapters
         if self.norm_first:
-            x = x + self.attend(self.norm1(x))
-            return x + self.feed_forward(self.norm2(x))
-        x = self.norm1(x + self.attend(x))
-        return self.norm2(x + self.feed_forward(x))
+            x = x + self.attend(self.norm1(x), a)
+            return x + self.feed_forward(self.norm2(x), a)
+        x = self.norm1(x + self.attend(x, a))
+        return self.norm2(x + self.feed_forward(x, a))
 
 
 class Encoder(nn.Module):
@@ -289,10 +304,41 @@ class Encoder(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def check(self, features: torch.Tensor) -> torch.Tensor:
         if features.shape[1] < self.config.patch_time:
             raise ValueError(f"need at least {self.config.patch_time} frames, got {features.shape[1]}")
-        return self.forward_blocks(self.embed(features))
+        return features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.forward_blocks(self.embed(self.check(features)))
+
+    def forward_tasks(self, features: torch.Tensor, branches: dict[str, TaskBranch], trunk: bool = True) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Token outputs of the base (`trunk`; None when not asked) and of each adapted task, the
+        base's blocks run once: a task takes the trunk's tokens at its first adapted block and
+        runs the blocks from there with its own adapters."""
+        x = self.norm_pre(self.embed(self.check(features)))
+        stop = len(self.blocks) if trunk else max((b.first for b in branches.values()), default=0)
+        entering: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks[:stop]):
+            entering[i] = x
+            x = block(x)
+        entering[stop] = x
+        out = {name: self.forward_branch(entering[branch.first], branch) for name, branch in branches.items()}
+        return (self.norm(x) if trunk else None), out
+
+    def forward_trunk(self, features: torch.Tensor, stop: int) -> torch.Tensor:
+        """The tokens entering block `stop`: what a task adapted from there on reads (a frozen
+        base's, so `edgetag learn` computes them once per view)."""
+        x = self.norm_pre(self.embed(self.check(features)))
+        for block in self.blocks[:stop]:
+            x = block(x)
+        return x
+
+    def forward_branch(self, x: torch.Tensor, branch: TaskBranch) -> torch.Tensor:
+        """A task's token outputs from the tokens entering its first adapted block."""
+        for i in range(branch.first, len(self.blocks)):
+            x = self.blocks[i](x, branch.blocks[str(i)])
+        return self.norm(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,43 +356,79 @@ class Head(nn.Module):
         return self.fc(self.norm(pooled))
 
 
+def new_head(width: int, kind: str, classes: int, eps: float = 1e-6) -> Head:
+    head = Head(width, classes, eps)
+    if kind == TAGS and classes > 1:
+        # Start each sigmoid at the prior of one active class in len(labels): otherwise the
+        # first stretch of training only learns to say "no" to every class, and a short budget
+        # never gets past it (measured on ESC-50).
+        nn.init.constant_(head.fc.bias, -math.log(classes - 1))
+    return head
+
+
+class TaskBranch(nn.Module):
+    """A task's weights (`TaskConfig`): adapters for the encoder's last `layers` blocks, keyed by
+    block index, and its head."""
+
+    def __init__(self, c: EncoderConfig, task: TaskConfig):
+        super().__init__()
+        self.first = c.depth - task.layers
+        grid = (c.freq_patches, c.cls_tokens)
+        self.blocks = nn.ModuleDict({str(i): BlockAdapters(c.width, task.adapter_dim, task.adapter, grid) for i in range(self.first, c.depth)})
+        self.head = new_head(c.width, task.head.kind, len(task.head.labels), c.norm_eps)
+
+
 class AudioTransformer(nn.Module):
     """Encoder and heads: normalised features [B, T, n_mels] -> {head: logits [B, classes]}.
 
     Built from, and carrying, its `ModelSpec` (`self.spec`): what it needs to run besides its
-    weights. With no heads it returns the pooled embedding under "embedding".
+    weights. With no heads it returns the pooled embedding under "embedding". Tasks answer under
+    their names beside the heads (`spec.outputs`); `outputs` picks which are computed.
     """
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
-        self.encoder = Encoder(spec.encoder)
-        self.heads = nn.ModuleDict({name: Head(spec.encoder.width, len(h.labels), spec.encoder.norm_eps) for name, h in spec.heads.items()})
-        for name, h in spec.heads.items():
-            if h.kind == TAGS and len(h.labels) > 1:
-                # Start each sigmoid at the prior of one active class in len(labels): otherwise
-                # the first stretch of training only learns to say "no" to every class, and a
-                # short budget never gets past it (measured on ESC-50).
-                nn.init.constant_(self.heads[name].fc.bias, -math.log(len(h.labels) - 1))
+        c = spec.encoder
+        self.encoder = Encoder(c)
+        self.heads = nn.ModuleDict({name: new_head(c.width, h.kind, len(h.labels), c.norm_eps) for name, h in spec.heads.items()})
+        self.tasks = nn.ModuleDict({name: TaskBranch(c, task) for name, task in spec.tasks.items()})
 
-    def embedding(self, features: torch.Tensor) -> torch.Tensor:
-        """Pooled token outputs [B, width]."""
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Token outputs [B, N, width] -> [B, width]."""
         c = self.encoder.config
-        x = self.encoder(features)
         return x[:, : c.cls_tokens].mean(dim=1) if c.pool == "cls" else x[:, c.cls_tokens :].mean(dim=1)
 
-    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        pooled = self.embedding(features)
-        if not self.heads:
-            return {"embedding": pooled}
-        return {name: head(pooled) for name, head in self.heads.items()}
+    def embedding(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled token outputs of the base [B, width]."""
+        return self.pool(self.encoder(features))
 
-    def probabilities(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, features: torch.Tensor, outputs: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """{name: logits} for the heads and tasks named in `outputs` (None: every one, `spec.outputs`)."""
+        if not self.heads and not self.tasks:
+            return {"embedding": self.embedding(features)}
+        names = tuple(self.spec.outputs) if outputs is None else outputs
+        unknown = [n for n in names if n not in self.spec.outputs]
+        if unknown:
+            raise KeyError(f"no head or task {', '.join(map(repr, unknown))}")
+        adapted = {n: self.tasks[n] for n in names if n in self.tasks and len(self.tasks[n].blocks)}
+        trunk, tokens = self.encoder.forward_tasks(features, adapted, trunk=any(n not in adapted for n in names))
+        pooled = None if trunk is None else self.pool(trunk)
+        out = {}
+        for name in names:
+            if name in self.heads:
+                out[name] = self.heads[name](pooled)
+            else:
+                out[name] = self.tasks[name].head(self.pool(tokens[name]) if name in tokens else pooled)
+        return out
+
+    def probabilities(self, features: torch.Tensor, outputs: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         """Sigmoid for tag heads, softmax for keyword heads."""
-        logits = self.forward(features)
-        if not self.heads:
+        logits = self.forward(features, outputs)
+        if not self.heads and not self.tasks:
             return logits
-        return {name: x.sigmoid() if self.spec.heads[name].kind == TAGS else x.softmax(dim=-1) for name, x in logits.items()}
+        kinds = self.spec.outputs
+        return {name: x.sigmoid() if kinds[name].kind == TAGS else x.softmax(dim=-1) for name, x in logits.items()}
 
 
 def num_parameters(module: nn.Module) -> int:

@@ -1,8 +1,8 @@
 """How events leave edgetag: a rich table for people, JSON lines and CSV for machines, a plot.
 
 One event record, the same for `file` and `listen`: file, kind (tag or keyword), label, start,
-end, score (seconds from the start of the file or stream), model; `listen` adds `time`, the
-wall-clock time (ISO 8601) the event was emitted.
+end, score (seconds from the start of the file or stream), model, and task for an event of one
+of the model's tasks; `listen` adds `time`, the wall-clock time (ISO 8601) the event was emitted.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from edgetag.spec import EVENT_KINDS, TAGS, ModelSpec
 from edgetag.stream import Event, Result
 
-FIELDS = ("file", "kind", "label", "start", "end", "score", "model")
+FIELDS = ("file", "kind", "label", "start", "end", "score", "model", "task")
 
 
 def record(event: Event, file: str, model: str, **extra) -> dict:
@@ -47,10 +47,11 @@ def print_table(rows: list[dict], title: str, console=None) -> None:
     console = console or Console()
     console.print(f"[bold]{title}[/]", soft_wrap=True)
     table = Table()
-    for column, justify in (("kind", "left"), ("label", "left"), ("start", "right"), ("end", "right"), ("score", "right")):
+    tasks = any("task" in r for r in rows)
+    for column, justify in (("kind", "left"), ("label", "left"), ("start", "right"), ("end", "right"), ("score", "right"), *([("task", "left")] if tasks else [])):
         table.add_column(column, justify=justify)
     for r in rows:
-        table.add_row(r["kind"], r["label"], f"{r['start']:.2f}", f"{r['end']:.2f}", f"{r['score']:.2f}")
+        table.add_row(r["kind"], r["label"], f"{r['start']:.2f}", f"{r['end']:.2f}", f"{r['score']:.2f}", *([r.get("task", "")] if tasks else []))
     if not rows:
         table.add_row("-", "nothing above threshold", "", "", "")
     console.print(table)

@@ -4,6 +4,7 @@ per-head probabilities out (sigmoid for tag heads, softmax for keyword heads), n
 Every backend carries the `ModelSpec` of what it serves (`backend.spec`: heads, fbank, window and
 hop, thresholds, provenance) and normalises its input itself, so no caller can forget to;
 `forward()` takes windows already normalised, as the exported files and reference.npz store them.
+A model with tasks serves the ones it is loaded with (`tasks`; `spec.select`) as its heads.
 
 - `onnx`: ONNX Runtime on an export from `deploy.export` (model.onnx fp32, model.int8.onnx): the
   default for the bundled model, and the one backend that needs no torch.
@@ -20,7 +21,7 @@ import json
 import os
 import platform
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,8 +47,14 @@ class Backend:
     name = ""
     fixed_window = False  # the input length is baked into the file (ONNX, TensorRT)
 
-    def __init__(self, spec: ModelSpec, source):
-        self.spec = spec
+    def __init__(self, spec: ModelSpec, source, tasks: tuple[str, ...] = ()):
+        """`spec` is the model's whole spec; the backend serves the `tasks` of it it is asked
+        for (`ModelSpec.select`; none: all) as its `spec`'s heads."""
+        try:
+            self.spec = spec.select(tasks)
+        except SpecError as e:
+            raise BackendError(f"{source}: {e}") from e
+        self.tasks = {name: spec.tasks[name] for name in self.spec.heads if name in spec.tasks}  # the heads that are tasks, and their configs
         self.model_id = spec.model_id or Path(str(source)).stem
 
     def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -83,16 +90,16 @@ def import_torch():
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, model: AudioTransformer, source="model"):
-        super().__init__(model.spec, source)
+    def __init__(self, model: AudioTransformer, source="model", tasks: tuple[str, ...] = ()):
+        super().__init__(model.spec, source, tasks)
         self.model = model
         self.device = next(model.parameters()).device
-        self.probabilities = model.probabilities
+        self.probabilities = partial(model.probabilities, outputs=tuple(self.spec.heads))
 
     @classmethod
-    def load(cls, path=None, device: str = "cpu") -> TorchBackend:
+    def load(cls, path=None, device: str = "cpu", tasks: tuple[str, ...] = ()) -> TorchBackend:
         import_torch()
-        return cls(load_model(path, device), path or DEFAULT_MODEL)
+        return cls(load_model(path, device), path or DEFAULT_MODEL, tasks)
 
     def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
         import torch
@@ -104,28 +111,28 @@ class TorchBackend(Backend):
 class TorchInt8Backend(TorchBackend):
     name = "torch-int8"
 
-    def __init__(self, model: AudioTransformer, source="model", compile: bool = True):
+    def __init__(self, model: AudioTransformer, source="model", compile: bool = True, tasks: tuple[str, ...] = ()):
         try:
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
         except ImportError as e:
             raise BackendError("the torch-int8 backend needs torchao: pip install 'edgetag[deploy]'") from e
-        super().__init__(model.cpu(), source)
+        super().__init__(model.cpu(), source, tasks)
         quantize_(self.model, Int8DynamicActivationInt8WeightConfig())
         # dynamic: one compiled graph serves a live hop (batch 1) and a file's batches alike
         torch = import_torch()
-        self.probabilities = torch.compile(self.model.probabilities, dynamic=True) if compile else self.model.probabilities
+        self.probabilities = partial(torch.compile(self.model.probabilities, dynamic=True) if compile else self.model.probabilities, outputs=tuple(self.spec.heads))
 
     @classmethod
-    def load(cls, path=None, compile: bool = True) -> TorchInt8Backend:
+    def load(cls, path=None, compile: bool = True, tasks: tuple[str, ...] = ()) -> TorchInt8Backend:
         import_torch()
-        return cls(load_model(path), path or DEFAULT_MODEL, compile)
+        return cls(load_model(path), path or DEFAULT_MODEL, compile, tasks)
 
 
 class OnnxBackend(Backend):
     name = "onnx"
     fixed_window = True
 
-    def __init__(self, path, threads: int = 0):
+    def __init__(self, path, threads: int = 0, tasks: tuple[str, ...] = ()):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -138,10 +145,10 @@ class OnnxBackend(Backend):
         spec, entry = manifest["spec"], manifest["files"][path.name]
         if "thresholds" in entry:  # calibrated through this very file (train.calibrate --export)
             try:
-                spec = replace(spec, thresholds=entry["thresholds"], calibration=entry.get("calibration", {}))
+                spec = spec.with_thresholds(entry["thresholds"], entry.get("calibration", {}))
             except SpecError as e:
                 raise BackendError(f"{path}: its thresholds in manifest.json do not fit the model ({e})") from e
-        super().__init__(spec, path.parent)
+        super().__init__(spec, path.parent, tasks)  # the file answers with every head and task; the chosen ones are read out
         # Dynamic int8 scales activations by the whole input tensor, so a window's numbers would
         # depend on the other windows of its batch: it runs one window per call, and a file's
         # windows go to `threads` calls at once instead of splitting each small call over threads.
@@ -155,7 +162,7 @@ class OnnxBackend(Backend):
         except Exception as e:
             raise BackendError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
         self.path = path
-        self.input, self.outputs = manifest["input"]["name"], manifest["outputs"]
+        self.input, self.outputs = manifest["input"]["name"], [name for name in manifest["outputs"] if name in self.spec.heads]
 
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
         return self.session.run(self.outputs, {self.input: x})
@@ -268,7 +275,7 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
     fixed_window = True
 
-    def __init__(self, plan):
+    def __init__(self, plan, tasks: tuple[str, ...] = ()):
         trt = import_tensorrt()
         plan = Path(plan)
         sidecar_path = plan.with_suffix(".json")
@@ -280,7 +287,7 @@ class TensorRTBackend(Backend):
             raise BackendError(f"{plan}: built for another device or TensorRT ({'; '.join(problems)}); rebuild it here")
         self.export_dir = Path(sidecar.get("export_dir", plan.parent))
         manifest = read_manifest(self.export_dir)
-        super().__init__(manifest["spec"], self.export_dir)
+        super().__init__(manifest["spec"], self.export_dir, tasks)
         self.input, self.outputs = manifest["input"]["name"], manifest["outputs"]
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(plan.read_bytes())
@@ -302,7 +309,7 @@ class TensorRTBackend(Backend):
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise BackendError("TensorRT execution failed")
         stream.synchronize()
-        return {name: t.cpu().numpy() for name, t in outputs.items()}
+        return {name: t.cpu().numpy() for name, t in outputs.items() if name in self.spec.heads}
 
 
 def resolve(model, backend: str = "auto") -> str:
@@ -321,22 +328,24 @@ def resolve(model, backend: str = "auto") -> str:
     return "torch"
 
 
-def load_backend(model=None, backend: str = "auto", device: str = "cpu", threads: int = 0) -> Backend:
+def load_backend(model=None, backend: str = "auto", device: str = "cpu", threads: int = 0, tasks: tuple[str, ...] = ()) -> Backend:
     """A backend for `model` (a checkpoint, an export folder or .onnx file, or a .plan engine;
     None: the bundled model: its export for `onnx`, its checkpoint for the torch backends).
     `threads` sizes ONNX Runtime's pool, or torch's, which is process-wide (set once per process:
-    torch.set_num_threads); 0 leaves the library's default."""
+    torch.set_num_threads); 0 leaves the library's default. `tasks` names the model's tasks to
+    run (spec.BASE: its own heads; none: all of them)."""
     kind = resolve(model, backend)
     if model is not None and not os.path.exists(model):
         raise BackendError(f"{model}: no such file or folder")
     if kind.startswith("torch") and threads:
         import_torch().set_num_threads(threads)
+    tasks = tuple(tasks)
     if kind == "torch":
-        return TorchBackend.load(model, device)
+        return TorchBackend.load(model, device, tasks)
     if kind == "torch-int8":
-        return TorchInt8Backend.load(model)
+        return TorchInt8Backend.load(model, tasks=tasks)
     if kind == "onnx":
-        return OnnxBackend(model or DEFAULT_EXPORT, threads)
+        return OnnxBackend(model or DEFAULT_EXPORT, threads, tasks)
     if model is None:
         raise BackendError("the tensorrt backend needs an engine built on this device: python -m deploy.build_engine, then --model ENGINE.plan")
-    return TensorRTBackend(model)
+    return TensorRTBackend(model, tasks)

@@ -6,6 +6,10 @@ provenance. Seconds become frames here and nowhere else (`StreamConfig.frames`):
 spec is made, checked against the fbank's frame grid (a hop between two frames is an error, not
 a rounding).
 
+A spec may also hold tasks (`TaskConfig`, TI-CL's task-incremental learning): heads added to
+the frozen base later, each with its own adapters, labels and thresholds. `outputs` names every
+head a model can answer with; `select(tasks)` is the spec of one run's choice of them.
+
 Checkpoints carry the spec in their header and exports in manifest.json, as the plain dict of
 `to_dict()`; `from_dict()` also reads format 1, whose thresholds were one dict for all heads.
 """
@@ -242,6 +246,47 @@ class HeadConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# Tasks: heads added to a frozen base
+
+BASE = "base"  # the name that selects a model's own heads among its tasks (`ModelSpec.select`)
+TASK_ADAPTERS = ("none", *ADAPTERS)  # "none": a linear probe on the base's embedding
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """A task learned on a frozen base: one head and, unless it is a linear probe on the base's
+    embedding, its own adapters (EncoderConfig.adapter's kinds) in the base's last `layers`
+    blocks. A run shares the base's blocks before the first adapted one with the base's heads and
+    every other task. All a task owns is here and under `tasks.NAME.` in the weights, so adding
+    one leaves every byte of the base and of the other tasks as it was."""
+
+    head: HeadConfig
+    adapter: str = "none"
+    adapter_dim: int = 0
+    layers: int = 0  # adapted blocks, counted from the last
+    thresholds: dict[str, float] = field(default_factory=dict, hash=False)  # label -> calibrated `on` threshold
+    provenance: dict = field(default_factory=dict, hash=False)
+
+    def __post_init__(self):
+        if self.adapter not in TASK_ADAPTERS:
+            raise ValueError(f"a task's adapter must be one of {', '.join(TASK_ADAPTERS)}, not {self.adapter!r}")
+        if self.adapter == "none" and (self.adapter_dim or self.layers):
+            raise ValueError("a linear task (adapter 'none') has no adapter_dim or layers")
+        if self.adapter != "none" and (self.adapter_dim < 1 or self.layers < 1):
+            raise ValueError(f"adapter {self.adapter!r} needs adapter_dim >= 1 and layers >= 1 (got {self.adapter_dim}, {self.layers})")
+
+    def to_dict(self) -> dict:
+        return {"head": self.head.to_dict(), "adapter": self.adapter, "adapter_dim": self.adapter_dim, "layers": self.layers,
+                "thresholds": self.thresholds, "provenance": self.provenance}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TaskConfig:
+        d = dict(_known(cls, d))
+        h = d.pop("head")
+        return cls(HeadConfig(h["kind"], h["labels"], h.get("parents", {})), **d)
+
+
+# ---------------------------------------------------------------------------------------------
 # The stream and the whole spec
 
 
@@ -270,6 +315,15 @@ class StreamConfig:
         return cls(window=samples / fbank.sample_rate)
 
 
+def _check_thresholds(owner: str, labels: tuple[str, ...], per_label: dict) -> None:
+    unknown = set(per_label) - set(labels)
+    if unknown:
+        raise SpecError(f"thresholds for {owner} name labels it does not have: {', '.join(sorted(unknown))}")
+    for label, t in per_label.items():  # math.inf: never (calibration tries thresholds that way)
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 <= t <= 1 or t == math.inf):
+            raise SpecError(f"thresholds for {owner}: {label!r} is {t!r}, not a probability")
+
+
 def _whole(value: float, what: str) -> int:
     n = round(value)
     if abs(value - n) > 1e-6:
@@ -286,6 +340,7 @@ class ModelSpec:
     thresholds: dict[str, dict[str, float]] = field(default_factory=dict)  # head -> label -> calibrated `on` threshold
     calibration: dict = field(default_factory=dict)  # what the thresholds were measured on (train.calibrate)
     provenance: dict = field(default_factory=dict)  # where the weights came from: stage, settings, validation, id
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)  # heads added to the frozen base (TaskConfig)
     # derived from `stream` and `fbank` in __post_init__
     window_frames: int = field(init=False, compare=False)
     hop_frames: int = field(init=False, compare=False)
@@ -297,14 +352,56 @@ class ModelSpec:
         if window_frames < self.encoder.patch_time:
             raise SpecError(f"a window of {self.stream.window:g} s makes {window_frames} frames, fewer than one token ({self.encoder.patch_time} frames)")
         for head, per_label in self.thresholds.items():
-            unknown = set(per_label) - set(self.heads[head].labels if head in self.heads else ())
-            if unknown:
-                raise SpecError(f"thresholds for {head!r} name labels it does not have: {', '.join(sorted(unknown))}")
-            for label, t in per_label.items():  # math.inf: never (calibration tries thresholds that way)
-                if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 <= t <= 1 or t == math.inf):
-                    raise SpecError(f"thresholds for {head!r}: {label!r} is {t!r}, not a probability")
+            _check_thresholds(repr(head), self.heads[head].labels if head in self.heads else (), per_label)
+        for name, task in self.tasks.items():
+            self._check_task(name, task)
         object.__setattr__(self, "window_frames", window_frames)
         object.__setattr__(self, "hop_frames", hop_frames)
+
+    def _check_task(self, name: str, task: TaskConfig) -> None:
+        if not name or name == BASE or name in self.heads or not all(ch.isalnum() or ch in "-_" for ch in name):
+            raise SpecError(f"task name {name!r}: use letters, digits, '-' and '_', other than {BASE!r} and the heads' names ({', '.join(self.heads)})")
+        e = self.encoder
+        if task.adapter != "none":
+            if e.encoder == "mamba":
+                raise SpecError(f"task {name!r}: mamba blocks have no MLP or attention to put adapters beside (a linear task works)")
+            if e.adapter_dim:
+                raise SpecError(f"task {name!r}: this base has adapters of its own; a task's adapters need a base without them")
+            if task.layers > e.depth:
+                raise SpecError(f"task {name!r}: adapts {task.layers} blocks of a {e.depth}-block encoder")
+        _check_thresholds(f"task {name!r}", task.head.labels, task.thresholds)
+
+    def with_thresholds(self, thresholds: dict[str, dict[str, float]], calibration: dict) -> ModelSpec:
+        """This spec with thresholds by output name (`outputs`: a head's, or a task's under its
+        name), as calibration measures them, and what they were measured on."""
+        unknown = set(thresholds) - set(self.outputs)
+        if unknown:
+            raise SpecError(f"thresholds name outputs the model does not have: {', '.join(sorted(unknown))}")
+        tasks = {name: replace(t, thresholds=thresholds.get(name, t.thresholds)) for name, t in self.tasks.items()}
+        return replace(self, thresholds={n: t for n, t in thresholds.items() if n in self.heads}, calibration=calibration, tasks=tasks)
+
+    @property
+    def outputs(self) -> dict[str, HeadConfig]:
+        """Every head the model can answer with: its own, then each task's under the task's name."""
+        return {**self.heads, **{name: task.head for name, task in self.tasks.items()}}
+
+    def select(self, tasks: tuple[str, ...] = ()) -> ModelSpec:
+        """The spec of a run of these tasks (BASE: the model's own heads; none named: the base
+        and every task): their heads as its `heads`, their thresholds as its `thresholds`, no
+        tasks of its own. What a backend serves; the weights' spec stays whole."""
+        names = tuple(dict.fromkeys(tasks)) or (BASE, *self.tasks)
+        unknown = [n for n in names if n != BASE and n not in self.tasks]
+        if unknown:
+            raise SpecError(f"no task {', '.join(map(repr, unknown))}; this model has {', '.join([BASE, *self.tasks])}")
+        heads, thresholds = {}, {}
+        for name in names:
+            if name == BASE:
+                heads |= self.heads
+                thresholds |= self.thresholds
+            else:
+                heads[name] = self.tasks[name].head
+                thresholds |= {name: self.tasks[name].thresholds} if self.tasks[name].thresholds else {}
+        return replace(self, heads=heads, thresholds=thresholds, tasks={})
 
     @property
     def window_seconds(self) -> float:
@@ -342,6 +439,7 @@ class ModelSpec:
             "thresholds": self.thresholds,
             "calibration": self.calibration,
             "provenance": self.provenance,
+            **({"tasks": {name: t.to_dict() for name, t in self.tasks.items()}} if self.tasks else {}),
         }
 
     @classmethod
@@ -363,8 +461,9 @@ class ModelSpec:
             if version == FORMAT_1:
                 thresholds = {name: {label: t for label, t in thresholds.items() if label in h.labels} for name, h in heads.items()}
                 thresholds = {name: t for name, t in thresholds.items() if t}
+            tasks = {name: TaskConfig.from_dict(t) for name, t in d.pop("tasks", {}).items()}
             return cls(encoder=EncoderConfig.from_dict(d.pop("encoder")), fbank=FbankConfig.from_dict(d.pop("fbank")), heads=heads,
-                       stream=StreamConfig(**d.pop("stream", {})), thresholds=thresholds, **d)
+                       stream=StreamConfig(**d.pop("stream", {})), thresholds=thresholds, tasks=tasks, **d)
         except SpecError:
             raise
         except KeyError as e:

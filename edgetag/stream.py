@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,9 +52,11 @@ class Event:
     start: float  # seconds from the start of the stream
     end: float
     score: float
+    task: str = ""  # the model's task that made it (ModelSpec.tasks); empty: its own heads
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "label": self.label, "start": round(self.start, 3), "end": round(self.end, 3), "score": round(self.score, 4)}
+        return {"kind": self.kind, "label": self.label, "start": round(self.start, 3), "end": round(self.end, 3), "score": round(self.score, 4),
+                **({"task": self.task} if self.task else {})}
 
 
 @dataclass
@@ -75,10 +78,12 @@ class PostProcessor:
     window of its last on-hop still overlaps goes on as the same event, so a tag is reported once
     no later window can overlap it (at most one window after it ended).
     `thresholds` (head -> label -> on) replaces the spec's calibrated ones: calibration replays
-    hops through here with the thresholds it tries (math.inf: never)."""
+    hops through here with the thresholds it tries (math.inf: never). The events of the heads
+    named in `tasks` (a backend's `tasks`) say which task made them."""
 
-    def __init__(self, spec: ModelSpec, post: PostConfig, thresholds: dict[str, dict[str, float]] | None = None):
+    def __init__(self, spec: ModelSpec, post: PostConfig, thresholds: dict[str, dict[str, float]] | None = None, tasks: Collection[str] = ()):
         self.heads, self.post, self.hop, self.window = spec.heads, post, spec.hop_seconds, spec.window_seconds
+        self.task = {name: name if name in tasks else "" for name in self.heads}
         self.smooth = max(1, round(post.smoothing / self.hop))
         self.min_hops = math.ceil(max(0.0, post.min_duration - self.window) / self.hop - 1e-9) + 1  # events last (hops - 1) * hop + window
         self.refractory = math.ceil(post.refractory / self.hop - 1e-9)
@@ -102,12 +107,12 @@ class PostProcessor:
         self.history = {name: deque(maxlen=self.smooth) for name in self.heads}
         self.active = {name: {} for name in self.heads}  # class -> [first hop, peak score, hops no narrower class was on]
         self.ended = {name: {} for name in self.heads}  # class -> (first hop, last hop, peak, alone): off, not yet reported
-        self.last_spot = -(10**9)
+        self.last_spot = dict.fromkeys(self.heads, -(10**9))  # per keyword head: a task's keywords keep their own refractory period
 
-    def _tag_event(self, label: str, first: int, last: int, peak: float, alone: int) -> Event | None:
+    def _tag_event(self, head: str, label: str, first: int, last: int, peak: float, alone: int) -> Event | None:
         if last - first + 1 < self.min_hops or not alone:
             return None
-        return Event(EVENT_KINDS[TAGS], label, first * self.hop, last * self.hop + self.window, peak)
+        return Event(EVENT_KINDS[TAGS], label, first * self.hop, last * self.hop + self.window, peak, self.task[head])
 
     def update(self, k: int, probabilities: dict[str, np.ndarray]) -> list[Event]:
         events = []
@@ -118,7 +123,7 @@ class PostProcessor:
                 active, ended = self.active[name], self.ended[name]
                 # an ended activity is reported once no later window can overlap its audio
                 for c in [c for c, (_, last, _, _) in ended.items() if k * self.hop >= last * self.hop + self.window]:
-                    if (event := self._tag_event(head.labels[c], *ended.pop(c))) is not None:
+                    if (event := self._tag_event(name, head.labels[c], *ended.pop(c))) is not None:
                         events.append(event)
                 for c in map(int, np.flatnonzero((p >= self.on[name]) & self.spotted[name])):
                     if c not in active:  # back on while its last window still overlaps: the same activity goes on
@@ -133,9 +138,9 @@ class PostProcessor:
             else:
                 scores = np.where(self.spotted[name], p, -1.0)
                 c = int(scores.argmax())
-                if scores[c] >= self.on[name][c] and k - self.last_spot >= self.refractory:
-                    self.last_spot = k
-                    events.append(Event(EVENT_KINDS[head.kind], head.labels[c], k * self.hop, k * self.hop + self.window, float(scores[c])))
+                if scores[c] >= self.on[name][c] and k - self.last_spot[name] >= self.refractory:
+                    self.last_spot[name] = k
+                    events.append(Event(EVENT_KINDS[head.kind], head.labels[c], k * self.hop, k * self.hop + self.window, float(scores[c]), self.task[name]))
         return events
 
     def flush(self, last_hop: int, duration: float) -> list[Event]:
@@ -145,7 +150,7 @@ class PostProcessor:
         for name, head in self.heads.items():
             closing = self.ended[name] | {c: (first, last_hop, peak, alone) for c, (first, peak, alone) in self.active[name].items()}
             for c, state in sorted(closing.items()):
-                if (event := self._tag_event(head.labels[c], *state)) is not None:
+                if (event := self._tag_event(name, head.labels[c], *state)) is not None:
                     event.end = min(event.end, duration)
                     events.append(event)
             self.active[name], self.ended[name] = {}, {}
@@ -246,7 +251,7 @@ class Engine:
         self.spec = backend.spec.with_stream(window, hop)
         if backend.fixed_window and self.spec.window_frames != backend.spec.window_frames:
             raise ValueError(f"the {backend.name} model takes {backend.spec.stream.window:g} s windows only (its input length is fixed)")
-        self.post = PostProcessor(self.spec, post or PostConfig())
+        self.post = PostProcessor(self.spec, post or PostConfig(), tasks=backend.tasks)
         self.batch_size = batch_size
         self.gate = Gate(gate, self.spec.fbank) if gate is not None else None
         self.reset()

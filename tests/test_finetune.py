@@ -237,7 +237,7 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
         return [n for f in fields(config) for n in (leaves(getattr(config, f.name)) if is_dataclass(getattr(config, f.name)) else [f.name])]
 
     assert list(inspect.signature(finetune_module.main).parameters) == leaves(FinetuneConfig()) == [
-        *"train val out init encoder size tokens preset mode adapter adapter_dim attention".split(), "window", "hop", *"loudness val_percent noise epochs batch_size lr weight_decay warmup_epochs".split(),
+        *"train val out init encoder size tokens preset mode adapter adapter_dim attention task adapter_layers".split(), "window", "hop", *"loudness val_percent noise epochs batch_size lr weight_decay warmup_epochs".split(),
         *"mixup mixup_alpha noise_prob snr_db gain_db shift freq_mask time_mask".split(), "balance", "precision", "seed"]
     assert list(inspect.signature(distill_module.main).parameters) == [
         *"teacher tag_teacher keyword_teacher audioset backgrounds".split(), *leaves(ViewsConfig()), "tag_alpha", "temperature", "alpha", "cache", *leaves(FinetuneConfig())]
@@ -287,6 +287,11 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
     (["train.finetune", "--train", "DATA", "--mode", "adapter", "--adapter", "lora"], "train.finetune: error: adapter must be one of mlp, aat, conv, not 'lora'"),
     (["train.finetune", "--train", "DATA", "--mode", "adapter", "--adapter-dim", "0"], "train.finetune: error: --adapter-dim: 0 is not >= 1"),
     (["train.finetune", "--train", "DATA", "--attention", "axial"], "train.finetune: error: attention must be one of full, fta, not 'axial'"),
+    (["train.finetune", "--train", "DATA", "--task", "door"], "train.finetune: error: --task door: needs --init, the model it adds to"),
+    (["train.finetune", "--train", "DATA", "--task", "door", "--init", "m.safetensors"], "train.finetune: error: --task door: trains a task's own weights: --mode linear or adapter"),
+    (["train.finetune", "--train", "DATA", "--task", "door", "--init", "m.safetensors", "--mode", "linear", "--attention", "fta"], "train.finetune: error: --task door: runs the base's attention"),
+    (["train.finetune", "--train", "DATA", "--mode", "adapter", "--adapter-layers", "-1"], "train.finetune: error: --adapter-layers: -1 is not >= 0"),
+    (["train.distill", "--train", "DATA", "--views", "1", "--task", "door", "--init", "m.safetensors", "--mode", "linear"], "train.distill: error: --task: distillation trains a whole student"),
 ])
 def test_training_commands_refuse_bad_input_in_one_line(args, message, dataset, tmp_path):
     args, message = [a.replace("DATA", str(dataset)) for a in args], message.replace("DATA", str(dataset))

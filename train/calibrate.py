@@ -139,7 +139,7 @@ def calibrate(ckpt, out: Path, keywords: list[str], negatives: list[str], tags: 
     """Thresholds through torch fp32 into a copy of the checkpoint; the per-head report."""
     model = checkpoint.load_model(ckpt)
     thresholds, calibration = thresholds_of(TorchBackend(model, ckpt), keywords, negatives, tags, target_per_hour, post)
-    model.spec = replace(model.spec, thresholds=thresholds, calibration=calibration)
+    model.spec = model.spec.with_thresholds(thresholds, calibration)  # a task's go into its TaskConfig
     checkpoint.save(out, model)
     return {name: r for name, r in calibration.items() if name in thresholds}
 

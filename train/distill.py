@@ -66,6 +66,8 @@ class DistillConfig:
             raise ValueError("--tag-teacher and --keyword-teacher label augmented views: give --views N")
         if not (self.teacher or self.views.views):
             raise ValueError("give a --teacher, or --views N to learn from augmented views (with --tag-teacher, --keyword-teacher, or hard labels alone)")
+        if self.student.task:
+            raise ValueError("--task: distillation trains a whole student; add tasks with train.finetune --task")
         if self.tag_teacher and not self.audioset:
             raise ValueError("--tag-teacher needs --audioset, the folder of its 527 class names")
 

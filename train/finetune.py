@@ -12,6 +12,12 @@ adapters in a frozen encoder: `--adapter mlp`, a bottleneck beside each MLP; `aa
 placement; `conv`, TI-CL's convolutional adapters). `--attention fta` runs the encoder's blocks
 under frequency-time factorised attention (no new weights: an --init encoder runs as it is).
 
+`--task NAME` adds a task to the --init model instead (TI-CL's task-incremental learning): the
+one head of --train becomes the task's head under NAME, trained with its own adapters in the last
+`--adapter-layers` blocks (`--mode adapter`) or as a linear probe (`--mode linear`), while the base
+and the model's other tasks stay byte-identical (batch norms keep their running statistics);
+OUT/best.safetensors is --init plus the task.
+
 The loop is the same for distillation: `train(config, targets)` takes what each head learns
 from, `HardLabels` here (its clips' labels), a teacher's soft targets in train.distill. Writes
 into --out: `best.safetensors` (by the mean validation accuracy, or mAP for multi-label data),
@@ -36,7 +42,7 @@ from edgetag import checkpoint
 from edgetag.features import PRESETS, FbankConfig, normalize, preset, windows
 from edgetag.model import AudioTransformer, num_parameters
 from edgetag.runtime import TorchBackend
-from edgetag.spec import ADAPTERS, ATTENTIONS, ENCODERS, TAGS, TOKENS, EncoderConfig, HeadConfig, ModelSpec, StreamConfig, sizes_of
+from edgetag.spec import ADAPTERS, ATTENTIONS, ENCODERS, TAGS, TOKENS, EncoderConfig, HeadConfig, ModelSpec, SpecError, StreamConfig, TaskConfig, sizes_of
 from train.augment import AugmentConfig, augment, spec_augment
 from train.data import Example, Source, find_audio, labels_of, load_features, split_examples
 from train.evaluate import FIGURES, clip_scores, headline, primary, report, targets
@@ -61,6 +67,8 @@ class FinetuneConfig:
     adapter: str = setting("mlp", "Adapters of --mode adapter: mlp (a bottleneck beside each MLP), aat (AAT's: one after attention in sequence, one beside the MLP) or conv (TI-CL's ConvPass beside attention and the MLP).")
     adapter_dim: int = setting(32, "Adapter bottleneck width (--mode adapter; AAT's ratio 0.25 is a quarter of the encoder's width).")
     attention: str = setting("", "full or fta (TI-CL's frequency-time factorised attention); empty: full from scratch, the --init encoder's otherwise.")
+    task: str = setting("", "Add a task of this name to the --init model (--mode linear or adapter), its head trained on the one head of --train; the base and its other tasks stay as they are.")
+    adapter_layers: int = setting(0, "A --task's adapters go in this many of the last blocks (0: every block); the blocks before them are shared with the base at run time.")
     stream: StreamConfig = setting(StreamConfig(), "The window the model reads, and the hop between validation windows.")
     loudness: float = setting(1.0, "Bias training crops towards loud windows (0: uniform).")
     val_percent: float = setting(10.0, "Share of speakers/sources held out when a head has no --val.")
@@ -83,8 +91,20 @@ class FinetuneConfig:
             choose("attention", self.attention, ATTENTIONS)
         if self.mode == "adapter":
             bounded(self, ("adapter_dim", self.adapter_dim >= 1, ">= 1"))
+        bounded(self, ("adapter_layers", self.adapter_layers >= 0, ">= 0"))
+        if self.task:
+            for wrong, why in ((not self.init, "needs --init, the model it adds to"), (self.mode == "full", "trains a task's own weights: --mode linear or adapter"),
+                               (bool(self.attention), "runs the base's attention; leave out --attention")):
+                if wrong:
+                    raise ValueError(f"--task {self.task}: {why}")
         if not self.init:  # an encoder that cannot be built fails here, before any data is read
             EncoderConfig.named(self.size, encoder=self.encoder, tokens=self.tokens, **self.encoder_overrides())
+
+    def task_config(self, head: HeadConfig, depth: int) -> TaskConfig:
+        """The task of --task: `head` and, with --mode adapter, its adapters."""
+        if self.mode == "linear":
+            return TaskConfig(head)
+        return TaskConfig(head, self.adapter, self.adapter_dim, self.adapter_layers or depth)
 
     def encoder_overrides(self) -> dict:
         """What this run changes in an encoder's config: its adapters, its attention."""
@@ -219,7 +239,10 @@ class HardLabels:
 def build_model(c: FinetuneConfig, heads: dict[str, HeadConfig], fbank: FbankConfig) -> AudioTransformer:
     """A model with these heads reading `fbank`: the encoder from --init, whose provenance it
     keeps under "init", or from scratch. A head of --init's with the same name and kind lends
-    its norm and the rows of every class the new head shares with it (`carry_head`)."""
+    its norm and the rows of every class the new head shares with it (`carry_head`). With
+    --task, the --init model whole, and the one head as a new task."""
+    if c.task:
+        return add_task(c, heads)
     if not c.init:
         encoder = EncoderConfig.named(c.size, encoder=c.encoder, tokens=c.tokens, n_mels=fbank.n_features, **c.encoder_overrides())
         return AudioTransformer(ModelSpec(encoder, fbank, heads, c.stream, provenance={"init": {}}))
@@ -235,6 +258,24 @@ def build_model(c: FinetuneConfig, heads: dict[str, HeadConfig], fbank: FbankCon
         old = source.spec.heads.get(name)
         if old is not None and old.kind == head.kind:
             carry_head(source.heads[name], old.labels, model.heads[name], head.labels)
+    return model
+
+
+def add_task(c: FinetuneConfig, heads: dict[str, HeadConfig]) -> AudioTransformer:
+    """--init's model (every weight as it was) with a fresh task --task for the one head."""
+    if len(heads) != 1:
+        raise ValueError(f"--task {c.task}: trains one head; --train names {', '.join(heads)}")
+    source = checkpoint.load_model(c.init)
+    if c.task in source.spec.tasks:
+        raise ValueError(f"--task {c.task}: {c.init} has that task already; choose another name")
+    (head,) = heads.values()
+    try:
+        spec = replace(source.spec, tasks={**source.spec.tasks, c.task: c.task_config(head, source.spec.encoder.depth)})
+    except (SpecError, ValueError) as e:
+        raise ValueError(f"--task {c.task}: {e}") from e
+    model = AudioTransformer(spec)
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(f"tasks.{c.task}.") for k in missing), (missing, unexpected)
     return model
 
 
@@ -254,10 +295,23 @@ def is_adapter(name: str) -> bool:
     return ".adapter." in name or ".adapter_attn." in name
 
 
-def set_trainable(model: AudioTransformer, mode: str) -> None:
+def set_trainable(model: AudioTransformer, mode: str, task: str = "") -> None:
     choose("mode", mode, MODES)
     for name, p in model.named_parameters():
-        p.requires_grad = mode == "full" or name.startswith("heads.") or (mode == "adapter" and is_adapter(name))
+        if task:
+            p.requires_grad = name.startswith(f"tasks.{task}.")
+        else:
+            p.requires_grad = mode == "full" or name.startswith("heads.") or (mode == "adapter" and is_adapter(name))
+
+
+def train_mode(model: AudioTransformer) -> None:
+    """model.train(), but batch norms whose weights are frozen keep their running statistics:
+    a frozen conv stem otherwise drifts towards the new data, and a frozen base (a --task's)
+    would not stay byte-identical."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -298,7 +352,9 @@ def setup(c: FinetuneConfig, learn: HardLabels, device: str) -> Run:
         warnings.simplefilter("always")
         tasks = build_tasks(c, fbank, learn.labels)
     model = build_model(c, {t.head: HeadConfig(t.head, t.labels, learn.parents.get(t.head, {})) for t in tasks}, fbank)
-    set_trainable(model, c.mode)
+    if c.task:  # the head's data and outputs go by the task's name
+        tasks[0].head = c.task
+    set_trainable(model, c.mode, c.task)
     model.to(device)
     learn.prepare(tasks, model.spec)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -323,11 +379,11 @@ def train_step(run: Run, c: FinetuneConfig, learn: HardLabels, orders: list[list
         inputs.append(spec_augment(normalize(x, spec.fbank), c.augment.freq_mask, c.augment.time_mask, run.generator))
         targets.append(y)
     with torch.autocast(torch.device(run.device).type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
-        out = run.model(torch.cat(inputs).to(run.device))
+        out = run.model(torch.cat(inputs).to(run.device), tuple(t.head for t in run.tasks))
     losses, loss = {}, 0.0
     for k, (t, y) in enumerate(zip(run.tasks, targets)):
         rows = slice(k * c.batch_size, (k + 1) * c.batch_size)
-        task_loss = learn.loss(spec.heads[t.head], out[t.head][rows].float(), y.to(run.device))
+        task_loss = learn.loss(spec.outputs[t.head], out[t.head][rows].float(), y.to(run.device))
         losses[t.head] = task_loss.item()
         loss = loss + task_loss
     run.optimizer.zero_grad(set_to_none=True)
@@ -342,20 +398,25 @@ def validate(model: AudioTransformer, tasks: list[Task]) -> dict[str, dict]:
     the classes its validation clips have (a 527-class tag head is scored 57-way on ESC-50 and
     DCASE, as it was trained to tell their classes apart)."""
     model.eval()
-    backend = TorchBackend(model)
+    backend = TorchBackend(model, tasks=tuple(t.head for t in tasks if t.head in model.spec.tasks))
     results = {}
     for t in tasks:
         present = (t.val_y.sum(0) > 0).numpy()
         scores = clip_scores(backend, t.val, t.head)[:, present]
         results[t.head] = report(scores, t.val_y[:, present], [label for label, p in zip(t.labels, present) if p])
-    model.train()
+    train_mode(model)
     return results
 
 
 def save_best(run: Run, c: FinetuneConfig, learn: HardLabels, epoch: int, results: dict[str, dict]) -> None:
-    """best.safetensors, its provenance: the stage, the epoch, the settings, what it scored."""
-    run.model.spec = replace(run.spec, provenance={"stage": learn.stage, "epoch": epoch, "config": asdict(c), "validation": headline(results),
-                                                   "init": run.spec.provenance["init"], **learn.provenance()})
+    """best.safetensors, its provenance (a --task's: the task's): the stage, the epoch, the
+    settings, what it scored."""
+    if c.task:
+        task = replace(run.spec.tasks[c.task], provenance={"stage": learn.stage, "epoch": epoch, "config": asdict(c), "validation": headline(results)})
+        run.model.spec = replace(run.spec, tasks={**run.spec.tasks, c.task: task})
+    else:
+        run.model.spec = replace(run.spec, provenance={"stage": learn.stage, "epoch": epoch, "config": asdict(c), "validation": headline(results),
+                                                       "init": run.spec.provenance["init"], **learn.provenance()})
     checkpoint.save(Path(c.out) / "best.safetensors", run.model)
 
 
@@ -414,12 +475,12 @@ def train(c: FinetuneConfig, learn: HardLabels, device: str | None = None) -> di
     total = c.epochs * run.steps_per_epoch
     warmup, step, rows, best, best_results = round(c.warmup_epochs * run.steps_per_epoch), 0, [], -1.0, {}
     columns = [TextColumn(f"[bold]{learn.stage}"), BarColumn(), TextColumn("epoch {task.fields[epoch]}"), TextColumn("{task.fields[stats]}"), TimeRemainingColumn()]
-    run.model.train()
+    train_mode(run.model)
     with Progress(*columns) as progress:
         bar = progress.add_task(learn.stage, total=total, epoch=0, stats="")
         for epoch in range(1, c.epochs + 1):
             start, losses = time.perf_counter(), []
-            orders = [epoch_order(t, c.balance and run.spec.heads[t.head].kind == TAGS, run.generator) for t in run.tasks]
+            orders = [epoch_order(t, c.balance and run.spec.outputs[t.head].kind == TAGS, run.generator) for t in run.tasks]
             for i in range(run.steps_per_epoch):
                 for group in run.optimizer.param_groups:
                     group["lr"] = c.lr * lr_factor(step, warmup, total)
