@@ -223,3 +223,26 @@ def test_bench_tasks_prints_what_each_task_adds(grown):
 def test_a_task_name_is_added_once(grown, tmp_path):
     with pytest.raises(ValueError, match="has that task already; choose another name"):
         finetune(FinetuneConfig(train=[str(grown[0].parent / "data")], init=str(grown[2]), out=str(tmp_path), task="sound", mode="linear", epochs=1), device="cpu")
+
+
+@pytest.mark.slow
+def test_continual_benchmark_keeps_every_task_with_tasks_and_forgets_with_full_fine_tuning(tmp_path):
+    """Two tasks in turn on an encoder: linear probes as tasks score exactly what they scored
+    when learned; full fine-tuning in sequence moves the first task's encoder."""
+    from conftest import DATA, data_path
+
+    data_path("dcase2016_task2")
+    data_path("urbansound8k")
+    torch.manual_seed(0)
+    save(tmp_path / "encoder.safetensors", AudioTransformer(make_spec(EncoderConfig.named("nano"), {})))
+    run = subprocess.run([sys.executable, "-m", "train.bench_continual", "--data", str(DATA), "--init", str(tmp_path / "encoder.safetensors"),
+                          "--tasks", "dcase", "--tasks", "urbansound8k", "--methods", "linear", "--methods", "full", "--attentions", "full",
+                          "--epochs", "1", "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    linear, full = results["variants"]
+    assert [list(row) for row in linear["matrix"]] == [["dcase"], ["dcase", "urbansound8k"]]
+    assert linear["matrix"][1]["dcase"] == linear["matrix"][0]["dcase"]  # a frozen base: the same clips, the same answers
+    assert full["steps"][0]["trainable_share"] > 1 > linear["steps"][0]["trainable_share"]
+    assert run.stdout.strip().splitlines()[-1].startswith("continual full/full mean ")
+    assert (tmp_path / "out" / "continual.png").stat().st_size > 0
