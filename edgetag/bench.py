@@ -217,19 +217,18 @@ def task_costs(model, backend: str = "auto", seconds: float = 30.0, repeats: int
     every task: what a task adds to a hop (its adapted blocks and head; a linear probe only its
     head, the base's blocks being shared). The runs take turns, `repeats` rounds, so a machine
     that slows down slows all of them."""
-    from edgetag.runtime import load_backend
-
-    configs = load_backend(model, backend).tasks
+    every = hop_engine(model, backend)
+    configs = every.backend.tasks
     if not configs:
         raise RuntimeError(f"{model}: has no tasks (add some with edgetag learn or train.finetune --task)")
-    runs = {"base": ("base",), **{f"base + {n}": ("base", n) for n in configs}, "base + every task": ()}
-    engines = {label: hop_engine(model, backend, tasks=tasks) for label, tasks in runs.items()}
-    x = example_audio(seconds, engines["base"].spec.fbank.sample_rate)
-    stages = {label: {"fbank": [], "encoder": [], "post": [], "total": []} for label in runs}
+    runs = {"base": ("base",), **{f"base + {n}": ("base", n) for n in configs}}
+    engines = {**{label: hop_engine(model, backend, tasks=tasks) for label, tasks in runs.items()}, "base + every task": every}
+    x = example_audio(seconds, every.spec.fbank.sample_rate)
+    stages = {label: {"fbank": [], "encoder": [], "post": [], "total": []} for label in engines}
     for _ in range(repeats):
         for label, engine in engines.items():
             time_hops(engine, x, stages[label])
-    rows = {label: hop_figures(engines[label], seconds, stages[label]) for label in runs}
+    rows = {label: hop_figures(engine, seconds, stages[label]) for label, engine in engines.items()}
     tasks = {n: {"adapter": t.adapter, "layers": t.layers, "adapter_dim": t.adapter_dim} for n, t in configs.items()}
     return {"model": rows["base"]["model"], "backend": rows["base"]["backend"], "rows": rows, "tasks": tasks, "repeats": repeats}
 

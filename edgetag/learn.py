@@ -236,19 +236,17 @@ def fit(model, name: str, waves: np.ndarray, targets: np.ndarray, c: LearnConfig
     params = list(branch.parameters())
     for p in params:
         p.requires_grad = True
-    first = branch.first if len(branch.blocks) else spec.encoder.depth
     with torch.no_grad():
         trunk = []
         for i in range(0, len(waves), 64):
             feats = np.stack([windows(fbank(w, spec.fbank), spec.window_frames, spec.window_frames)[0] for w in waves[i : i + 64]])
-            trunk.append(model.encoder.forward_trunk(torch.from_numpy(normalize(feats, spec.fbank)), first))
+            trunk.append(model.encoder.forward_trunk(torch.from_numpy(normalize(feats, spec.fbank)), branch.first))
             report("hearing the clips", min(i + 64, len(waves)), len(waves))
         trunk = torch.cat(trunk)
     y = torch.from_numpy(targets)
 
-    def logits(tokens: torch.Tensor) -> torch.Tensor:
-        out = model.encoder.forward_branch(tokens, branch) if len(branch.blocks) else model.encoder.norm(tokens)
-        return branch.head(model.pool(out))
+    def logits(tokens: torch.Tensor) -> torch.Tensor:  # a linear task's branch has no blocks: the norm alone
+        return branch.head(model.pool(model.encoder.forward_branch(tokens, branch)))
 
     classes = targets.shape[1]
     groups = [torch.from_numpy(np.flatnonzero(targets[:, k] > 0)) for k in range(classes)] + [torch.from_numpy(np.flatnonzero(targets.sum(1) == 0))]

@@ -292,6 +292,11 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
     (["train.finetune", "--train", "DATA", "--task", "door", "--init", "m.safetensors", "--mode", "linear", "--attention", "fta"], "train.finetune: error: --task door: runs the base's attention"),
     (["train.finetune", "--train", "DATA", "--mode", "adapter", "--adapter-layers", "-1"], "train.finetune: error: --adapter-layers: -1 is not >= 0"),
     (["train.distill", "--train", "DATA", "--views", "1", "--task", "door", "--init", "m.safetensors", "--mode", "linear"], "train.distill: error: --task: distillation trains a whole student"),
+    (["train.bench_fewshot", "--shots", "0"], "train.bench_fewshot: error: --shots: [0] are not all >= 1"),
+    (["train.bench_fewshot", "--seeds", "0"], "train.bench_fewshot: error: --seeds: 0 is not >= 1"),
+    (["train.bench_continual", "--init", "m.safetensors", "--methods", "lora"], "train.bench_continual: error: method must be one of conv, mlp, aat, linear, full, not 'lora'"),
+    (["train.bench_continual", "--init", "m.safetensors", "--tasks", "mnist"], "train.bench_continual: error: task must be one of keywords, esc50, dcase, urbansound8k, not 'mnist'"),
+    (["train.bench_continual", "--init", "m.safetensors", "--epochs", "0"], "train.bench_continual: error: --epochs: 0 is not >= 1"),
 ])
 def test_training_commands_refuse_bad_input_in_one_line(args, message, dataset, tmp_path):
     args, message = [a.replace("DATA", str(dataset)) for a in args], message.replace("DATA", str(dataset))

@@ -218,6 +218,8 @@ def test_bench_tasks_prints_what_each_task_adds(grown):
     assert re.search(r"every task beside the base: \d+\.\d\dx the base's encoder time per hop\n$", run.stdout)
     none = subprocess.run([sys.executable, "-m", "edgetag", "bench", "tasks", "--model", str(grown[0])], cwd=REPO, capture_output=True, text=True)
     assert none.returncode == 2 and none.stderr.strip() == f"edgetag: error: {grown[0]}: has no tasks (add some with edgetag learn or train.finetune --task)"
+    bad = subprocess.run([sys.executable, "-m", "edgetag", "bench", "tasks", "--model", str(grown[2]), "--repeats", "0"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "edgetag: error: --repeats: 0 is not in [1, 100]"
 
 
 def test_a_task_name_is_added_once(grown, tmp_path):

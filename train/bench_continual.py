@@ -142,8 +142,8 @@ def run_variant(c: ContinualConfig, method: str, attention: str, tasks: dict, va
 def bench(c: ContinualConfig) -> dict:
     data, out = Path(c.data), Path(c.out)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = {name: sources for name, sources in task_sequence(data).items() if name in c.tasks}
-    tasks = {name: tasks[name] for name in c.tasks}
+    every = task_sequence(data)
+    tasks = {name: every[name] for name in c.tasks}
     fbank = load_model(c.init).spec.fbank
     vals = {}
     for name, sources in tasks.items():  # the validation clips' features, once for every variant
