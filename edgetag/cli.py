@@ -297,6 +297,7 @@ def _until_error(blocks, failed: list):
 
 
 class TaskAdapter(str, Enum):
+    auto = "auto"
     conv = "conv"
     aat = "aat"
     mlp = "mlp"
@@ -310,7 +311,7 @@ def learn(
     into: Path = typer.Option(..., "--into", help="The checkpoint to write: the model with the task; one that exists gets the task added."),
     negatives: list[str] = typer.Option(None, "--negatives", help="Audio without the sound (files, folders, patterns; repeatable); default: built-in noise, hum and silence."),
     model: Path = typer.Option(None, "--model", "-m", help="The checkpoint to add the task to (default: the bundled model; not with an --into that exists)."),
-    adapter: TaskAdapter = typer.Option(TaskAdapter.conv, help="The task's adapters: conv (TI-CL's ConvPass), aat, mlp, or none (a linear probe on the model's embedding)."),
+    adapter: TaskAdapter = typer.Option(TaskAdapter.auto, help="The task's adapters: conv (TI-CL's ConvPass), aat, mlp, none (a linear probe on the model's embedding), or auto: conv on a transformer, none on a model without blocks to adapt (a mobilenet)."),
     adapter_dim: int = typer.Option(16, callback=bounded("--adapter-dim", 1, 1024), help="Adapter bottleneck width."),
     layers: int = typer.Option(2, callback=bounded("--layers", 1, 1024), help="Adapted blocks, the last ones (the ones before run once for the base and every task)."),
     steps: int = typer.Option(300, callback=bounded("--steps", 1, 10**6), help="Training steps."),
@@ -357,7 +358,9 @@ def learn(
         print(f"edgetag: error: {error}", file=sys.stderr)
     negatives_text = "built-in noise, hum and silence" if learned.builtin_negatives else f"{learned.negatives} clip(s)"
     print(f"{name}: {', '.join(f'{label} {n} clips ({learned.windows[label]} windows)' for label, n in learned.clips.items())}; negatives: {negatives_text}")
-    print(f"trained {learned.trainable:,} parameters ({100 * learned.trainable / learned.base_parameters:.1f}% of the model's {learned.base_parameters:,}) in {learned.seconds:.1f} s")
+    t = learned.task
+    kind = "a linear probe" if t.adapter == "none" else f"{t.adapter} adapters in the last {t.layers} blocks"
+    print(f"trained {learned.trainable:,} parameters ({kind}; {100 * learned.trainable / learned.base_parameters:.1f}% of the model's {learned.base_parameters:,}) in {learned.seconds:.1f} s")
     for label, r in learned.calibration.items():
         print(f"threshold {label} {r['threshold']:.2f}: {r['clips_found']}/{r['clips']} of its clips, {r['negatives_firing']}/{r['negatives']} other clips reach it")
     print(f"{learned.path}: written; run it with: edgetag listen --model {learned.path}")

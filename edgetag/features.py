@@ -115,6 +115,9 @@ class FbankConfig:
         return cls(**d)
 
 
+EFFICIENTAT_BANDS = 103  # of its 128 bands 0-15 kHz, those that end below 8 kHz
+EFFICIENTAT_HIGH = 700.0 * math.expm1(1127.0 * math.log1p(15000.0 / 700.0) * (EFFICIENTAT_BANDS + 1) / 129 / 1127.0)  # their top edge, 7892 Hz
+
 PRESETS = {
     # AST / SSAST data loaders: hanning window, htk_compat, waveform mean removed, AudioSet stats.
     "ast": FbankConfig(htk_compat=True),
@@ -128,6 +131,14 @@ PRESETS = {
     # AudioSet's (C0 dominates the spread; the token embedding rescales each coefficient).
     "mfcc-gram": FbankConfig(mfcc=True, n_ceps=128, cepstral_lifter=0.0, norm_mean=-0.73, norm_std=9.64),
     "mfcc-40": FbankConfig(mfcc=True, n_mels=40, n_ceps=40, cepstral_lifter=0.0, norm_mean=-1.35, norm_std=8.78),
+    # EfficientAT's front end (32 kHz, 1024-point FFT of 800-sample symmetric Hann frames, 128
+    # Kaldi mel bands 0-15 kHz, log(x + 1e-5), (x + 4.5) / 5) on 16 kHz audio: a 512-point FFT of
+    # 400 samples has the same 31.25 Hz bins and 10 ms frames, so its first 103 bands are the
+    # same triangles; the other 25 reach past 8 kHz, where 16 kHz audio holds nothing. A frame of
+    # half the samples has a quarter of the power: log 4 moves into the mean. mn04 on these
+    # features: 61.6% of ESC-50 fold 4 (47 classes), 69.4% on its own front end (upsampled).
+    "efficientat": FbankConfig(n_mels=EFFICIENTAT_BANDS, remove_dc_offset=False, remove_mean=False, low_freq=0.0, high_freq=EFFICIENTAT_HIGH,
+                               norm_mean=-4.5 - math.log(4.0), norm_std=5.0, norm_scale=1.0),
 }
 
 

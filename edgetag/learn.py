@@ -45,7 +45,9 @@ class LearnError(ValueError):
 
 @dataclass
 class LearnConfig:
-    adapter: str = "conv"  # TaskConfig.adapter: "conv" (TI-CL), "mlp", "aat", or "none" (a linear probe)
+    # TaskConfig.adapter: "conv" (TI-CL), "mlp", "aat", "none" (a linear probe), or "auto": conv on
+    # a transformer base, none on a base without blocks to adapt (a mobilenet, a Mamba encoder)
+    adapter: str = "auto"
     adapter_dim: int = 16
     layers: int = 2  # adapted blocks, the last ones
     steps: int = 300
@@ -70,6 +72,7 @@ class Learned:
     base_parameters: int
     seconds: float
     calibration: dict[str, dict]
+    task: TaskConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +177,8 @@ def learn(name: str, classes: dict[str, list[str]], negatives: list[str], into, 
         raise LearnError(f"{name}: {source or DEFAULT_MODEL} has a task of that name already; choose another")
     try:
         head = HeadConfig(TAGS, tuple(classes))
-        task = TaskConfig(head) if c.adapter == "none" else TaskConfig(head, c.adapter, c.adapter_dim, c.layers)
+        adapter = ("conv" if spec.encoder.encoder == "transformer" else "none") if c.adapter == "auto" else c.adapter
+        task = TaskConfig(head) if adapter == "none" else TaskConfig(head, adapter, c.adapter_dim, c.layers)
         spec = replace(spec, tasks={**spec.tasks, name: task})
     except (SpecError, ValueError) as e:
         raise LearnError(f"{name}: {e}") from e
@@ -209,7 +213,7 @@ def learn(name: str, classes: dict[str, list[str]], negatives: list[str], into, 
     grown.spec = replace(spec, tasks={**spec.tasks, name: task})
     save(into, grown)
     learned = Learned(into, name, {label: len(read) for label, read in clips.items()}, {label: len(w) for label, w in positive.items()},
-                      len(negative_clips), not negatives, sum(p.numel() for p in params), num_parameters(base), seconds, calibration)
+                      len(negative_clips), not negatives, sum(p.numel() for p in params), num_parameters(base), seconds, calibration, task)
     return learned, errors
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetag.mamba import MambaBlock
+from edgetag.mobilenet import MobileNetEncoder, fold_batch_norms
 from edgetag.spec import CONV_STEM_LAYERS, TAGS, EncoderConfig, ModelSpec, TaskConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -345,19 +346,20 @@ class Encoder(nn.Module):
 # Heads and the runtime model
 
 class Head(nn.Module):
-    """SSAST's mlp_head: LayerNorm, then a linear layer, on the mean-pooled tokens."""
+    """SSAST's mlp_head: LayerNorm, then a linear layer, on the mean-pooled tokens (without the
+    norm: EfficientAT's classifier)."""
 
-    def __init__(self, width: int, classes: int, eps: float = 1e-6):
+    def __init__(self, width: int, classes: int, eps: float = 1e-6, norm: bool = True):
         super().__init__()
-        self.norm = nn.LayerNorm(width, eps=eps)
+        self.norm = nn.LayerNorm(width, eps=eps) if norm else nn.Identity()
         self.fc = nn.Linear(width, classes)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.fc(self.norm(pooled))
 
 
-def new_head(width: int, kind: str, classes: int, eps: float = 1e-6) -> Head:
-    head = Head(width, classes, eps)
+def new_head(width: int, kind: str, classes: int, eps: float = 1e-6, norm: bool = True) -> Head:
+    head = Head(width, classes, eps, norm)
     if kind == TAGS and classes > 1:
         # Start each sigmoid at the prior of one active class in len(labels): otherwise the
         # first stretch of training only learns to say "no" to every class, and a short budget
@@ -375,7 +377,7 @@ class TaskBranch(nn.Module):
         self.first = c.depth - task.layers
         grid = (c.freq_patches, c.cls_tokens)
         self.blocks = nn.ModuleDict({str(i): BlockAdapters(c.width, task.adapter_dim, task.adapter, grid) for i in range(self.first, c.depth)})
-        self.head = new_head(c.width, task.head.kind, len(task.head.labels), c.norm_eps)
+        self.head = new_head(c.width, task.head.kind, len(task.head.labels), c.norm_eps, c.head_norm)
 
 
 class AudioTransformer(nn.Module):
@@ -390,8 +392,8 @@ class AudioTransformer(nn.Module):
         super().__init__()
         self.spec = spec
         c = spec.encoder
-        self.encoder = Encoder(c)
-        self.heads = nn.ModuleDict({name: new_head(c.width, h.kind, len(h.labels), c.norm_eps) for name, h in spec.heads.items()})
+        self.encoder = MobileNetEncoder(c) if c.encoder == "mobilenet" else Encoder(c)
+        self.heads = nn.ModuleDict({name: new_head(c.width, h.kind, len(h.labels), c.norm_eps, c.head_norm) for name, h in spec.heads.items()})
         self.tasks = nn.ModuleDict({name: TaskBranch(c, task) for name, task in spec.tasks.items()})
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -429,6 +431,20 @@ class AudioTransformer(nn.Module):
             return logits
         kinds = self.spec.outputs
         return {name: x.sigmoid() if kinds[name].kind == TAGS else x.softmax(dim=-1) for name, x in logits.items()}
+
+
+def for_inference(model: AudioTransformer) -> AudioTransformer:
+    """`model` as the torch backend runs it. A mobilenet becomes an eval-mode copy with its batch
+    norms folded into its convolutions and its weights channels-last: the same outputs within
+    1e-5, and 1.5x faster per hop on one CPU thread (mn04, one measurement here); the model itself,
+    which training may go on changing, is left as it is. Other encoders run as they are."""
+    if model.spec.encoder.encoder != "mobilenet":
+        return model
+    import copy
+
+    inference = copy.deepcopy(model).eval()
+    fold_batch_norms(inference.encoder)
+    return inference.to(memory_format=torch.channels_last)
 
 
 def num_parameters(module: nn.Module) -> int:

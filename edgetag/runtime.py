@@ -91,10 +91,14 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model: AudioTransformer, source="model", tasks: tuple[str, ...] = ()):
+        from edgetag.model import for_inference
+
         super().__init__(model.spec, source, tasks)
         self.model = model
         self.device = next(model.parameters()).device
-        self.probabilities = partial(model.probabilities, outputs=tuple(self.spec.heads))
+        # the weights as they are now (a mobilenet's are folded into a copy): make a backend after training, not before
+        self.runner = for_inference(model)
+        self.probabilities = partial(self.runner.probabilities, outputs=tuple(self.spec.heads))
 
     @classmethod
     def load(cls, path=None, device: str = "cpu", tasks: tuple[str, ...] = ()) -> TorchBackend:
@@ -117,10 +121,10 @@ class TorchInt8Backend(TorchBackend):
         except ImportError as e:
             raise BackendError("the torch-int8 backend needs torchao: pip install 'edgetag[deploy]'") from e
         super().__init__(model.cpu(), source, tasks)
-        quantize_(self.model, Int8DynamicActivationInt8WeightConfig())
+        quantize_(self.runner, Int8DynamicActivationInt8WeightConfig())
         # dynamic: one compiled graph serves a live hop (batch 1) and a file's batches alike
         torch = import_torch()
-        self.probabilities = partial(torch.compile(self.model.probabilities, dynamic=True) if compile else self.model.probabilities, outputs=tuple(self.spec.heads))
+        self.probabilities = partial(torch.compile(self.runner.probabilities, dynamic=True) if compile else self.runner.probabilities, outputs=tuple(self.spec.heads))
 
     @classmethod
     def load(cls, path=None, compile: bool = True, tasks: tuple[str, ...] = ()) -> TorchInt8Backend:

@@ -32,7 +32,10 @@ class SpecError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # The encoder and its heads
 
-ENCODERS = ("transformer", "mamba")
+# Token encoders (what masked and contrastive pretraining, FTA and adapters work on) and
+# EfficientAT's MobileNetV3, a CNN over the whole window (edgetag.mobilenet)
+TOKEN_ENCODERS = ("transformer", "mamba")
+ENCODERS = (*TOKEN_ENCODERS, "mobilenet")
 TOKENS = ("patch", "frame", "conv")
 POSITIONS = ("sincos", "learned")
 POOLS = ("mean", "cls")
@@ -57,9 +60,20 @@ MAMBA_SIZES = {
 }
 
 
+# MobileNets by EfficientAT's names: mnXX is width_mult 0.XX; `width` is its projection's,
+# divisible(1280 * width_mult) (checked). mn04 is the AudioSet model in ../shared/teachers.
+MOBILENET_SIZES = {"mn04": dict(width=512, width_mult=0.4, depth=15, heads=1)}
+
+
 def sizes_of(encoder: str) -> dict[str, dict]:
     """The named sizes of an encoder kind."""
-    return MAMBA_SIZES if encoder == "mamba" else SIZES
+    return {"mamba": MAMBA_SIZES, "mobilenet": MOBILENET_SIZES}.get(encoder, SIZES)
+
+
+def divisible(v: float, divisor: int = 8) -> int:
+    """MobileNet's channel rule: a multiple of 8, never more than 10% below v."""
+    rounded = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * v else rounded
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,7 @@ class EncoderConfig:
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
+    width_mult: float = 1.0  # a mobilenet's channel multiplier (EfficientAT's mnXX: 0.XX)
 
     def __post_init__(self):
         for name, value, allowed in (("encoder", self.encoder, ENCODERS), ("tokens", self.tokens, TOKENS), ("positions", self.positions, POSITIONS), ("pool", self.pool, POOLS),
@@ -111,12 +126,23 @@ class EncoderConfig:
             raise ValueError("mamba blocks are pre-LN and have no MLP to put adapters beside")
         if self.encoder == "mamba" and self.attention != "full":
             raise ValueError("mamba blocks have no attention to factorise (attention 'fta' is for transformer blocks)")
+        if self.encoder == "mobilenet":
+            if self.attention != "full" or self.adapter_dim:
+                raise ValueError("a mobilenet has no attention to factorise nor blocks to put adapters in")
+            if self.width != divisible(1280 * self.width_mult):
+                raise ValueError(f"a mobilenet at width_mult {self.width_mult:g} projects to {divisible(1280 * self.width_mult)}, not width {self.width}")
         if self.adapter_dim < 0:
             raise ValueError(f"adapter_dim {self.adapter_dim} is not >= 0")
         if self.tokens == "conv" and (self.stride_freq or self.stride_time):
             raise ValueError("conv tokens take no patch strides (the stem sets its own)")
-        if self.tokens != "conv" and not self.overlapping and self.n_mels % self.patch_freq:
+        if self.encoder != "mobilenet" and self.tokens != "conv" and not self.overlapping and self.n_mels % self.patch_freq:
             raise ValueError(f"n_mels {self.n_mels} is not a multiple of the patch height {self.patch_freq}")
+
+    @property
+    def head_norm(self) -> bool:
+        """Do heads normalise the embedding first? SSAST's heads do; EfficientAT's classifier
+        reads its projection as it is."""
+        return self.encoder != "mobilenet"
 
     @property
     def patch_freq(self) -> int:
@@ -363,8 +389,8 @@ class ModelSpec:
             raise SpecError(f"task name {name!r}: use letters, digits, '-' and '_', other than {BASE!r} and the heads' names ({', '.join(self.heads)})")
         e = self.encoder
         if task.adapter != "none":
-            if e.encoder == "mamba":
-                raise SpecError(f"task {name!r}: mamba blocks have no MLP or attention to put adapters beside (a linear task works)")
+            if e.encoder != "transformer":
+                raise SpecError(f"task {name!r}: {e.encoder} blocks have no MLP or attention to put adapters beside (a linear task works)")
             if e.adapter_dim:
                 raise SpecError(f"task {name!r}: this base has adapters of its own; a task's adapters need a base without them")
             if task.layers > e.depth:

@@ -171,6 +171,10 @@ CASES = {
                                                          setup=lambda tmp: (tmp / "empty").mkdir()),
     "convert a file as a folder": Case(["train.convert", "--from", "hf-ast", "{clip}", "--out", "{tmp}/x.safetensors"], 2,
                                        "train.convert: error: {clip}: not a save_pretrained folder"),
+    "convert EfficientAT weights without their class names": Case(["train.convert", "--from", "efficientat", "{clip}", "--out", "{tmp}/x.safetensors"], 2,
+                                                                  "train.convert: error: --from efficientat needs --audioset"),
+    "convert audio as EfficientAT weights": Case(["train.convert", "--from", "efficientat", "{clip}", "--audioset", "{tmp}", "--out", "{tmp}/x.safetensors"], 2,
+                                                 ("train.convert: error: {clip}: cannot be read with weights_only=True",)),
     "a training command's help onto a full disk": Case(["train.evaluate", "--help"], 2, "train.evaluate: error: No space left on device", stdout="/dev/full"),
 }
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import DATA, REPO, data_path
+from conftest import DATA, REPO, data_path, make_model
 
-from edgetag.checkpoint import DEFAULT_MODEL, digests, read_spec
+from edgetag.checkpoint import DEFAULT_MODEL, digests, read_spec, save
 from edgetag.learn import builtin_negatives, loud, segments
 
 RATE = 16000
@@ -34,8 +34,8 @@ def beep_clip(rng, seconds=2.0, at=None, noise=0.01) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def beeps(tmp_path_factory):
-    """Five beep clips, five noise clips, the task learned from them onto the bundled model, and
-    a 6 s test clip with a beep at 3.0-3.5 s."""
+    """Five beep clips, five noise clips, the task learned from them onto the bundled model, a
+    6 s test clip with a beep at 3.0-3.5 s, and a random nano transformer to learn onto."""
     root = tmp_path_factory.mktemp("learn")
     rng = np.random.default_rng(0)
     for folder in ("beep", "other"):
@@ -48,6 +48,7 @@ def beeps(tmp_path_factory):
     sf.write(root / "test.wav", test.astype(np.float32), RATE)
     run = edgetag("learn", "beep", root / "beep", "--negatives", root / "other", "--into", root / "my.safetensors", "--steps", 80)
     assert run.returncode == 0, run.stderr
+    save(root / "nano.safetensors", make_model("nano", {"tags": ["a", "b"]}))  # a transformer base, for its adapters
     return root, run.stdout
 
 
@@ -56,7 +57,7 @@ def test_learn_reports_what_it_trained(beeps):
     lines = stdout.splitlines()
     # 2 s clips: of their 11 windows every 0.1 s, those within 10 dB of the loudest (the beep's)
     assert re.fullmatch(r"beep: beep 5 clips \((\d+) windows\); negatives: 5 clip\(s\)", lines[0]) and 5 * 3 <= int(re.search(r"\((\d+)", lines[0])[1]) <= 5 * 11
-    assert lines[1].startswith("trained 26,625 parameters (2.0% of the model's 1,357,711)")  # conv adapters, 16 wide, in 2 of 6 blocks, and a 1-class head
+    assert lines[1].startswith("trained 513 parameters (a linear probe; 0.1% of the model's 991,807)")  # a mobilenet has no blocks to adapt: a 1-class head on its 512-d embedding
     assert lines[2].startswith("threshold beep ") and ": 5/5 of its clips, 0/5 other clips reach it" in lines[2]
     assert lines[-1] == f"{root / 'my.safetensors'}: written; run it with: edgetag listen --model {root / 'my.safetensors'}"
 
@@ -66,7 +67,7 @@ def test_the_learned_model_keeps_the_bundled_model_whole(beeps):
     learned, bundled = digests(root / "my.safetensors"), digests(DEFAULT_MODEL)
     assert set(learned) == {"base", "beep"} and learned["base"] == bundled["base"]
     task = read_spec(root / "my.safetensors").tasks["beep"]
-    assert (task.adapter, task.adapter_dim, task.layers, task.head.labels) == ("conv", 16, 2, ("beep",))
+    assert (task.adapter, task.layers, task.head.labels) == ("none", 0, ("beep",))
     assert 0.05 <= task.thresholds["beep"] <= 0.99 and task.provenance["stage"] == "learn"
 
 
@@ -85,6 +86,18 @@ def test_file_and_listen_report_the_new_sound_beside_the_built_in_tags(beeps):
     assert live.returncode == 0, live.stderr
     spotted = [json.loads(line) for line in live.stdout.splitlines() if '"task": "beep"' in line]
     assert [{k: e[k] for k in ("label", "start", "end", "score")} for e in spotted] == [{k: beep[0][k] for k in ("label", "start", "end", "score")}]
+
+
+def test_on_a_transformer_the_task_gets_conv_adapters_in_its_last_blocks(beeps, tmp_path):
+    """--adapter auto on a transformer base: TI-CL's conv adapters in the last 2 blocks, the base
+    byte-identical."""
+    root, _ = beeps
+    run = edgetag("learn", "beep", root / "beep", "--negatives", root / "other", "--model", root / "nano.safetensors", "--into", tmp_path / "my.safetensors", "--steps", 20)
+    assert run.returncode == 0, run.stderr
+    assert "(conv adapters in the last 2 blocks; " in run.stdout.splitlines()[1]
+    task = read_spec(tmp_path / "my.safetensors").tasks["beep"]
+    assert (task.adapter, task.adapter_dim, task.layers) == ("conv", 16, 2)
+    assert digests(tmp_path / "my.safetensors")["base"] == digests(root / "nano.safetensors")["base"]
 
 
 def test_learning_adds_to_a_model_that_has_tasks(beeps, tmp_path):
@@ -113,7 +126,8 @@ def test_an_unreadable_clip_is_named_and_the_rest_still_teach(beeps, tmp_path):
     (["beep", "CLIPS", "--into", str(DEFAULT_MODEL)], f"edgetag: error: --into {DEFAULT_MODEL}: is the bundled model; write the task into a file of your own"),
     (["beep", "CLIPS", "--into", "MODEL"], "edgetag: error: beep: MODEL has a task of that name already; choose another"),
     (["tags", "CLIPS", "--into", "OUT"], "edgetag: error: tags: task name 'tags': use letters"),
-    (["beep", "CLIPS", "--into", "OUT", "--layers", "7"], "edgetag: error: beep: task 'beep': adapts 7 blocks of a 6-block encoder"),
+    (["beep", "CLIPS", "--into", "OUT", "--adapter", "conv"], "edgetag: error: beep: task 'beep': mobilenet blocks have no MLP or attention to put adapters beside"),
+    (["beep", "CLIPS", "--into", "OUT", "--model", "NANO", "--layers", "7"], "edgetag: error: beep: task 'beep': adapts 7 blocks of a 4-block encoder"),
     (["beep", "CLIPS", "--into", "MODEL", "--model", str(DEFAULT_MODEL)], "edgetag: error: --into MODEL: exists, so the task is added to it; leave out --model"),
     (["beep", "CLIPS", "--into", "OUT", "--negatives", "/no/such/folder"], "edgetag: error: --negatives: no readable audio in /no/such/folder (/no/such/folder: no such file"),
     (["beep", "CLIPS", "--into", "OUT", "--adapter-dim", "0"], "edgetag: error: --adapter-dim: 0 is not in [1, 1024]"),
@@ -123,7 +137,7 @@ def test_learn_refuses_bad_input_in_one_line(beeps, tmp_path, args, message):
     (tmp_path / "few").mkdir()
     for i in range(2):
         shutil.copy(root / "beep" / f"{i}.wav", tmp_path / "few")
-    subs = {"FEW": tmp_path / "few", "CLIPS": root / "beep", "OUT": tmp_path / "out.safetensors", "MODEL": root / "my.safetensors"}
+    subs = {"FEW": tmp_path / "few", "CLIPS": root / "beep", "OUT": tmp_path / "out.safetensors", "MODEL": root / "my.safetensors", "NANO": root / "nano.safetensors"}
     args = [str(subs.get(a, a)) for a in args]
     message = message.replace("MODEL", str(root / "my.safetensors"))
     run = edgetag("learn", *args)

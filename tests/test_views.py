@@ -129,3 +129,38 @@ def test_urbansound8k_reader_keeps_folds_and_recordings_apart():
     val = Source.parse(f"urbansound8k:{data_path('urbansound8k')},folds=3").read()
     assert len(train) and len(val) and not {e.group for e in train} & {e.group for e in val}
     assert "Dog" in {e.labels[0] for e in train} and "Drill" in {e.labels[0] for e in val}  # AudioSet names
+
+
+def test_cross_targets_teach_each_head_on_the_other_heads_views():
+    """--cross: a keyword view also carries mn04's word for the tag head (NaN on the classes it
+    lacks), appended to the view's targets; the tag head's loss on those rows is the BCE on the
+    classes mn04 knows, scaled like its own loss and by --cross. Without --cross, no such targets."""
+    from edgetag.spec import KEYWORDS, HeadConfig
+    from train.distill import DistillConfig, ViewTargets
+    from train.finetune import Task
+    from train.labels import KEYWORD_LABELS
+
+    teachers = data_path("audioset").parent.parent / "teachers"
+    mn04, mlperf = teachers / "efficientat_mn04_as" / "mn04_as_mAP_432.pt", teachers / "mlperf_tiny_kws" / "kws_ref_model.tflite"
+    if not (mn04.is_file() and mlperf.is_file()):
+        pytest.skip(f"teacher weights not available: {mn04}, {mlperf}")
+    pytest.importorskip("ai_edge_litert", reason="the keyword teacher needs ai-edge-litert (the train extra)")
+    yes = data_path("speech_commands/yes/0bac8a71_nohash_0.flac")
+    c = DistillConfig(tag_teacher=str(mn04), keyword_teacher=str(mlperf), audioset=str(data_path("audioset")), views=ViewsConfig(views=2), cross=0.5)
+    learn = ViewTargets(c)
+    heads = {"tags": HeadConfig("tags", learn.labels["tags"], learn.parents["tags"]), KEYWORDS: HeadConfig(KEYWORDS, tuple(KEYWORD_LABELS))}
+    spec = make_spec(heads=heads, stream=(1.0, 0.5))
+    task = Task(KEYWORDS, list(KEYWORD_LABELS), [], torch.zeros(0), [], torch.zeros(0), [Example(str(yes), ("yes",))])
+    views = learn.render(task, spec, heads[KEYWORDS])
+    said = views["cross:tags"]  # [2 views, 531]
+    speech = heads["tags"].labels.index("Speech")
+    assert said.shape == (2, 531) and said.isnan().any(0).sum() == 4 and said[0, speech] > 0.5  # mn04 hears speech in the clean view
+    assert "cross:tags" not in ViewTargets(replace(c, cross=0.0)).render(task, spec, heads[KEYWORDS])
+
+    task.train_y, learn.soft[KEYWORDS], learn.cross[KEYWORDS], learn.named["tags"] = views["hard"], views["soft"], {"tags": said}, 7
+    y = learn.targets(task, [0, 1], [0, 0])
+    assert y.shape == (2, 2 * 12 + 531)
+    logits = torch.randn(2, 531)
+    known = ~said[0].isnan()
+    expected = 0.5 * torch.nn.functional.binary_cross_entropy_with_logits(logits[:, known], said[:, known], reduction="sum") / 2 / 7
+    torch.testing.assert_close(learn.cross_loss(spec, KEYWORDS, {"tags": logits}, y), expected)

@@ -39,11 +39,11 @@ from pathlib import Path
 
 import typer
 
-from edgetag.spec import ENCODERS
+from edgetag.spec import TOKEN_ENCODERS
 from train.options import command, setting
 
 OBJECTIVES = ("none", "ssast", "mae-ast")  # SSAMBA's objective, and MAE-AST's (visible tokens only)
-ENCODER_VARIANTS = {encoder: {"encoder": encoder} for encoder in ENCODERS}
+ENCODER_VARIANTS = {encoder: {"encoder": encoder} for encoder in TOKEN_ENCODERS}
 ATTENTION_VARIANTS = {"full": {}, "fta": {"attention": "fta"}}
 # 16x16 patches (8 frequency rows of 128 mels), and the stride-10 patches AST and SSAST
 # fine-tune with (12 rows, TI-CL's grid)
@@ -235,7 +235,7 @@ def pretraining_steps(size: str, device: str) -> list[dict]:
     from train.bench_pretrain import measure_in_subprocess
 
     return [{"encoder": encoder, **measure_in_subprocess(method, size=size, tokens="patch", frames=1024, batch_size=8, steps=2, device=device, encoder=encoder)}
-            for encoder in ENCODERS for method in ("ssast", "mae-ast")]
+            for encoder in TOKEN_ENCODERS for method in ("ssast", "mae-ast")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ def bench(c: BenchConfig) -> dict:
             for batch in (1, 8):
                 if batch == 8 and tokens > c.batch8_limit:
                     continue
-                for encoder in ENCODERS:
+                for encoder in TOKEN_ENCODERS:
                     row = in_subprocess("inference", encoder=encoder, size=c.encoder_size, tokens=tokens, batch=batch, device=device)
                     results["inference"].append(row)
                     print(_inference_line(row), flush=True)

@@ -1,11 +1,13 @@
-"""Import teachers into edgetag checkpoints: Hugging Face AST, SSAST and MAE-AST weights.
+"""Import teachers into edgetag checkpoints: Hugging Face AST, SSAST, MAE-AST and EfficientAT weights.
 
     python -m train.convert --from hf-ast path/to/save_pretrained_folder --out ast.safetensors
     python -m train.convert --from ssast SSAST-Base-Patch-400.pth --out ssast.safetensors
     python -m train.convert --from mae-ast chunk_patch_75_12LayerEncoder.pt --out maeast.safetensors
+    python -m train.convert --from efficientat mn04_as_mAP_432.pt --audioset ../shared/data/audioset --out mn04.safetensors
 
 Each source gets the fbank recipe it was trained with (AST/SSAST: the "ast" preset with the
-checkpoint's normalisation; MAE-AST: Kaldi defaults, normalised by its BatchNorm statistics).
+checkpoint's normalisation; MAE-AST: Kaldi defaults, normalised by its BatchNorm statistics; EfficientAT: the "efficientat"
+preset, its 32 kHz front end on 16 kHz audio, and AudioSet's classes and ontology as its tag head).
 AST and SSAST order tokens frequency-major; edgetag orders them time-major, so the position
 rows are permuted on import (attention does not care about order; each token keeps its
 position). Every source key is either used or on an explicit ignore list: a key left over or a
@@ -25,9 +27,9 @@ import typer
 from edgetag import checkpoint
 from edgetag.features import preset
 from edgetag.model import AudioTransformer
-from edgetag.spec import KEYWORDS, TAGS, EncoderConfig, HeadConfig, ModelSpec, StreamConfig
+from edgetag.spec import KEYWORDS, MOBILENET_SIZES, TAGS, EncoderConfig, HeadConfig, ModelSpec, StreamConfig
 
-SOURCES = ("hf-ast", "ssast", "mae-ast")
+SOURCES = ("hf-ast", "ssast", "mae-ast", "efficientat")
 
 
 class ConvertError(Exception):
@@ -235,13 +237,40 @@ def from_mae_ast(path: Path, tokens: str = "", heads_hint: int = 0) -> tuple[Mod
     return ModelSpec(encoder, preset("mae-ast", norm_mean=mean, norm_std=(var + 1e-5) ** 0.5, norm_scale=2.0)), weights
 
 
-def convert(source: str, src: Path, out: Path, kind: str = TAGS, labels: list[str] | None = None, tokens: str = "") -> Path:
+def from_efficientat(path: Path, audioset: Path | None) -> tuple[ModelSpec, dict]:
+    """An EfficientAT MobileNetV3 AudioSet checkpoint (models/mn, "mlp" head; mn04 is width 0.4)
+    -> a mobilenet encoder whose tag head is its last layer, labelled by `audioset`'s 527 classes."""
+    if audioset is None:
+        raise ConvertError("--from efficientat needs --audioset, the folder of class_labels_indices.csv and ontology.json")
+    from train.labels import audioset_vocabulary
+
+    state, used = load_state(path), set()
+    take = lambda key: _take(state, key, used)  # noqa: E731
+    labels, parents = audioset_vocabulary(Path(audioset))
+    width_mult = next((v["width_mult"] for v in MOBILENET_SIZES.values() if v["width"] == take("classifier.2.weight").shape[0]), None)
+    if width_mult is None:
+        raise ConvertError(f"{path}: a projection of {state['classifier.2.weight'].shape[0]} is none of edgetag's mobilenet sizes")
+    if take("classifier.5.weight").shape[0] != len(labels):
+        raise ConvertError(f"{path}: {state['classifier.5.weight'].shape[0]} classes, not AudioSet's {len(labels)}")
+    fbank = preset("efficientat")
+    encoder = EncoderConfig(encoder="mobilenet", n_mels=fbank.n_mels, width=take("classifier.2.weight").shape[0], width_mult=width_mult, depth=15, heads=1)
+    weights = {f"encoder.{k}": take(k) for k in state if k.startswith("features.")}
+    for ours, theirs in (("encoder.project.0", "classifier.2"), ("heads.tags.fc", "classifier.5")):
+        for kind in ("weight", "bias"):
+            weights[f"{ours}.{kind}"] = take(f"{theirs}.{kind}")
+    _check_consumed(state, used, ignore="")
+    return ModelSpec(encoder, fbank, {TAGS: HeadConfig(TAGS, tuple(labels), parents)}, StreamConfig(window=1.0, hop=0.5)), weights
+
+
+def convert(source: str, src: Path, out: Path, kind: str = TAGS, labels: list[str] | None = None, tokens: str = "", audioset: Path | None = None) -> Path:
     if source == "hf-ast":
         spec, weights = from_hf_ast(src, kind)
     elif source == "ssast":
         spec, weights = from_ssast(src, kind, labels)
     elif source == "mae-ast":
         spec, weights = from_mae_ast(src, tokens)
+    elif source == "efficientat":
+        spec, weights = from_efficientat(src, audioset)
     else:
         raise ConvertError(f"--from must be one of {', '.join(SOURCES)}, not {source!r}")
     spec = replace(spec, provenance={"stage": "import", "from": source, "source": Path(src).name})
@@ -249,16 +278,17 @@ def convert(source: str, src: Path, out: Path, kind: str = TAGS, labels: list[st
 
 
 def main(
-    source: str = typer.Option(..., "--from", help="hf-ast, ssast or mae-ast."),
+    source: str = typer.Option(..., "--from", help="hf-ast, ssast, mae-ast or efficientat."),
     src: Path = typer.Argument(..., help="The source: a save_pretrained folder (hf-ast) or a .pth/.pt file."),
     out: Path = typer.Option(..., help="The edgetag checkpoint to write (.safetensors)."),
     head: str = typer.Option(TAGS, help=f"Kind of the imported classifier: {TAGS} (sigmoid) or {KEYWORDS} (softmax)."),
     labels: Path = typer.Option(None, help="A text file with one class name per line (SSAST heads carry none)."),
     tokens: str = typer.Option("", help="patch or frame, for MAE-AST files whose config does not say."),
+    audioset: Path = typer.Option(None, help="efficientat: the folder of AudioSet's class_labels_indices.csv and ontology.json (the head's labels)."),
 ) -> None:
     try:
         names = [line.strip() for line in labels.read_text().splitlines() if line.strip()] if labels else None
-        path = convert(source, src, out, head, names, tokens)
+        path = convert(source, src, out, head, names, tokens, audioset)
     except (ConvertError, OSError, ValueError) as e:
         typer.echo(f"train.convert: error: {e}", err=True)
         raise typer.Exit(2) from e

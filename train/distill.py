@@ -17,7 +17,8 @@ OUT/teacher_probabilities.safetensors, reused while teacher, data and window sta
 With --views the student learns from augmented views of its training windows instead
 (`ViewTargets`, train.views): waveforms mixed, moved and scaled before anyone hears them, labelled
 once by the third-party teachers (train.teachers) and any edgetag --teacher, and cached in
-OUT/views.safetensors. Every other option (data, augmentation, modes) is train.finetune's.
+OUT/views.safetensors. With --cross they also label each head's views for the other heads, so
+every head learns from all the audio the student hears. Every other option (data, augmentation, modes) is train.finetune's.
 """
 
 from __future__ import annotations
@@ -54,12 +55,13 @@ class DistillConfig:
     tag_alpha: float = setting(0.0, "Weight of mn04 against the datasets' labels on the tag classes a dataset here names (0: the labels alone; mn04 always teaches the others).")
     temperature: float = setting(2.0, "Softmax temperature of keyword heads.")
     alpha: float = setting(0.7, "Weight of the distillation loss against the hard labels (with --views: keywords only; tags take the datasets' labels on their classes).")
+    cross: float = setting(0.0, "With --views: weight of the teachers' targets for the other heads on each head's views (tags on keyword views, keywords on tag views), so every head learns from all the audio the student hears; 0: each head from its own views only.")
     cache: str = setting("", "The teachers' cached outputs (default: OUT/teacher_probabilities.safetensors, or OUT/views.safetensors).")
     student: FinetuneConfig = setting(FinetuneConfig(out="runs/distill", size="mini", lr=1e-3), "The student and its training.")
 
     def check(self) -> None:
         """Refuse weights outside [0, 1] and teachers without the views they label (before any data is read)."""
-        for name, value in (("--alpha", self.alpha), ("--tag-alpha", self.tag_alpha)):
+        for name, value in (("--alpha", self.alpha), ("--tag-alpha", self.tag_alpha), ("--cross", self.cross)):
             if not 0 <= value <= 1:  # NaN fails too
                 raise ValueError(f"{name}: {value:g} is not in [0, 1]")
         if (self.tag_teacher or self.keyword_teacher) and not self.views.views:
@@ -165,7 +167,7 @@ def distillation_loss(head: HeadConfig, logits: torch.Tensor, hard: torch.Tensor
 # Augmented views, labelled by every teacher once
 
 
-VIEWS_VERSION = "views/4"  # what the views cache holds: bumped when its content changes meaning
+VIEWS_VERSION = "views/5"  # what the views cache holds: bumped when its content changes meaning
 
 
 class ViewTargets(HardLabels):
@@ -200,17 +202,18 @@ class ViewTargets(HardLabels):
             self.labels[TAGS] = vocabulary + list(EXTRA_TAGS)
         self.cache = Path(c.cache or Path(c.student.out) / "views.safetensors")
         self.soft: dict[str, torch.Tensor] = {}
+        self.cross: dict[str, dict[str, torch.Tensor]] = {}  # per head, the teachers' targets of its views for the other heads
         self.taught: dict[str, bool] = {}
         self.named: dict[str, int] = {}  # per head, how many classes the datasets name
 
     def provenance(self) -> dict:
         return {"teachers": {"teacher": self.c.teacher, "tags": self.c.tag_teacher, "keywords": self.c.keyword_teacher},
-                "alpha": self.c.alpha, "tag_alpha": self.c.tag_alpha, "temperature": self.c.temperature, "views": asdict(self.c.views), "backgrounds": self.c.backgrounds}
+                "alpha": self.c.alpha, "tag_alpha": self.c.tag_alpha, "cross": self.c.cross, "temperature": self.c.temperature, "views": asdict(self.c.views), "backgrounds": self.c.backgrounds}
 
     def _key(self, task: Task, spec: ModelSpec) -> str:
         files = [p for p in (self.c.teacher, self.c.tag_teacher, self.c.keyword_teacher) if p]
         return hashlib.sha256(json.dumps([VIEWS_VERSION, task.head, task.labels, [e.path for e in task.examples], [e.labels for e in task.examples],
-                                          asdict(self.c.views), self.c.backgrounds, self.c.alpha, self.c.tag_alpha, spec.fbank.to_dict(), spec.window_frames,
+                                          asdict(self.c.views), self.c.backgrounds, self.c.alpha, self.c.tag_alpha, self.c.cross > 0, spec.fbank.to_dict(), spec.window_frames,
                                           [(p, Path(p).stat().st_size) for p in files]]).encode()).hexdigest()
 
     def teach(self, head: HeadConfig, name: str, audio: np.ndarray, feats: torch.Tensor) -> torch.Tensor | None:
@@ -263,7 +266,13 @@ class ViewTargets(HardLabels):
             soft = torch.where(taught.isnan(), hard, taught)
             if head.kind == TAGS:  # a clip's dataset speaks for the classes the datasets name, positive or not, mn04 beside it by tag_alpha
                 soft = torch.where(hard.any(0), torch.lerp(hard, soft, self.c.tag_alpha), soft)
-        return {"feats": feats.half(), "hard": hard, "soft": soft, "taught": torch.tensor(taught is not None)}
+        out = {"feats": feats.half(), "hard": hard, "soft": soft, "taught": torch.tensor(taught is not None)}
+        if self.c.cross:  # what the teachers say of these views for every other head
+            for name, other in spec.heads.items():
+                said = None if name == task.head else self.teach(other, name, views.audio, feats)
+                if said is not None:
+                    out[f"cross:{name}"] = said
+        return out
 
     def prepare(self, tasks: list[Task], spec: ModelSpec) -> None:
         """Replace each head's training clips by their views and the teachers' targets: from the
@@ -288,16 +297,35 @@ class ViewTargets(HardLabels):
             cached.update({f"{t.head}.{k}": v.contiguous() for k, v in views.items()})
             t.train, t.train_y = list(views["feats"].float()), views["hard"]
             self.soft[t.head], self.taught[t.head] = views["soft"], bool(views["taught"])
+            self.cross[t.head] = {k.split(":", 1)[1]: v for k, v in views.items() if k.startswith("cross:")}
             self.named[t.head] = max(1, int(views["hard"].any(0).sum()))
         if rendered:
             self.cache.parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v for k, v in cached.items() if k.split(".", 1)[0] in current}, str(self.cache), metadata={"keys": json.dumps(current)})
 
     def targets(self, task: Task, index: list[int], starts: list[int]) -> torch.Tensor:
-        return torch.cat([task.train_y[index], self.soft[task.head][index]], dim=1)
+        """[hard | soft | the other heads' teacher targets, by head name]."""
+        return torch.cat([task.train_y[index], self.soft[task.head][index], *(p[index] for _, p in sorted(self.cross[task.head].items()))], dim=1)
+
+    def cross_loss(self, spec: ModelSpec, head: str, logits: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor | float:
+        """The other heads on `head`'s views, against what the teachers said of them (tags: the
+        classes a teacher knows; keywords: at temperature T), weighted by --cross."""
+        loss, col = 0.0, 2 * len(spec.heads[head].labels)
+        for name, _ in sorted(self.cross[head].items()):
+            classes = len(spec.heads[name].labels)
+            p, col = y[:, col : col + classes], col + classes
+            if spec.heads[name].kind == TAGS:
+                known = ~p[0].isnan()  # a class no teacher has is NaN in every row
+                bce = F.binary_cross_entropy_with_logits(logits[name][:, known], p[:, known], reduction="none")
+                loss = loss + bce.sum(1).mean() / self.named[name]
+            else:
+                T = self.c.temperature
+                soft = (p.clamp_min(np.finfo(np.float32).tiny).log() / T).softmax(-1)
+                loss = loss + F.kl_div((logits[name] / T).log_softmax(-1), soft, reduction="batchmean") * T**2
+        return self.c.cross * loss
 
     def loss(self, head: HeadConfig, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        hard, soft = y.split(logits.shape[1], dim=1)
+        hard, soft = y[:, : 2 * logits.shape[1]].split(logits.shape[1], dim=1)
         if head.kind == TAGS:  # soft already holds the dataset's labels
             return F.binary_cross_entropy_with_logits(logits, soft, reduction="none").sum(1).mean() / self.named[head.kind]
         if not self.taught[head.kind]:

@@ -232,6 +232,10 @@ class HardLabels:
     def loss(self, head: HeadConfig, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return head_loss(logits, y, head.kind)
 
+    def cross_loss(self, spec: ModelSpec, head: str, logits: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor | float:
+        """What the other heads learn from `head`'s rows (their `logits`), `y` being those rows' targets: nothing here."""
+        return 0.0
+
     def provenance(self) -> dict:
         return {}
 
@@ -383,9 +387,10 @@ def train_step(run: Run, c: FinetuneConfig, learn: HardLabels, orders: list[list
     losses, loss = {}, 0.0
     for k, (t, y) in enumerate(zip(run.tasks, targets)):
         rows = slice(k * c.batch_size, (k + 1) * c.batch_size)
-        task_loss = learn.loss(spec.outputs[t.head], out[t.head][rows].float(), y.to(run.device))
+        y = y.to(run.device)
+        task_loss = learn.loss(spec.outputs[t.head], out[t.head][rows].float(), y)
         losses[t.head] = task_loss.item()
-        loss = loss + task_loss
+        loss = loss + task_loss + learn.cross_loss(spec, t.head, {h: o[rows].float() for h, o in out.items() if h != t.head}, y)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.params, 5.0)

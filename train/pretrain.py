@@ -28,7 +28,7 @@ import typer
 from edgetag import checkpoint
 from edgetag.features import PRESETS, preset
 from edgetag.model import AudioTransformer
-from edgetag.spec import ATTENTIONS, ENCODERS, TOKENS, EncoderConfig, ModelSpec, sizes_of
+from edgetag.spec import ATTENTIONS, TOKEN_ENCODERS, TOKENS, EncoderConfig, ModelSpec, sizes_of
 from train.data import CropDataset, collate, find_audio
 from train.objectives.mae import MAEAST, MASKINGS
 from train.objectives.ssast import SSAST
@@ -48,7 +48,7 @@ class PretrainConfig:
     data: list[str] = setting([], "Folders, manifests (.csv/.jsonl with a path column) or files; repeatable.", required=True)
     out: str = setting("runs/pretrain", "Folder for the run: last.pt, encoder.safetensors, loss.csv, loss.png.")
     method: str = setting("mae-ast", f"Objective: {' or '.join(METHODS)}.")
-    encoder: str = setting("transformer", f"Encoder blocks: {' or '.join(ENCODERS)} (SSAMBA's bidirectional Mamba).")
+    encoder: str = setting("transformer", f"Encoder blocks: {' or '.join(TOKEN_ENCODERS)} (SSAMBA's bidirectional Mamba).")
     size: str = setting("tiny", "Encoder size: nano, mini, tiny, small, base (mamba: also ssamba-tiny/-small/-base, 24 layers).")
     tokens: str = setting("patch", "patch (16x16), frame (2 frames) or conv (a convolutional stem; --method tera only) tokens.")
     attention: str = setting("full", "full, or fta (TI-CL's frequency-time factorised attention; not --method mae-ast, whose encoder sees no whole grid).")
@@ -72,7 +72,7 @@ class PretrainConfig:
     def __post_init__(self):
         # TERA alters the input and SS-MAST compares views instead of predicting hidden tokens, so any token kind suits them
         tokens = TOKENS if self.method in ("tera", "ss-mast") else MASKABLE_TOKENS
-        for name, allowed in (("method", METHODS), ("encoder", ENCODERS), ("size", sizes_of(self.encoder)), ("tokens", tokens), ("masking", MASKINGS), ("preset", PRESETS),
+        for name, allowed in (("method", METHODS), ("encoder", TOKEN_ENCODERS), ("size", sizes_of(self.encoder)), ("tokens", tokens), ("masking", MASKINGS), ("preset", PRESETS),
                               ("attention", ATTENTIONS)):
             choose(name, getattr(self, name), allowed)
         if self.method in SUBSET_METHODS and self.attention == "fta":

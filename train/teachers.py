@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from edgetag.features import mel_banks
-from edgetag.spec import SILENCE, UNKNOWN
+from edgetag.mobilenet import mobilenet_features
+from edgetag.spec import SILENCE, UNKNOWN, divisible
 
 RATE = 16000  # what every teacher here is given; mn04 resamples to its own 32 kHz
 TEACHERS = Path(__file__).resolve().parents[1].parent / "shared" / "teachers"
@@ -128,66 +128,14 @@ class KeywordTeacher:
 # EfficientAT mn04 (fschmid56/EfficientAT models/mn, AudioSet, mAP 0.432)
 
 
-def _divisible(v: float, divisor: int = 8) -> int:
-    """Channels rounded to a multiple of 8 and never more than 10% below v (MobileNet's rule)."""
-    rounded = max(divisor, int(v + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < 0.9 * v else rounded
-
-
-def _conv(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1, act: type | None = None) -> nn.Sequential:
-    """torchvision's ConvNormActivation as the checkpoint names it: conv (no bias), BN, activation."""
-    layers = [nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(cout, eps=0.001, momentum=0.01)]
-    return nn.Sequential(*layers, *([act()] if act else []))
-
-
-class ChannelSE(nn.Module):
-    """Squeeze-excitation over channels; the checkpoint keeps it in a list of concurrent SE layers
-    (se_dims="c": just this one, so their max-aggregation is the identity)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        squeeze = _divisible(channels // 4)
-        self.conc_se_layers = nn.ModuleList([nn.ModuleDict({"fc1": nn.Linear(channels, squeeze), "fc2": nn.Linear(squeeze, channels)})])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        se = self.conc_se_layers[0]
-        scale = se["fc2"](F.relu(se["fc1"](x.mean((2, 3)))))  # [B, C]
-        return x * torch.sigmoid(scale)[:, :, None, None]
-
-
-class InvertedResidual(nn.Module):
-    def __init__(self, cin: int, kernel: int, expanded: int, cout: int, se: bool, act: type, stride: int):
-        super().__init__()
-        layers = [] if expanded == cin else [_conv(cin, expanded, act=act)]
-        layers += [_conv(expanded, expanded, kernel, stride, groups=expanded, act=act), *([ChannelSE(expanded)] if se else []), _conv(expanded, cout)]
-        self.block = nn.Sequential(*layers)
-        self.residual = stride == 1 and cin == cout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.block(x)
-        return y + x if self.residual else y
-
-
-# MobileNetV3-Large: input channels, kernel, expanded channels, output channels, SE, hard-swish, stride
-MOBILENET_V3 = (
-    (16, 3, 16, 16, False, False, 1), (16, 3, 64, 24, False, False, 2), (24, 3, 72, 24, False, False, 1),
-    (24, 5, 72, 40, True, False, 2), (40, 5, 120, 40, True, False, 1), (40, 5, 120, 40, True, False, 1),
-    (40, 3, 240, 80, False, True, 2), (80, 3, 200, 80, False, True, 1), (80, 3, 184, 80, False, True, 1),
-    (80, 3, 184, 80, False, True, 1), (80, 3, 480, 112, True, True, 1), (112, 3, 672, 112, True, True, 1),
-    (112, 5, 672, 160, True, True, 2), (160, 5, 960, 160, True, True, 1), (160, 5, 960, 160, True, True, 1),
-)
-
-
 class MobileNetAT(nn.Module):
     """EfficientAT's MobileNetV3 with the "mlp" head: [B, 1, 128 mels, T] -> 527 logits."""
 
     def __init__(self, width: float = 0.4, classes: int = 527):
         super().__init__()
-        w = lambda c: _divisible(c * width)  # noqa: E731
-        blocks = [InvertedResidual(w(a), k, w(e), w(b), se, nn.Hardswish if hs else nn.ReLU, s) for a, k, e, b, se, hs, s in MOBILENET_V3]
-        last = w(MOBILENET_V3[-1][3])
-        self.features = nn.Sequential(_conv(1, w(16), 3, 2, act=nn.Hardswish), *blocks, _conv(last, 6 * last, act=nn.Hardswish))
-        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(6 * last, w(1280)), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(w(1280), classes))
+        self.features, channels = mobilenet_features(width)
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(channels, divisible(1280 * width)), nn.Hardswish(), nn.Dropout(0.2),
+                                        nn.Linear(divisible(1280 * width), classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
