@@ -159,7 +159,7 @@ CASES = {
     "checkpoint threshold not a number": Case(FILE_CKPT, 2, "'Dog' is 'high', not a probability", setup=checkpoint(header=lambda s: edit(s, "thresholds.tags.Dog", "high")),
                                               needs=("torch",)),
     "checkpoint weights of another width": Case(FILE_CKPT, 2, "weights do not fit the config (size mismatch for encoder.",
-                                                setup=checkpoint(header=lambda s: edit(s, "encoder.width", 64)), needs=("torch",)),
+                                                setup=checkpoint(header=lambda s: edit(edit(s, "encoder.width", 640), "encoder.width_mult", 0.5)), needs=("torch",)),
     "checkpoint missing a tensor": Case(FILE_CKPT, 2, 'weights do not fit the config (Missing key(s) in state_dict: "heads.tags.fc.bias"',
                                         setup=checkpoint(weights=lambda w: {k: v for k, v in w.items() if k != "heads.tags.fc.bias"}), needs=("torch",)),
     "checkpoint of random bytes": Case(FILE_CKPT, 2, "model.safetensors: not a safetensors file", setup=random_bytes, needs=("torch",)),
