@@ -35,6 +35,7 @@ DATA = [
 ]
 
 
+LATENCY_REFERENCE = "latency reference"  # the latency row of the model a latency target is relative to (evaluation["latency"]["reference"])
 TOKEN_WORDS = {"patch": "16x16 patch tokens", "frame": "frame tokens", "conv": "a convolutional stem"}
 ENCODER_WORDS = {"transformer": "audio transformer", "mamba": "bidirectional Mamba encoder", "mobilenet": "convolutional network (EfficientAT's MobileNetV3)"}
 
@@ -192,10 +193,10 @@ def targets_table(recipe, report: dict, bundle_bytes: int | None) -> list[str]:
         rows.append(f"| running audio: >= {100 * goal:.0f}% of keywords at <= {per_hour:g} false alarms / hour | {pct(m['recall'])} at "
                     f"{m['false_alarms_per_hour']:.1f} / hour | {'met' if m['recall'] >= goal and m['false_alarms_per_hour'] <= per_hour else 'missed'} |")
     lat = report.get("latency", {})
-    reference = next((name for name in ("latency reference", "previous") if name in lat), None)
+    reference = next((name for name in (LATENCY_REFERENCE, "previous") if name in lat), None)
     if "latency_ratio" in t and "student" in lat and reference:
         ratio = lat["student"]["total_median_s"] / lat[reference]["total_median_s"]
-        whose = f"{lat[reference]['model']}'s" if reference == "latency reference" else "the previous model's"
+        whose = f"{lat[reference]['model']}'s" if reference == LATENCY_REFERENCE else "the previous model's"
         rows.append(f"| per-hop latency <= {t['latency_ratio']:g}x {whose} (torch, same run) | {ratio:.2f}x | {'met' if ratio <= t['latency_ratio'] else 'missed'} |")
     if bundle_bytes is not None and "bundle_mib" in t:
         rows.append(f"| bundle <= {t['bundle_mib']:g} MiB | {bundle_bytes / 2**20:.1f} MiB | {'met' if bundle_bytes <= t['bundle_mib'] * 2**20 else 'missed'} |")

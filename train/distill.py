@@ -142,7 +142,7 @@ class TeacherTargets(HardLabels):
         p = torch.stack([self.probabilities[head][i][start // self.hop] for i, start in zip(index, starts)])
         if self.backend.spec.heads[head].kind == TAGS:
             return p
-        return (p.clamp_min(np.finfo(np.float32).tiny).log() / self.c.temperature).softmax(-1)
+        return tempered(p, self.c.temperature)
 
     def targets(self, task: Task, index: list[int], starts: list[int]) -> torch.Tensor:
         """[hard labels | soft targets], so augmentation mixes both alike."""
@@ -151,6 +151,11 @@ class TeacherTargets(HardLabels):
     def loss(self, head: HeadConfig, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         hard, soft = y.split(logits.shape[1], dim=1)
         return distillation_loss(head, logits, hard, soft, self.c.temperature, self.c.alpha)
+
+
+def tempered(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A softmax at T of probabilities: softmax(log p / T), which is softmax(logits / T) (a softmax forgets a shift)."""
+    return (p.clamp_min(np.finfo(np.float32).tiny).log() / temperature).softmax(-1)
 
 
 def distillation_loss(head: HeadConfig, logits: torch.Tensor, hard: torch.Tensor, soft: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
@@ -320,8 +325,7 @@ class ViewTargets(HardLabels):
                 loss = loss + bce.sum(1).mean() / self.named[name]
             else:
                 T = self.c.temperature
-                soft = (p.clamp_min(np.finfo(np.float32).tiny).log() / T).softmax(-1)
-                loss = loss + F.kl_div((logits[name] / T).log_softmax(-1), soft, reduction="batchmean") * T**2
+                loss = loss + F.kl_div((logits[name] / T).log_softmax(-1), tempered(p, T), reduction="batchmean") * T**2
         return self.c.cross * loss
 
     def loss(self, head: HeadConfig, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -330,8 +334,7 @@ class ViewTargets(HardLabels):
             return F.binary_cross_entropy_with_logits(logits, soft, reduction="none").sum(1).mean() / self.named[head.kind]
         if not self.taught[head.kind]:
             return head_loss(logits, hard, head.kind)
-        T = self.c.temperature  # a softmax at T of the teachers' probabilities: softmax(log p / T)
-        return distillation_loss(head, logits, hard, (soft.clamp_min(np.finfo(np.float32).tiny).log() / T).softmax(-1), T, self.c.alpha)
+        return distillation_loss(head, logits, hard, tempered(soft, self.c.temperature), self.c.temperature, self.c.alpha)
 
 
 def distill(c: DistillConfig, device: str | None = None) -> dict[str, dict]:
