@@ -265,6 +265,7 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
     (["train.finetune", "--train", "DATA", "--precision", "fp16"], "train.finetune: error: precision must be one of fp32, bf16, not 'fp16'"),
     (["train.distill", "--train", "DATA", "--views", "1", "--tag-alpha", "2"], "train.distill: error: --tag-alpha: 2 is not in [0, 1]"),
     (["train.distill", "--train", "DATA", "--views", "1", "--alpha", "nan"], "train.distill: error: --alpha: nan is not in [0, 1]"),
+    (["train.distill", "--train", "DATA", "--views", "1", "--cross", "-0.5"], "train.distill: error: --cross: -0.5 is not in [0, 1]"),
     (["train.input_study", "--size", "huge"], "train.input_study: error: size must be one of nano, mini, tiny, small, base, not 'huge'"),
     (["train.input_study", "--epochs", "0"], "train.input_study: error: --epochs: 0 is not >= 1"),
     (["train.bench_encoders", "--size", "huge"], "train.bench_encoders: error: --size: 'huge' is not one of nano, mini, tiny, small, base"),
