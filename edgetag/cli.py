@@ -358,9 +358,7 @@ def learn(
         print(f"edgetag: error: {error}", file=sys.stderr)
     negatives_text = "built-in noise, hum and silence" if learned.builtin_negatives else f"{learned.negatives} clip(s)"
     print(f"{name}: {', '.join(f'{label} {n} clips ({learned.windows[label]} windows)' for label, n in learned.clips.items())}; negatives: {negatives_text}")
-    t = learned.task
-    kind = "a linear probe" if t.adapter == "none" else f"{t.adapter} adapters in the last {t.layers} blocks"
-    print(f"trained {learned.trainable:,} parameters ({kind}; {100 * learned.trainable / learned.base_parameters:.1f}% of the model's {learned.base_parameters:,}) in {learned.seconds:.1f} s")
+    print(f"trained {learned.trainable:,} parameters ({learned.task.kind}; {100 * learned.trainable / learned.base_parameters:.1f}% of the model's {learned.base_parameters:,}) in {learned.seconds:.1f} s")
     for label, r in learned.calibration.items():
         print(f"threshold {label} {r['threshold']:.2f}: {r['clips_found']}/{r['clips']} of its clips, {r['negatives_firing']}/{r['negatives']} other clips reach it")
     print(f"{learned.path}: written; run it with: edgetag listen --model {learned.path}")

@@ -32,7 +32,7 @@ import numpy as np
 from edgetag import audio
 from edgetag.checkpoint import DEFAULT_MODEL, load_model, save
 from edgetag.features import fbank, normalize, windows
-from edgetag.spec import TAGS, HeadConfig, SpecError, TaskConfig
+from edgetag.spec import TAGS, HeadConfig, ModelSpec, SpecError, TaskConfig
 
 LOUD_DB = 10.0  # a clip's windows this close to its loudest hold the sound
 VIEWS = 4  # per positive window: itself, and mixed or scaled copies
@@ -56,6 +56,13 @@ class LearnConfig:
     hop: float = 0.1  # seconds between the training windows of a clip
     seed: int = 0
     min_clips: int = 3  # per class: fewer is a recording, not a class (the few-shot benchmark goes down to 1)
+
+
+def resolve_adapter(adapter: str, spec: ModelSpec) -> str:
+    """`auto` made concrete for a base: conv adapters on a transformer, a linear probe otherwise."""
+    if adapter != "auto":
+        return adapter
+    return "conv" if spec.encoder.encoder == "transformer" else "none"
 
 
 @dataclass
@@ -177,7 +184,7 @@ def learn(name: str, classes: dict[str, list[str]], negatives: list[str], into, 
         raise LearnError(f"{name}: {source or DEFAULT_MODEL} has a task of that name already; choose another")
     try:
         head = HeadConfig(TAGS, tuple(classes))
-        adapter = ("conv" if spec.encoder.encoder == "transformer" else "none") if c.adapter == "auto" else c.adapter
+        adapter = resolve_adapter(c.adapter, spec)
         task = TaskConfig(head) if adapter == "none" else TaskConfig(head, adapter, c.adapter_dim, c.layers)
         spec = replace(spec, tasks={**spec.tasks, name: task})
     except (SpecError, ValueError) as e:

@@ -301,6 +301,11 @@ class TaskConfig:
         if self.adapter != "none" and (self.adapter_dim < 1 or self.layers < 1):
             raise ValueError(f"adapter {self.adapter!r} needs adapter_dim >= 1 and layers >= 1 (got {self.adapter_dim}, {self.layers})")
 
+    @property
+    def kind(self) -> str:
+        """What the task trains, in words."""
+        return "a linear probe" if self.adapter == "none" else f"{self.adapter} adapters in the last {self.layers} blocks"
+
     def to_dict(self) -> dict:
         return {"head": self.head.to_dict(), "adapter": self.adapter, "adapter_dim": self.adapter_dim, "layers": self.layers,
                 "thresholds": self.thresholds, "provenance": self.provenance}

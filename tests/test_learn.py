@@ -217,16 +217,26 @@ def test_learn_from_five_real_clips_per_class(tmp_path):
 
 
 @pytest.mark.slow
-def test_fewshot_benchmark_prints_its_figures(tmp_path):
-    """The few-shot benchmark at its smallest: one draw of one and of three clips per class."""
+def test_fewshot_benchmark_prints_its_figures(beeps, tmp_path):
+    """The few-shot benchmark at its smallest: one draw of one and of three clips per class. On the
+    bundled MobileNet, edgetag learn's task is a linear probe, so there is no baseline row; on a
+    transformer base it learns conv adapters, beside a linear probe."""
     data_path("wake_words")
     data_path("arabic_speech_commands")
-    run = subprocess.run([sys.executable, "-m", "train.bench_fewshot", "--data", str(DATA), "--shots", "1", "--shots", "3", "--seeds", "1",
-                          "--steps", "5", "--test-clips", "3", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr
-    last = run.stdout.strip().splitlines()[-2:]
-    assert re.fullmatch(r"fewshot wake_words 1-shot learn \d+\.\d% probe \d+\.\d% 3-shot learn \d+\.\d% probe \d+\.\d%", last[0])
+
+    def bench(out, *args):
+        run = subprocess.run([sys.executable, "-m", "train.bench_fewshot", "--data", str(DATA), "--seeds", "1", "--steps", "5", "--test-clips", "3",
+                              "--out", str(out), *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip().splitlines()[-2:], json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+
+    last, results, table = bench(tmp_path / "bundled", "--shots", 1, "--shots", 3)
+    assert re.fullmatch(r"fewshot wake_words 1-shot learn \d+\.\d% 3-shot learn \d+\.\d%", last[0])
     assert last[1].startswith("fewshot Arabic_commands 1-shot learn ")
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert len(results["rows"]) == 2 * 2 * 2 and {r["test_clips"] for r in results["rows"]} == {9, 15}
-    assert (tmp_path / "fewshot.png").stat().st_size > 0 and "| wake words | 3 | 9 | linear probe |" in (tmp_path / "results.md").read_text()
+    assert len(results["rows"]) == 2 * 2 and {r["test_clips"] for r in results["rows"]} == {9, 15}
+    assert (tmp_path / "bundled" / "fewshot.png").stat().st_size > 0 and "| wake words | 3 | 9 | edgetag learn (a linear probe) |" in table
+
+    last, results, table = bench(tmp_path / "nano", "--shots", 1, "--model", beeps[0] / "nano.safetensors")
+    assert re.fullmatch(r"fewshot wake_words 1-shot learn \d+\.\d% probe \d+\.\d%", last[0])
+    assert len(results["rows"]) == 2 * 2
+    assert "| edgetag learn (conv adapters in the last 2 blocks) |" in table and "| wake words | 3 | 9 | linear probe |" in table

@@ -8,13 +8,15 @@ keyword head's `_unknown_`, from other speakers than those here (its recipe trai
 clips of hash groups 50-80 and Arabic speakers of groups 0-15): the wake words "alexa",
 "computer" and "jarvis", and five Arabic commands. For each number of clips per class and each
 seed: that many clips per class drawn from the training groups, a task learned on the frozen model
-as `edgetag learn` learns it (its defaults: conv adapters; built-in negatives), and the baseline, a
+as `edgetag learn` learns it (its defaults: conv adapters on a transformer base, a linear probe on
+a MobileNet; built-in negatives) and, where that is not a linear probe already, the baseline: a
 linear probe on the model's frozen embedding through the same code (`--adapter none`). Each is
 scored on clips of other speakers: a clip's class is the task's class whose probability peaks
 highest over the clip's windows (the streaming engine's windows), among the set's classes.
 
 Writes OUT/results.json, OUT/results.md and OUT/fewshot.png (accuracy against clips per class);
-the last lines, one per set: `fewshot <set> <k>-shot learn <a>% probe <b>% ...`.
+the last lines, one per set: `fewshot <set> <k>-shot learn <a>% probe <b>% ...` (no probe where
+learn's task is one).
 """
 
 from __future__ import annotations
@@ -31,13 +33,10 @@ import typer
 from edgetag import audio
 from edgetag.checkpoint import load_model
 from edgetag.features import fbank
-from edgetag.learn import LearnConfig, learn
+from edgetag.learn import LearnConfig, learn, resolve_adapter
 from edgetag.runtime import TorchBackend, clip_probabilities
 from train.data import Source
 from train.options import bounded, command, setting
-
-METHODS = {"learn": "conv", "probe": "none"}  # what each row learns: edgetag learn's default, and a linear probe
-
 
 @dataclass
 class FewShotConfig:
@@ -91,6 +90,9 @@ def bench(c: FewShotConfig) -> dict:
         raise FileNotFoundError(f"--data {data}: needs wake_words/ and arabic_speech_commands/ (../shared/data)")
     out.mkdir(parents=True, exist_ok=True)
     spec = load_model(c.model or None).spec
+    methods = {"learn": "auto", "probe": "none"}  # edgetag learn's default, and its baseline where that differs
+    if resolve_adapter("auto", spec) == "none":
+        del methods["probe"]
     results: dict = {"settings": asdict(c), "model": spec.model_id, "rows": []}
     for set_name, classes in class_sets(data).items():
         test = {}
@@ -98,19 +100,18 @@ def bench(c: FewShotConfig) -> dict:
             test[label] = []
             for f in files[: c.test_clips]:
                 test[label].append(fbank(audio.load(f, spec.fbank.sample_rate), spec.fbank))
-        runs = [(k, seed, method) for k in c.shots for seed in range(c.seeds) for method in METHODS]
+        runs = [(k, seed, method) for k in c.shots for seed in range(c.seeds) for method in methods]
         for k, seed, method in track(runs, description=set_name):
             rng = np.random.default_rng(seed)
             chosen = {label: [pool[i] for i in rng.choice(len(pool), k, replace=False)] for label, (pool, _) in classes.items()}
             with tempfile.TemporaryDirectory() as tmp:
                 into = Path(tmp) / "task.safetensors"
-                config = LearnConfig(adapter=METHODS[method], adapter_dim=16 if method == "learn" else 0, layers=2 if method == "learn" else 0,
-                                     steps=c.steps, seed=seed, min_clips=1)
+                config = LearnConfig(adapter=methods[method], steps=c.steps, seed=seed, min_clips=1)
                 start = time.perf_counter()
                 learned, _ = learn("fewshot", chosen, [], into, c.model or None, config)
                 seconds = time.perf_counter() - start
                 score = accuracy(into, "fewshot", list(classes), test)
-            results["rows"].append({"set": set_name, "shots": k, "seed": seed, "method": method, "accuracy": score, "seconds": seconds,
+            results["rows"].append({"set": set_name, "shots": k, "seed": seed, "method": method, "what": learned.task.kind, "accuracy": score, "seconds": seconds,
                                     "trainable": learned.trainable, "test_clips": sum(map(len, test.values())), "classes": list(classes)})
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(render(results) + "\n")
@@ -129,6 +130,14 @@ def mean_accuracy(results: dict) -> dict[tuple[str, int, str], tuple[float, floa
     return {key: (float(np.mean(v)), float(np.std(v))) for key, v in cells.items()}
 
 
+def methods_of(results: dict) -> dict[str, str]:
+    """method -> its name in the table and the plot, in the order they ran."""
+    names = {}
+    for r in results["rows"]:
+        names.setdefault(r["method"], f"edgetag learn ({r['what']})" if r["method"] == "learn" else "linear probe")
+    return names
+
+
 def render(results: dict) -> str:
     means, rows, draws = mean_accuracy(results), results["rows"], results["settings"]["seeds"]
     sets = list(dict.fromkeys(r["set"] for r in rows))
@@ -139,7 +148,7 @@ def render(results: dict) -> str:
              "|---|---|---|---|" + "---|" * len(shots) + "---|"]
     for s in sets:
         first = next(r for r in rows if r["set"] == s)
-        for method, what in (("learn", "edgetag learn (conv adapters)"), ("probe", "linear probe")):
+        for method, what in methods_of(results).items():
             cells = [f"{100 * means[(s, k, method)][0]:.1f}%" + (f" +- {100 * means[(s, k, method)][1]:.1f}" if draws > 1 else "") for k in shots]
             seconds = np.mean([r["seconds"] for r in rows if r["set"] == s and r["method"] == method])
             lines.append(f"| {s} | {len(first['classes'])} | {first['test_clips']} | {what} | " + " | ".join(cells) + f" | {seconds:.0f} |")
@@ -150,7 +159,8 @@ def summary(results: dict) -> list[str]:
     means = mean_accuracy(results)
     sets = list(dict.fromkeys(r["set"] for r in results["rows"]))
     shots = sorted({r["shots"] for r in results["rows"]})
-    return [f"fewshot {s.replace(' ', '_')} " + " ".join(f"{k}-shot learn {100 * means[(s, k, 'learn')][0]:.1f}% probe {100 * means[(s, k, 'probe')][0]:.1f}%" for k in shots)
+    methods = methods_of(results)
+    return [f"fewshot {s.replace(' ', '_')} " + " ".join(f"{k}-shot" + "".join(f" {m} {100 * means[(s, k, m)][0]:.1f}%" for m in methods) for k in shots)
             for s in sets]
 
 
@@ -165,7 +175,7 @@ def plot(results: dict, path: Path) -> None:
     shots = sorted({r["shots"] for r in results["rows"]})
     fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
     for ax, s in zip(axes[0], sets):
-        for method, what in (("learn", "edgetag learn (conv adapters)"), ("probe", "linear probe")):
+        for method, what in methods_of(results).items():
             m = np.array([means[(s, k, method)][0] for k in shots])
             sd = np.array([means[(s, k, method)][1] for k in shots])
             ax.errorbar(shots, 100 * m, yerr=100 * sd, marker="o", capsize=3, label=what)
