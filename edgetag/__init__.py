@@ -38,8 +38,8 @@ def open_stream(model=None, backend: str = "auto", window: float | None = None, 
     any size, get the hops it completed with their events; `flush()` at the end. `gate` (a
     `stream.GateConfig`) skips the encoder on windows near the noise floor. `tasks` picks the
     model's tasks to run ("base": its own heads; none: all). `post` are the
-    `PostConfig` fields (tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, fold,
-    classes)."""
+    `PostConfig` fields (tag_on, tag_off, keyword_on, speech_gate, smoothing, min_duration,
+    refractory, fold, classes)."""
     from edgetag.runtime import load_backend
     from edgetag.stream import Engine, PostConfig
 

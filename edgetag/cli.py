@@ -120,6 +120,8 @@ KEYWORD_ON = typer.Option(None, callback=bounded("--keyword-on", 0, 1),
                           help="A keyword is spotted at this probability (default: the model's calibrated per-keyword thresholds, else 0.7; a value here overrides them).")
 SMOOTHING = typer.Option(0.0, callback=bounded("--smoothing", 0, 3600), help="Average probabilities over this many seconds of hops.")
 MIN_DURATION = typer.Option(0.0, callback=bounded("--min-duration", 0, 3600), help="Drop tag events shorter than this (seconds).")
+SPEECH_GATE = typer.Option(None, callback=bounded("--speech-gate", 0, 1),
+                           help="Spot keywords only in hops whose Speech tag reaches this (default: the model's calibrated gate; 0: never gated).")
 REFRACTORY = typer.Option(1.0, callback=bounded("--refractory", 0, 3600), help="Seconds after a keyword spot before the next.")
 ALL_TAGS = typer.Option(False, "--all-tags", help="Also report a tag while a more specific one is on (Animal beside Dog); default: folded into it.")
 CLASSES = typer.Option(None, "--classes", help="Report only this class (repeatable; an exact label, e.g. --classes Dog --classes yes).")
@@ -128,7 +130,7 @@ TASK = typer.Option(None, "--task", help="Run this task of the model (repeatable
 GATE = typer.Option(0.0, callback=bounded("--gate", 0, 100), help="Skip the encoder on windows whose loudest frame is less than this many dB over the noise floor (0: every window runs).")
 
 
-def _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes, gate, tasks):
+def _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, speech_gate, smoothing, min_duration, refractory, all_tags, classes, gate, tasks):
     from edgetag import open_stream
     from edgetag.checkpoint import CheckpointError
     from edgetag.runtime import BackendError
@@ -136,7 +138,7 @@ def _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, s
 
     try:
         return open_stream(model, backend.value, window, hop, threads, gate=GateConfig(margin_db=gate) if gate else None, tasks=tuple(tasks or ()), tag_on=tag_on, tag_off=tag_off,
-                           keyword_on=keyword_on, smoothing=smoothing, min_duration=min_duration, refractory=refractory, fold=not all_tags,
+                           keyword_on=keyword_on, speech_gate=speech_gate, smoothing=smoothing, min_duration=min_duration, refractory=refractory, fold=not all_tags,
                            classes=tuple(classes or ()))
     except (CheckpointError, BackendError, ValueError) as e:
         fail(str(e))
@@ -152,6 +154,7 @@ def file_(
     tag_on: float = TAG_ON,
     tag_off: float = TAG_OFF,
     keyword_on: float = KEYWORD_ON,
+    speech_gate: float = SPEECH_GATE,
     smoothing: float = SMOOTHING,
     min_duration: float = MIN_DURATION,
     refractory: float = REFRACTORY,
@@ -171,7 +174,7 @@ def file_(
 
     if json_out and csv_out:
         fail("--json and --csv: choose one output format")
-    engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes, gate, tasks)
+    engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, speech_gate, smoothing, min_duration, refractory, all_tags, classes, gate, tasks)
     files, errors = audio.expand(paths)
     try:
         plots = output.plot_paths(plot, files) if plot else {}
@@ -226,6 +229,7 @@ def listen(
     tag_on: float = TAG_ON,
     tag_off: float = TAG_OFF,
     keyword_on: float = KEYWORD_ON,
+    speech_gate: float = SPEECH_GATE,
     smoothing: float = SMOOTHING,
     min_duration: float = MIN_DURATION,
     refractory: float = REFRACTORY,
@@ -245,7 +249,7 @@ def listen(
 
     signal.signal(signal.SIGTERM, _interrupt)
 
-    engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, smoothing, min_duration, refractory, all_tags, classes, gate, tasks)
+    engine = _engine(model, backend, threads, window, hop, tag_on, tag_off, keyword_on, speech_gate, smoothing, min_duration, refractory, all_tags, classes, gate, tasks)
     rate = engine.spec.fbank.sample_rate
     with contextlib.ExitStack() as stack:
         if input_file is not None:

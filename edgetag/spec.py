@@ -372,6 +372,9 @@ class ModelSpec:
     calibration: dict = field(default_factory=dict)  # what the thresholds were measured on (train.calibrate)
     provenance: dict = field(default_factory=dict)  # where the weights came from: stage, settings, validation, id
     tasks: dict[str, TaskConfig] = field(default_factory=dict)  # heads added to the frozen base (TaskConfig)
+    # The model's own keywords are spotted only in hops where its own Speech tag reaches this:
+    # calibrated with the keyword threshold on running audio (0: never gated)
+    speech_gate: float = 0.0
     # derived from `stream` and `fbank` in __post_init__
     window_frames: int = field(init=False, compare=False)
     hop_frames: int = field(init=False, compare=False)
@@ -386,6 +389,10 @@ class ModelSpec:
             _check_thresholds(repr(head), self.heads[head].labels if head in self.heads else (), per_label)
         for name, task in self.tasks.items():
             self._check_task(name, task)
+        if not 0 <= self.speech_gate < 1:
+            raise SpecError(f"speech_gate {self.speech_gate} is not in [0, 1)")
+        if self.speech_gate and self.speech_tag is None:
+            raise SpecError(f"speech_gate {self.speech_gate}: the model has no Speech tag to gate its keywords on")
         object.__setattr__(self, "window_frames", window_frames)
         object.__setattr__(self, "hop_frames", hop_frames)
 
@@ -412,6 +419,11 @@ class ModelSpec:
         return replace(self, thresholds={n: t for n, t in thresholds.items() if n in self.heads}, calibration=calibration, tasks=tasks)
 
     @property
+    def speech_tag(self) -> tuple[str, int] | None:
+        """(tag head, column) of the model's own Speech class, if it has one."""
+        return next(((name, h.labels.index("Speech")) for name, h in self.heads.items() if h.kind == TAGS and "Speech" in h.labels), None)
+
+    @property
     def outputs(self) -> dict[str, HeadConfig]:
         """Every head the model can answer with: its own, then each task's under the task's name."""
         return {**self.heads, **{name: task.head for name, task in self.tasks.items()}}
@@ -432,7 +444,7 @@ class ModelSpec:
             else:
                 heads[name] = self.tasks[name].head
                 thresholds |= {name: self.tasks[name].thresholds} if self.tasks[name].thresholds else {}
-        return replace(self, heads=heads, thresholds=thresholds, tasks={})
+        return replace(self, heads=heads, thresholds=thresholds, tasks={}, speech_gate=self.speech_gate if BASE in names else 0.0)
 
     @property
     def window_seconds(self) -> float:
@@ -471,6 +483,7 @@ class ModelSpec:
             "calibration": self.calibration,
             "provenance": self.provenance,
             **({"tasks": {name: t.to_dict() for name, t in self.tasks.items()}} if self.tasks else {}),
+            **({"speech_gate": self.speech_gate} if self.speech_gate else {}),
         }
 
     @classmethod

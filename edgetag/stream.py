@@ -41,8 +41,20 @@ class PostConfig:
     smoothing: float = 0.0  # mean over the hops of this many seconds (causal); 0: none
     min_duration: float = 0.0  # shorter tag events are dropped
     refractory: float = 1.0  # after a keyword spot, no other spot for this long
+    speech_gate: float | None = None  # keywords only where the Speech tag reaches this; None: the model's (ModelSpec.speech_gate); 0: never gated
     fold: bool = True  # drop a tag event while a more specific one (its head's `parents`) is on throughout
     classes: tuple[str, ...] = ()  # only these labels become events; empty: all
+
+
+def speech_gated(spec: ModelSpec, probabilities: dict[str, np.ndarray], gate: float, tasks: Collection[str] = ()) -> dict[str, np.ndarray]:
+    """The probabilities the post-processor spots from: the model's own keyword heads at zero in
+    the hops (a hop's [classes], or a stream's [hops, classes]) where its Speech tag is under
+    `gate`. Words need speech; the heads of `tasks` are left as they are."""
+    if not gate:
+        return probabilities
+    head, column = spec.speech_tag
+    speech = probabilities[head][..., column : column + 1] >= gate
+    return {name: p * speech if spec.heads[name].kind == KEYWORDS and name not in tasks else p for name, p in probabilities.items()}
 
 
 @dataclass
@@ -251,7 +263,11 @@ class Engine:
         self.spec = backend.spec.with_stream(window, hop)
         if backend.fixed_window and self.spec.window_frames != backend.spec.window_frames:
             raise ValueError(f"the {backend.name} model takes {backend.spec.stream.window:g} s windows only (its input length is fixed)")
-        self.post = PostProcessor(self.spec, post or PostConfig(), tasks=backend.tasks)
+        post = post or PostConfig()
+        self.post = PostProcessor(self.spec, post, tasks=backend.tasks)
+        self.speech_gate = self.spec.speech_gate if post.speech_gate is None else post.speech_gate
+        if self.speech_gate and self.spec.speech_tag is None:
+            raise ValueError(f"speech_gate {self.speech_gate:g}: the model has no Speech tag to gate its keywords on")
         self.batch_size = batch_size
         self.gate = Gate(gate, self.spec.fbank) if gate is not None else None
         self.reset()
@@ -285,7 +301,8 @@ class Engine:
         hops = []
         for j, k in enumerate(starts):
             p = {name: x[j] for name, x in probs.items()}
-            hops.append(Hop(k, k * hop, k * hop + window, p, self.post.update(k, p), not opened[j]))
+            events = self.post.update(k, speech_gated(self.spec, p, self.speech_gate, self.backend.tasks))
+            hops.append(Hop(k, k * hop, k * hop + window, p, events, not opened[j]))
         t2 = time.perf_counter()
         t = self.timings
         t.fbank, t.encoder, t.post, t.hops = t.fbank + fbank_seconds, t.encoder + t1 - t0, t.post + t2 - t1, t.hops + len(starts)

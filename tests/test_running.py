@@ -7,7 +7,7 @@ from conftest import make_spec, white_noise
 
 from edgetag.stream import PostConfig
 from train.data import Example
-from train.running import Placed, Scene, calibrate_threshold, compose, curve, score
+from train.running import Placed, Scene, calibrate_gate, calibrate_threshold, compose, curve, score
 
 
 def test_compose_places_each_word_once_inside_the_background(tmp_path):
@@ -46,6 +46,26 @@ def test_score_counts_found_wrong_and_false_alarms():
     assert calibrate_threshold(points, 1000.0)["threshold"] == 0.30
     per = score(spec, PostConfig(), "keywords", {"keywords": hops}, scene, {"yes": 0.95, "no": 0.5})
     assert (per["found"], per["false_alarms"]) == (0, 1)
+
+
+def test_the_speech_gate_is_chosen_with_the_threshold_and_only_when_it_spots_more():
+    """A false alarm over background (its Speech tag low) holds the ungated threshold above a
+    real "no"; gating on Speech at 0.5 removes it and both keywords are found within the target.
+    A gate that also silences the "no" (0.8) spots no more than none, so none is kept."""
+    spec = make_spec(heads={"tags": ["Speech"], "keywords": ["yes", "no", "_unknown_"]}, stream=(1.0, 0.5))
+    scene = Scene(np.zeros(16000 * 20, np.float32), [Placed("yes", 2.0, 3.0), Placed("no", 8.0, 9.0)], 16000)
+    keywords, speech = np.tile([0.0, 0.0, 1.0], (39, 1)), np.zeros((39, 1))
+    keywords[4], speech[4] = [0.9, 0.05, 0.05], 0.9  # "yes", clearly speech
+    keywords[16], speech[16] = [0.1, 0.8, 0.1], 0.7  # "no"
+    keywords[28], speech[28] = [0.05, 0.85, 0.1], 0.1  # "no" over background alone: a false alarm
+    probabilities = {"tags": speech, "keywords": keywords}
+    assert (score(spec, PostConfig(), "keywords", probabilities, scene, 0.5)["false_alarms"],
+            score(spec, PostConfig(), "keywords", probabilities, scene, 0.5, speech_gate=0.5)["false_alarms"]) == (1, 0)
+    gate, chosen, curves = calibrate_gate(spec, PostConfig(), "keywords", probabilities, scene, [0.0, 0.5, 0.8], 0.0)
+    assert (gate, chosen["threshold"], chosen["found"]) == (0.5, 0.30, 2) and set(curves) == {0.0, 0.5, 0.8}
+    assert calibrate_threshold(curves[0.0], 0.0)["found"] == 1  # ungated: 0.86, above the "no"
+    gate, chosen, _ = calibrate_gate(spec, PostConfig(), "keywords", probabilities, scene, [0.8, 0.0], 0.0)
+    assert (gate, chosen["found"]) == (0.0, 1)
 
 
 def test_the_benchmark_command_refuses_bad_sources_in_one_line(tmp_path):

@@ -100,6 +100,62 @@ def test_replaying_the_hops_gives_the_engines_events(random_model):
     assert as_tuples(engine.post.replay(probabilities)) == as_tuples(result.events)
 
 
+def test_the_speech_gate_spots_keywords_only_where_the_model_hears_speech(tmp_path):
+    """A model's speech gate (ModelSpec.speech_gate): its keywords spot only in hops whose own
+    Speech tag reaches it, the same spots calibration's replay makes at that gate; tags are left
+    alone, and PostConfig(speech_gate=0) turns the gate off."""
+    from dataclasses import replace
+
+    from edgetag.checkpoint import load_model
+    from train.calibrate import replay
+
+    torch.manual_seed(1)
+    heads = {"tags": ["Speech", "Dog"], "keywords": ["yes", "no", "_unknown_", "_silence_"]}
+    ungated_path = save(tmp_path / "ungated.safetensors", make_model("nano", heads, stream=(1.0, 0.25)))
+    clip, post = REPO / "edgetag" / "assets" / "example.flac", dict(keyword_on=0.01, refractory=0.0)
+    ungated = process_file(Engine(load_backend(ungated_path), PostConfig(**post)), clip)
+    speech = np.array([h.probabilities["tags"][0] for h in ungated.hops])
+    gate = float(np.median(speech))  # about half the hops pass
+    model = load_model(ungated_path)
+    model.spec = replace(model.spec, speech_gate=gate)
+    gated_path = save(tmp_path / "gated.safetensors", model)
+    engine = Engine(load_backend(gated_path), PostConfig(**post))
+    gated = process_file(engine, clip)
+    spots = lambda r: [(e.label, e.start) for e in r.events if e.kind == "keyword"]  # noqa: E731
+    hop_at = {h.start: h for h in ungated.hops}
+    assert spots(gated) == [s for s in spots(ungated) if hop_at[s[1]].probabilities["tags"][0] >= gate]
+    assert 0 < len(spots(gated)) < len(spots(ungated))
+    assert [e for e in gated.events if e.kind == "tag"] == [e for e in ungated.events if e.kind == "tag"]
+    for a, b in zip(gated.hops, ungated.hops):  # hops report what the model said, ungated
+        np.testing.assert_array_equal(a.probabilities["keywords"], b.probabilities["keywords"])
+    stream = {name: np.stack([h.probabilities[name] for h in gated.hops]) for name in heads}
+    labels = {label: 0.01 for label in ("yes", "no")}
+    replayed = replay(engine.spec, PostConfig(**post), "keywords", labels, [stream], gate)[0]
+    assert [(e.label, e.start) for e in replayed] == spots(gated)
+    off = process_file(Engine(load_backend(gated_path), PostConfig(**post, speech_gate=0.0)), clip)
+    assert spots(off) == spots(ungated)
+
+
+def test_a_speech_gate_needs_a_speech_tag_and_a_probability():
+    from edgetag.spec import ModelSpec, SpecError
+
+    with pytest.raises(SpecError, match="no Speech tag"):
+        make_spec(heads=HEADS, speech_gate=0.3)
+    with pytest.raises(SpecError, match=r"speech_gate 1.5 is not in \[0, 1\)"):
+        make_spec(heads={"tags": ["Speech"], "keywords": ["yes"]}, speech_gate=1.5)
+    spec = make_spec(heads={"tags": ["Speech"], "keywords": ["yes", "_unknown_"]}, speech_gate=0.3)
+    assert ModelSpec.from_dict(spec.to_dict()) == spec and "speech_gate" not in make_spec(heads=HEADS).to_dict()
+    with pytest.raises(ValueError, match="no Speech tag to gate"):
+        Engine(load_backend_of(make_spec(heads=HEADS)), PostConfig(speech_gate=0.2))
+
+
+def load_backend_of(spec):
+    from edgetag.model import AudioTransformer
+    from edgetag.runtime import TorchBackend
+
+    return TorchBackend(AudioTransformer(spec))
+
+
 def test_short_input_gets_one_padded_window(random_model):
     engine = Engine(load_backend(random_model))
     assert engine.push(np.zeros(4000, np.float32)) == []

@@ -37,7 +37,7 @@ import typer
 from edgetag import checkpoint
 from edgetag.runtime import Backend, BackendError, OnnxBackend, TorchBackend, record_thresholds
 from edgetag.spec import KEYWORDS, NOT_SPOTTED, TAGS, ModelSpec
-from edgetag.stream import Engine, Event, PostConfig, PostProcessor, process_file
+from edgetag.stream import Engine, Event, PostConfig, PostProcessor, process_file, speech_gated
 from train.data import Example, Source
 
 GRID = np.round(np.arange(0.30, 1.0, 0.01), 2)
@@ -63,20 +63,21 @@ def hop_probabilities(engine: Engine, examples: list[Example], description: str)
     return kept, streams, seconds
 
 
-def replay(spec: ModelSpec, post: PostConfig, head: str, thresholds: dict[str, float], streams: list[Stream]) -> list[list[Event]]:
-    """Per stream, the events one head makes at these thresholds (labels left out: never)."""
+def replay(spec: ModelSpec, post: PostConfig, head: str, thresholds: dict[str, float], streams: list[Stream], speech_gate: float = 0.0) -> list[list[Event]]:
+    """Per stream, the events one head makes at these thresholds (labels left out: never), its
+    keywords gated on the model's Speech tag at `speech_gate` as the engine gates them."""
     never = dict.fromkeys(spec.heads[head].labels, math.inf)
-    processor = PostProcessor(replace(spec, heads={head: spec.heads[head]}, thresholds={}), post, {head: never | thresholds})
-    return [processor.replay({head: s[head]}) for s in streams]
+    processor = PostProcessor(replace(spec, heads={head: spec.heads[head]}, thresholds={}, speech_gate=0.0), post, {head: never | thresholds})
+    return [processor.replay({head: speech_gated(spec, s, speech_gate)[head]}) for s in streams]
 
 
 def calibrate_keywords(spec: ModelSpec, post: PostConfig, head: str, negatives: list[Stream], hours: float,
-                       positives: dict[str, list[Stream]], target_per_hour: float) -> dict:
+                       positives: dict[str, list[Stream]], target_per_hour: float, speech_gate: float = 0.0) -> dict:
     result = {"negative_hours": hours, "classes": {}}
     for label in spec.heads[head].labels:
         if label in NOT_SPOTTED:
             continue
-        alarms = lambda t: sum(map(len, replay(spec, post, head, {label: float(t)}, negatives)))  # noqa: E731
+        alarms = lambda t: sum(map(len, replay(spec, post, head, {label: float(t)}, negatives, speech_gate)))  # noqa: E731
         lo, hi = 0, len(GRID) - 1  # the lowest grid point within the target, else the top
         while lo < hi:
             mid = (lo + hi) // 2
@@ -84,7 +85,7 @@ def calibrate_keywords(spec: ModelSpec, post: PostConfig, head: str, negatives: 
         chosen = float(GRID[lo])
         count = alarms(chosen)
         pos = positives.get(label, [])
-        hits = sum(bool(events) for events in replay(spec, post, head, {label: chosen}, pos))
+        hits = sum(bool(events) for events in replay(spec, post, head, {label: chosen}, pos, speech_gate))
         result["classes"][label] = {"threshold": chosen, "false_alarms": count, "false_alarms_per_hour": count / hours,
                                     "recall": hits / len(pos) if pos else None, "positives": len(pos)}
     return result
@@ -124,7 +125,7 @@ def thresholds_of(backend: Backend, keywords: list[str], negatives: list[str], t
             for label in head.labels:
                 if label not in NOT_SPOTTED:
                     positives[label] = hop_probabilities(engine, [e for e in examples if e.labels[0] == label], label)[1]
-            report[name] = calibrate_keywords(spec, post, name, neg, seconds / 3600, positives, target_per_hour)
+            report[name] = calibrate_keywords(spec, post, name, neg, seconds / 3600, positives, target_per_hour, engine.speech_gate)
             thresholds[name] = {label: r["threshold"] for label, r in report[name]["classes"].items()}
         elif head.kind == TAGS and tags:
             examples = [e for text in tags for e in Source.parse(text, TAGS).read() if any(label in head.labels for label in e.labels)]

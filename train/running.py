@@ -92,26 +92,18 @@ def hop_probabilities(engine: Engine, scene: Scene, block_seconds: float = 10.0)
     return {name: np.stack([h.probabilities[name] for h in hops]) for name in engine.spec.heads}
 
 
-def gated(probabilities: dict[str, np.ndarray], spec: ModelSpec, gate: float) -> dict[str, np.ndarray]:
-    """Keyword probabilities set to zero in hops where the model's own Speech tag is under `gate`."""
-    tags = next((name for name, h in spec.heads.items() if h.kind == TAGS and "Speech" in h.labels), None)
-    if not gate or tags is None:
-        return probabilities
-    speech = probabilities[tags][:, list(spec.heads[tags].labels).index("Speech")] >= gate
-    return {name: p * speech[:, None] if spec.heads[name].kind == KEYWORDS else p for name, p in probabilities.items()}
-
-
 def spot_thresholds(engine: Engine, head: str) -> dict[str, float]:
     """Per keyword, the threshold the engine spots it at: its calibrated one, else the default."""
     return {label: float(t) for label, t in zip(engine.spec.heads[head].labels, engine.post.on[head]) if label not in NOT_SPOTTED}
 
 
-def score(spec: ModelSpec, post: PostConfig, head: str, probabilities: dict[str, np.ndarray], scene: Scene, threshold: float | dict[str, float]) -> dict:
-    """Spots of one keyword head at `threshold` (one for all keywords, or per keyword): keywords
-    found, wrong spots, false alarms (and per hour)."""
+def score(spec: ModelSpec, post: PostConfig, head: str, probabilities: dict[str, np.ndarray], scene: Scene, threshold: float | dict[str, float],
+          speech_gate: float = 0.0) -> dict:
+    """Spots of one keyword head at `threshold` (one for all keywords, or per keyword), gated on
+    the model's Speech tag at `speech_gate`: keywords found, wrong spots, false alarms (and per hour)."""
     labels = spec.heads[head].labels
     per = threshold if isinstance(threshold, dict) else {label: float(threshold) for label in labels if label not in NOT_SPOTTED}
-    events = replay(spec, post, head, per, [probabilities])[0]
+    events = replay(spec, post, head, per, [probabilities], speech_gate)[0]
     targets, found, wrong, alarms = scene.keywords, set(), 0, 0
     for e in events:
         near = [i for i, w in enumerate(targets) if e.start < w.end and e.end > w.start]
@@ -127,15 +119,26 @@ def score(spec: ModelSpec, post: PostConfig, head: str, probabilities: dict[str,
             "false_alarms": alarms, "false_alarms_per_hour": alarms / hours, "hours": hours}
 
 
-def curve(spec: ModelSpec, post: PostConfig, head: str, probabilities: dict[str, np.ndarray], scene: Scene) -> list[dict]:
+def curve(spec: ModelSpec, post: PostConfig, head: str, probabilities: dict[str, np.ndarray], scene: Scene, speech_gate: float = 0.0) -> list[dict]:
     """Recall and false alarms per hour at every threshold of the grid (one for all keywords)."""
-    return [{"threshold": float(t), **score(spec, post, head, probabilities, scene, float(t))} for t in GRID]
+    return [{"threshold": float(t), **score(spec, post, head, probabilities, scene, float(t), speech_gate)} for t in GRID]
 
 
 def calibrate_threshold(points: list[dict], target_per_hour: float) -> dict:
     """The lowest threshold whose false alarms stay within the target (the curve's point)."""
     within = [p for p in points if p["false_alarms_per_hour"] <= target_per_hour]
     return min(within, key=lambda p: p["threshold"]) if within else max(points, key=lambda p: p["threshold"])
+
+
+def calibrate_gate(spec: ModelSpec, post: PostConfig, head: str, probabilities: dict[str, np.ndarray], scene: Scene, gates: list[float],
+                   target_per_hour: float) -> tuple[float, dict, dict[float, list[dict]]]:
+    """The speech gate and threshold that spot the most keywords within the false-alarm target:
+    each gate's curve gives its threshold (`calibrate_threshold`), and a gate must spot more
+    than a lower one to be chosen. Returns (gate, its point, every gate's curve)."""
+    curves = {gate: curve(spec, post, head, probabilities, scene, gate) for gate in sorted(gates)}
+    chosen = {gate: calibrate_threshold(points, target_per_hour) for gate, points in curves.items()}
+    best = max(chosen, key=lambda gate: (chosen[gate]["false_alarms_per_hour"] <= target_per_hour, chosen[gate]["recall"], -gate))
+    return best, chosen[best], curves
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, marks: dict[str, dict] | None = None) -> None:
@@ -173,27 +176,30 @@ def main(
     others: list[str] = typer.Option([], help="Speech without keywords (sources)."),
     backgrounds: list[str] = typer.Option(..., help="Background sound the words are mixed into (sources)."),
     seed: int = typer.Option(0, help="Seed of the scene."),
-    gate: float = typer.Option(0.0, help="Also try gating keywords on the model's Speech tag at this probability."),
+    gates: list[float] = typer.Option([], "--gate", help="Also the curve with keywords gated on the model's Speech tag at this probability (repeatable; 0: never gated)."),
     plot: Path = typer.Option(None, help="PNG of the recall / false-alarm curve."),
 ) -> None:
     """Recall and false alarms per hour of keywords in running audio, at the model's thresholds and over a grid."""
     from edgetag.runtime import load_backend
 
     try:
+        if not all(0 <= g < 1 for g in gates):
+            raise ValueError(f"--gate: {', '.join(f'{g:g}' for g in gates)} are not all in [0, 1)")
         backend = load_backend(model)
         scene = scene_of(keywords, others, backgrounds, seed)
     except (ValueError, FileNotFoundError) as e:
         print(f"train.running: error: {e}", file=sys.stderr)
         raise typer.Exit(2) from e
     engine, post = Engine(backend), PostConfig()
-    head = engine.spec.head_of(KEYWORDS)
+    head, own = engine.spec.head_of(KEYWORDS), engine.speech_gate
     probabilities = hop_probabilities(engine, scene)
-    at = score(engine.spec, post, head, probabilities, scene, spot_thresholds(engine, head))
+    at = score(engine.spec, post, head, probabilities, scene, spot_thresholds(engine, head), own)
     print(f"{scene.seconds / 60:.1f} min, {len(scene.keywords)} keywords, {len(scene.words) - len(scene.keywords)} other words")
-    print("at the model's thresholds:", json.dumps(at))
-    curves = {"model": curve(engine.spec, post, head, probabilities, scene)}
-    if gate:
-        curves[f"gated on Speech >= {gate:g}"] = curve(engine.spec, post, head, gated(probabilities, engine.spec, gate), scene)
+    print(f"at the model's thresholds{f' and speech gate {own:g}' if own else ''}:", json.dumps(at))
+    curves = {"model": curve(engine.spec, post, head, probabilities, scene, own)}
+    for gate in gates:
+        if gate != own:
+            curves[f"gated on Speech >= {gate:g}" if gate else "never gated"] = curve(engine.spec, post, head, probabilities, scene, gate)
     for name, points in curves.items():
         print(name)
         for p in points[::5]:
