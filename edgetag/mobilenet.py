@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgetag.pooled import PooledEncoder
 from edgetag.spec import EncoderConfig, divisible
 
 # MobileNetV3-Large: input channels, kernel, expanded channels, output channels, SE, hard-swish, stride
@@ -82,7 +83,7 @@ def fold_batch_norms(module: nn.Module) -> nn.Module:
     return module
 
 
-class MobileNetEncoder(nn.Module):
+class MobileNetEncoder(PooledEncoder):
     """Features [B, T, n_mels] -> one embedding "token" [B, 1, width]: the trunk, global average
     pooling, then EfficientAT's projection (linear, hard-swish, dropout) to `width`."""
 
@@ -92,24 +93,6 @@ class MobileNetEncoder(nn.Module):
         self.features, channels = mobilenet_features(config.width_mult)
         self.project = nn.Sequential(nn.Linear(channels, config.width), nn.Hardswish(), nn.Dropout(0.2))
 
-    def check(self, features: torch.Tensor) -> torch.Tensor:
-        if features.shape[1] < self.config.patch_time:
-            raise ValueError(f"need at least {self.config.patch_time} frames, got {features.shape[1]}")
-        return features
-
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.features(self.check(features).transpose(1, 2)[:, None])  # [B, 1, F, T] -> [B, C, F/32, T/32]
         return self.project(x.mean((2, 3)))[:, None]  # [B, 1, width]
-
-    # As `Encoder`'s, for linear tasks: the spec gives a mobilenet no adapted tasks, so a task's
-    # branch starts after the last "block" and reads the embedding.
-    def forward_tasks(self, features: torch.Tensor, branches: dict, trunk: bool = True) -> tuple[torch.Tensor, dict]:
-        assert not branches, "a mobilenet has no blocks to adapt (ModelSpec refuses adapter tasks on it)"
-        return self(features), {}
-
-    def forward_trunk(self, features: torch.Tensor, stop: int) -> torch.Tensor:
-        assert stop == self.config.depth, "a mobilenet has no blocks to adapt"
-        return self(features)
-
-    def forward_branch(self, x: torch.Tensor, branch) -> torch.Tensor:
-        return x

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetag.mamba import MambaBlock
+from edgetag.mast import MultiScaleEncoder
 from edgetag.mobilenet import MobileNetEncoder, fold_batch_norms
 from edgetag.spec import CONV_STEM_LAYERS, TAGS, EncoderConfig, ModelSpec, TaskConfig
 
@@ -392,7 +393,7 @@ class AudioTransformer(nn.Module):
         super().__init__()
         self.spec = spec
         c = spec.encoder
-        self.encoder = MobileNetEncoder(c) if c.encoder == "mobilenet" else Encoder(c)
+        self.encoder = {"mobilenet": MobileNetEncoder, "mast": MultiScaleEncoder}.get(c.encoder, Encoder)(c)
         self.heads = nn.ModuleDict({name: new_head(c.width, h.kind, len(h.labels), c.norm_eps, c.head_norm) for name, h in spec.heads.items()})
         self.tasks = nn.ModuleDict({name: TaskBranch(c, task) for name, task in spec.tasks.items()})
 

@@ -32,10 +32,11 @@ class SpecError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # The encoder and its heads
 
-# Token encoders (what masked and contrastive pretraining, FTA and adapters work on) and
-# EfficientAT's MobileNetV3, a CNN over the whole window (edgetag.mobilenet)
+# Token encoders (what masked and contrastive pretraining, FTA and adapters work on),
+# EfficientAT's MobileNetV3, a CNN over the whole window (edgetag.mobilenet), and MAST, a
+# multiscale transformer whose stages pool the token grid (edgetag.mast)
 TOKEN_ENCODERS = ("transformer", "mamba")
-ENCODERS = (*TOKEN_ENCODERS, "mobilenet")
+ENCODERS = (*TOKEN_ENCODERS, "mobilenet", "mast")
 TOKENS = ("patch", "frame", "conv")
 POSITIONS = ("sincos", "learned")
 POOLS = ("mean", "cls")
@@ -65,9 +66,27 @@ MAMBA_SIZES = {
 MOBILENET_SIZES = {"mn04": dict(width=512, width_mult=0.4, depth=15, heads=1)}
 
 
+# MAST by the paper's names (blocks per stage; `width` and `heads` are the last stage's, each stage
+# before it half as wide with half the heads: 96 -> 768, 1 -> 8 heads), and one for the edge with
+# about the bundled model's parameter count.
+MAST_SIZES = {
+    "mast-t": dict(width=768, heads=8, stages=(1, 2, 5, 2), depth=10),
+    "mast-s": dict(width=768, heads=8, stages=(1, 2, 11, 2), depth=16),
+    "mast-edge": dict(width=160, heads=8, stages=(1, 2, 5, 2), depth=10),
+}
+MAST_PATCH = (7, 10)  # the patch embedding's kernel and stride (freq and time): a token per 10 frames and 10 bands
+MAST_KV_STRIDE = 4  # keys and values pooled by this in the first stage, halved at each stage after
+
+
+def mast_grid(n: int) -> int:
+    """Rows of the patch embedding's output for n input rows (kernel 7, stride 10, padding 3)."""
+    kernel, stride = MAST_PATCH
+    return (n + 2 * (kernel // 2) - kernel) // stride + 1
+
+
 def sizes_of(encoder: str) -> dict[str, dict]:
     """The named sizes of an encoder kind."""
-    return {"mamba": MAMBA_SIZES, "mobilenet": MOBILENET_SIZES}.get(encoder, SIZES)
+    return {"mamba": MAMBA_SIZES, "mobilenet": MOBILENET_SIZES, "mast": MAST_SIZES}.get(encoder, SIZES)
 
 
 def divisible(v: float, divisor: int = 8) -> int:
@@ -112,6 +131,7 @@ class EncoderConfig:
     d_conv: int = 4
     expand: int = 2
     width_mult: float = 1.0  # a mobilenet's channel multiplier (EfficientAT's mnXX: 0.XX)
+    stages: tuple[int, ...] = ()  # a MAST's blocks per stage (summing to depth); `width`, `heads`: its last stage's
 
     def __post_init__(self):
         for name, value, allowed in (("encoder", self.encoder, ENCODERS), ("tokens", self.tokens, TOKENS), ("positions", self.positions, POSITIONS), ("pool", self.pool, POOLS),
@@ -131,12 +151,32 @@ class EncoderConfig:
                 raise ValueError("a mobilenet has no attention to factorise nor blocks to put adapters in")
             if self.width != divisible(1280 * self.width_mult):
                 raise ValueError(f"a mobilenet at width_mult {self.width_mult:g} projects to {divisible(1280 * self.width_mult)}, not width {self.width}")
+        object.__setattr__(self, "stages", tuple(self.stages))  # a list, from a checkpoint's JSON
+        if (self.encoder == "mast") != bool(self.stages):
+            raise ValueError("stages are a MAST's (encoder 'mast'), and a MAST needs them")
+        if self.encoder == "mast":
+            if self.attention != "full" or self.adapter_dim or self.tokens != "patch" or self.cls_tokens:
+                raise ValueError("a MAST has its own patch embedding and pooling attention: no fta, adapters, other tokens or cls tokens")
+            if sum(self.stages) != self.depth or min(self.stages) < 1:
+                raise ValueError(f"stages {self.stages} do not sum to depth {self.depth} with a block in each")
+            halvings = 2 ** (len(self.stages) - 1)
+            if self.width % halvings or self.heads % halvings or (self.width // halvings) % (self.heads // halvings):
+                raise ValueError(f"width {self.width} and heads {self.heads} do not halve {len(self.stages) - 1} times into whole heads")
         if self.adapter_dim < 0:
             raise ValueError(f"adapter_dim {self.adapter_dim} is not >= 0")
         if self.tokens == "conv" and (self.stride_freq or self.stride_time):
             raise ValueError("conv tokens take no patch strides (the stem sets its own)")
-        if self.encoder != "mobilenet" and self.tokens != "conv" and not self.overlapping and self.n_mels % self.patch_freq:
+        if self.encoder in TOKEN_ENCODERS and self.tokens != "conv" and not self.overlapping and self.n_mels % self.patch_freq:
             raise ValueError(f"n_mels {self.n_mels} is not a multiple of the patch height {self.patch_freq}")
+
+    @property
+    def stage_widths(self) -> tuple[int, ...]:
+        """A MAST's width per stage, doubling up to `width`."""
+        return tuple(self.width >> (len(self.stages) - 1 - s) for s in range(len(self.stages)))
+
+    @property
+    def stage_heads(self) -> tuple[int, ...]:
+        return tuple(self.heads >> (len(self.stages) - 1 - s) for s in range(len(self.stages)))
 
     @property
     def head_norm(self) -> bool:

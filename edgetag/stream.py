@@ -9,7 +9,9 @@ and a microphone pushed in 100 ms blocks runs hop by hop, through the same code:
 not depend on the block size.
 
 An optional energy gate (`GateConfig`) skips the encoder on windows whose loudest frame stays
-near the noise floor: such a hop reports zero probabilities and costs only its fbank.
+near the noise floor: such a hop reports zero probabilities and costs only its fbank. A model's
+speech gate (`ModelSpec.speech_gate`, `speech_gated`) is another thing: it keeps its keywords
+from being spotted in hops where its own Speech tag is low.
 """
 
 from __future__ import annotations

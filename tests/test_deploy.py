@@ -103,14 +103,15 @@ def test_onnx_backend_matches_torch_through_the_engine(exported):
 
 @pytest.mark.parametrize("tokens, features, encoder, blocks", [("conv", "ast", "transformer", {}), ("frame", "mfcc-40", "transformer", {}), ("patch", "ast", "mamba", {}),
                                                               ("patch", "ast", "transformer", {"attention": "fta", "adapter_dim": 8, "adapter": "conv", "cls_tokens": 1}),
-                                                              ("patch", "efficientat", "mobilenet", {})])
+                                                              ("patch", "efficientat", "mobilenet", {}), ("patch", "ast", "mast", {})])
 def test_other_tokens_and_features_export_and_int8_stays_close(tmp_path, tokens, features, encoder, blocks):
     """A conv stem (its batch norms fold into its convolutions on export; dynamic int8 quantises
     the convolutions too), an MFCC-gram model (the features live in the spec the engines read),
     a Mamba encoder (its scan unrolls into plain ONNX ops for the window's fixed length),
     TI-CL's blocks (FTA's row and column products, conv adapters on the token grid, a cls token)
-    and EfficientAT's MobileNet (depthwise convolutions, squeeze-excitation, hard-swish) go
-    through export and the engine like the patch model, within its bounds."""
+    EfficientAT's MobileNet (depthwise convolutions, squeeze-excitation, hard-swish) and MAST
+    (pooling attention: depthwise pooling convolutions, relative-position biases, max-pooled
+    shortcuts) go through export and the engine like the patch model, within its bounds."""
     needs("onnx", "onnxscript", "onnxruntime")
     from deploy.export import export
     from edgetag.features import preset
@@ -118,7 +119,7 @@ def test_other_tokens_and_features_export_and_int8_stays_close(tmp_path, tokens,
 
     torch.manual_seed(0)
     fbank = preset(features)
-    size = "mn04" if encoder == "mobilenet" else "nano"
+    size = {"mobilenet": "mn04", "mast": "mast-edge"}.get(encoder, "nano")
     model = make_model(EncoderConfig.named(size, encoder=encoder, tokens=tokens, n_mels=fbank.n_features, **blocks), HEADS, fbank=fbank, stream=(1.0, 0.25))
     with torch.no_grad():
         for name, p in model.named_parameters():
