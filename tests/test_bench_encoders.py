@@ -1,5 +1,5 @@
 """`python -m train.bench_encoders`: which encoder is faster where, read off the measured rows,
-and the command end to end (slow: it exports and times four models)."""
+and the command end to end (slow: it exports and times four models; --attention and --mast: two)."""
 
 import re
 import subprocess
@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from train.bench_encoders import crossover, fta_summary, render, summary
+from train.bench_encoders import crossover, fta_summary, mast_summary, render, summary
 
 
 def rows(times: dict[int, tuple[float, float]], batch: int = 1) -> list[dict]:
@@ -70,6 +70,27 @@ def test_the_attention_comparison_prints_its_table_and_last_line(tmp_path):
     assert re.fullmatch(r"fta_speedup_1s \d+\.\d\dx fta_speedup_10s \d+\.\d\dx", last)
     # one second of 16x16 patches: 6 x 8 tokens; a query scores all 48 under full attention, its row and column (6 + 8 - 1) under FTA
     for needle in ("| patch (8 rows) | 1 s | 48 | 48 / 13 | 1 |", "| overlapping (12 rows) | 10 s | 1188 | 1188 / 110 | 8 |", "| fta | onnx |"):
+        assert needle in done.stdout
+    assert (tmp_path / "results.md").read_text().strip() in done.stdout
+
+
+def test_mast_summary_and_table_give_transformer_over_mast_per_window():
+    measured = [{"encoder": e, "window_s": w, "batch": b, "tokens": t, "last_tokens": last, "flops": f, "seconds": sec, "peak_bytes": 2**20, "params": 10**6}
+                for w, b, sec_pair, f_pair in ((1.0, 1, (0.004, 0.002), (8e7, 2e7)), (10.0, 1, (0.1, 0.02), (1e9, 2e8)), (1.0, 8, (0.01, 0.5), (8e7, 2e7)))
+                for e, t, last, sec, f in zip(("transformer", "mast"), (48, 130), (48, 4), sec_pair, f_pair)]
+    assert mast_summary(measured) == {"mast_speedup_1s": 2.0, "mast_flops_ratio_1s": 4.0}
+    table = render({"settings": {"size": "mini", "mast_size": "mast-edge", "device": "cpu", "cpu": "x"}, "mast": measured, "streaming": []})
+    assert "| 10 s | 1 | 48 / 130 -> 4 | 1000.0 / 200.0 | 100.0 ms | 20.0 ms | 5.00x |" in table and "pretraining" not in table
+
+
+@pytest.mark.slow
+def test_the_mast_comparison_prints_its_table_and_last_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "train.bench_encoders", "--mast", "--windows", "1", "--size", "nano", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.fullmatch(r"mast_speedup_1s \d+\.\d\dx mast_flops_ratio_1s \d+\.\d\dx", done.stdout.strip().splitlines()[-1])
+    # one second: the transformer's 6 x 8 patches; MAST's 10 x 13 tokens pooled to 2 x 2
+    for needle in ("| 1 s | 1 | 48 / 130 -> 4 |", "| 1 s | 8 | 48 / 130 -> 4 |", "| mast | onnx |", "| transformer | torch |"):
         assert needle in done.stdout
     assert (tmp_path / "results.md").read_text().strip() in done.stdout
 

@@ -298,6 +298,9 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
     (["train.bench_continual", "--init", "m.safetensors", "--methods", "lora"], "train.bench_continual: error: method must be one of conv, mlp, aat, linear, full, not 'lora'"),
     (["train.bench_continual", "--init", "m.safetensors", "--tasks", "mnist"], "train.bench_continual: error: task must be one of keywords, esc50, dcase, urbansound8k, not 'mnist'"),
     (["train.bench_continual", "--init", "m.safetensors", "--epochs", "0"], "train.bench_continual: error: --epochs: 0 is not >= 1"),
+    (["train.bench_encoders", "--mast", "--attention"], "train.bench_encoders: error: --attention and --mast: choose one comparison"),
+    (["train.bench_encoders", "--mast", "--mast-size", "mast-xl"], "train.bench_encoders: error: --mast-size: 'mast-xl' is not one of mast-t, mast-s, mast-edge"),
+    (["train.finetune", "--train", "DATA", "--encoder", "mast", "--size", "tiny"], "train.finetune: error: size must be one of mast-t, mast-s, mast-edge, not 'tiny'"),
 ])
 def test_training_commands_refuse_bad_input_in_one_line(args, message, dataset, tmp_path):
     args, message = [a.replace("DATA", str(dataset)) for a in args], message.replace("DATA", str(dataset))

@@ -6,6 +6,7 @@ frequency-time factorised attention (FTA) in the same transformer.
     python -m train.bench_encoders --data ../shared/data --out runs/encoders
     python -m train.bench_encoders --attention --quick                # FTA against full attention
     python -m train.bench_encoders --attention --data ../shared/data --out runs/fta
+    python -m train.bench_encoders --mast --out runs/mast                      # MAST against the transformer
 
 1. Inference: the encoder's blocks on N tokens (N from 100, one second of patches, to 16k and
    beyond), batch 1 and 8: median seconds and peak memory (peak RSS above the process's RSS
@@ -20,10 +21,16 @@ frequency-time factorised attention (FTA) in the same transformer.
    --attention: from scratch and from MAE-AST (pretrained with full attention), fine-tuned
    under each attention, patch tokens (a frame model's grid has one row: FTA is full there).
 
+With --mast, MAST (`--mast-size`) against the transformer (`--size`, 16x16 patches) at about
+equal parameters: one pass of the whole encoder per window of 1, 5 and 10 s (--windows), batch 1
+and 8, with its FLOPs (torch's FlopCounterMode: matrix products, convolutions, attention), and
+the per-hop latency; no pretraining or fine-tuning yet (MAST has no pretraining objective here).
+
 Writes OUT/results.json and OUT/results.md. Last line, transformer / Mamba at batch 1:
 `crossover_tokens <n> speedup_at_16k <x>x memory_at_16k <y>x`, n being the fewest measured tokens
 from which on the Mamba is faster at every count measured; with --attention, full / FTA at
-batch 1 on 16x16 patches: `fta_speedup_1s <x>x fta_speedup_10s <y>x`.
+batch 1 on 16x16 patches: `fta_speedup_1s <x>x fta_speedup_10s <y>x`; with --mast, transformer
+/ MAST at batch 1 on 1 s: `mast_speedup_1s <x>x mast_flops_ratio_1s <y>x`.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from train.options import command, setting
 OBJECTIVES = ("none", "ssast", "mae-ast")  # SSAMBA's objective, and MAE-AST's (visible tokens only)
 ENCODER_VARIANTS = {encoder: {"encoder": encoder} for encoder in TOKEN_ENCODERS}
 ATTENTION_VARIANTS = {"full": {}, "fta": {"attention": "fta"}}
+MAST_ENCODERS = ("transformer", "mast")
 # 16x16 patches (8 frequency rows of 128 mels), and the stride-10 patches AST and SSAST
 # fine-tune with (12 rows, TI-CL's grid)
 GRIDS = {"patch": {}, "overlapping": {"stride_freq": 10, "stride_time": 10}}
@@ -54,6 +62,8 @@ GRIDS = {"patch": {}, "overlapping": {"stride_freq": 10, "stride_time": 10}}
 class BenchConfig:
     quick: bool = setting(False, "Finish in under 5 minutes on a 2-core CPU: mini encoders, batch 8 up to 2k tokens, no fine-tuning.")
     attention: bool = setting(False, "Compare full attention with TI-CL's FTA in the transformer instead of the encoders (windows of 1, 5 and 10 s).")
+    mast: bool = setting(False, "Compare MAST (--mast-size) with the transformer (--size) per window instead of the encoders: time, memory, FLOPs, per-hop latency.")
+    mast_size: str = setting("mast-edge", "MAST's size with --mast (mast-edge: about mini's parameters; mast-t: about small's).")
     size: str = setting("", "Named size of both encoders (equal width, parameters within 5%); default tiny, mini with --quick.")
     windows: list[float] = setting([1.0, 5.0, 10.0], "Window lengths in seconds of the --attention sweep (batch 1 and 8).")
     tokens: list[int] = setting([100, 250, 500, 1000, 2000, 4000, 8000, 16000], "Token counts of the inference sweep (batch 1; batch 8 up to --batch8-max).")
@@ -69,8 +79,12 @@ class BenchConfig:
     device: str = setting("", "cpu or cuda (default: cuda when available).")
 
     def __post_init__(self):
-        from edgetag.spec import SIZES
+        from edgetag.spec import MAST_SIZES, SIZES
 
+        if self.attention and self.mast:
+            raise ValueError("--attention and --mast: choose one comparison")
+        if self.mast_size not in MAST_SIZES:
+            raise ValueError(f"--mast-size: {self.mast_size!r} is not one of {', '.join(MAST_SIZES)}")
         if not self.tokens or min(self.tokens) < 1:
             raise ValueError(f"--tokens: {self.tokens} are not all >= 1")
         if not self.windows or not all(0.1 <= w <= 60 for w in self.windows):
@@ -92,7 +106,7 @@ class BenchConfig:
 
     @property
     def encoder_size(self) -> str:
-        return self.size or ("mini" if self.quick else "tiny")
+        return self.size or ("mini" if self.quick or self.mast else "tiny")
 
     @property
     def tokens_of_study(self) -> str:
@@ -143,6 +157,31 @@ def window_pass(attention: str, grid: str, size: str, seconds: float, batch: int
     return {"attention": attention, "grid": grid, "size": size, "window_s": seconds, "batch": batch, "tokens": rows * columns, "freq_rows": rows,
             "keys_per_query": rows * columns if attention == "full" else rows + columns - 1, "params": num_parameters(model), **measured,
             "threads": torch.get_num_threads()}
+
+
+def mast_pass(encoder: str, size: str, seconds: float, batch: int, device: str) -> dict:
+    """Median seconds, peak bytes and FLOPs per window of the whole encoder (MAST, or the
+    transformer on 16x16 patches) on `batch` windows of `seconds`, in a process of its own."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from edgetag.features import preset
+    from edgetag.mast import MultiScaleEncoder
+    from edgetag.model import Encoder, num_parameters
+    from edgetag.spec import EncoderConfig, mast_grid
+
+    torch.manual_seed(0)
+    fbank = preset("ast")
+    config = EncoderConfig.named(size, encoder=encoder, n_mels=fbank.n_features)
+    frames = fbank.num_frames(round(seconds * fbank.sample_rate))
+    model = (MultiScaleEncoder if encoder == "mast" else Encoder)(config).to(device).eval()
+    x = torch.randn(batch, frames, config.n_mels, device=device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        last = model(x).shape[1]
+    tokens = mast_grid(frames) * mast_grid(config.n_mels) if encoder == "mast" else config.num_tokens(frames)
+    measured = timed(lambda: model(x), tokens * batch, device)
+    return {"encoder": encoder, "size": size, "window_s": seconds, "batch": batch, "tokens": tokens, "last_tokens": last, "params": num_parameters(model),
+            "flops": counter.get_total_flops() / batch, **measured, "threads": torch.get_num_threads()}
 
 
 def timed(run, work: int, device: str) -> dict:
@@ -216,7 +255,8 @@ def streaming(size: str, folder: Path, variants: dict[str, dict]) -> list[dict]:
     rows = []
     for name, overrides in variants.items():
         torch.manual_seed(0)
-        spec = ModelSpec(EncoderConfig.named(size, **overrides), preset("ast"), {"tags": HeadConfig("tags", [f"class {i}" for i in range(50)])},
+        named = {k: v for k, v in overrides.items() if k != "size"}  # a variant may bring its own size (MAST's)
+        spec = ModelSpec(EncoderConfig.named(overrides.get("size", size), **named), preset("ast"), {"tags": HeadConfig("tags", [f"class {i}" for i in range(50)])},
                          StreamConfig(1.0, 0.5))
         path = checkpoint.save(folder / f"{name}.safetensors", AudioTransformer(spec).eval())
         exported = subprocess.run([sys.executable, "-m", "deploy.export", "--ckpt", str(path), "--out", str(folder / f"{name}-export"),
@@ -284,7 +324,16 @@ def bench(c: BenchConfig) -> dict:
     results: dict = {"settings": {**vars(c), "size": c.encoder_size, "batch8_max": c.batch8_limit, "study_tokens": c.tokens_of_study, "device": device,
                                   "cpu": cpu_name()}}
     variants = ATTENTION_VARIANTS if c.attention else ENCODER_VARIANTS
-    if c.attention:
+    if c.mast:
+        variants = {"transformer": {"size": c.encoder_size}, "mast": {"encoder": "mast", "size": c.mast_size}}
+        results["mast"] = []
+        for seconds in sorted(c.windows):
+            for batch in (1, 8):
+                for encoder in MAST_ENCODERS:
+                    row = in_subprocess("mast_pass", encoder=encoder, size=variants[encoder]["size"], seconds=seconds, batch=batch, device=device)
+                    results["mast"].append(row)
+                    print(_mast_line(row), flush=True)
+    elif c.attention:
         results["windows"] = []
         for grid in GRIDS:
             for seconds in sorted(c.windows):
@@ -305,17 +354,19 @@ def bench(c: BenchConfig) -> dict:
                     print(_inference_line(row), flush=True)
     with tempfile.TemporaryDirectory() as folder:
         results["streaming"] = streaming(c.stream_size, Path(folder), variants)
-    if not c.attention:
+    if not c.attention and not c.mast:
         results["pretraining"] = pretraining_steps(c.encoder_size, device)
-    if c.data and not c.quick:
+    if c.data and not c.quick and not c.mast:
         results["study"] = study(c, variants, ("none", "mae-ast") if c.attention else OBJECTIVES)
-    results["summary"] = fta_summary(results["windows"]) if c.attention else summary(results["inference"])
+    results["summary"] = mast_summary(results["mast"]) if c.mast else fta_summary(results["windows"]) if c.attention else summary(results["inference"])
     (out / "results.json").write_text(json.dumps(results, indent=1))
     table = render(results)
     (out / "results.md").write_text(table + "\n")
     print(table)
     s = results["summary"]
-    if c.attention:
+    if c.mast:
+        print(f"mast_speedup_1s {s['mast_speedup_1s']:.2f}x mast_flops_ratio_1s {s['mast_flops_ratio_1s']:.2f}x")
+    elif c.attention:
         print(f"fta_speedup_1s {s['fta_speedup_1s']:.2f}x fta_speedup_10s {s['fta_speedup_10s']:.2f}x")
     else:
         print(f"crossover_tokens {s['crossover_tokens']} speedup_at_16k {s['speedup_at_16k']:.2f}x memory_at_16k {s['memory_at_16k']:.2f}x")
@@ -337,6 +388,20 @@ def fta_summary(rows: list[dict]) -> dict:
     return {"fta_speedup_1s": ratio(1.0), "fta_speedup_10s": ratio(10.0)}
 
 
+def mast_summary(rows: list[dict]) -> dict:
+    """Transformer / MAST at batch 1 on 1 s windows: seconds and FLOPs per window."""
+    at = {r["encoder"]: r for r in rows if r["window_s"] == 1.0 and r["batch"] == 1 and "seconds" in r}
+    ratio = lambda key: at["transformer"][key] / at["mast"][key] if len(at) == 2 else float("nan")  # noqa: E731
+    return {"mast_speedup_1s": ratio("seconds"), "mast_flops_ratio_1s": ratio("flops")}
+
+
+def _mast_line(r: dict) -> str:
+    where = f"{r['encoder']:<11} {r['window_s']:>4g} s batch {r['batch']}"
+    if "error" in r:
+        return f"{where}: failed: {r['error']}"
+    return f"{where}: {r['tokens']:>5} -> {r['last_tokens']:>4} tokens, {r['flops'] / 1e6:8.1f} MFLOPs: {1e3 * r['seconds']:9.1f} ms {r['peak_bytes'] / 2**20:8.1f} MiB"
+
+
 def _window_line(r: dict) -> str:
     where = f"{r['attention']:<4} {r['grid']:<11} {r['window_s']:>4g} s batch {r['batch']}"
     if "error" in r:
@@ -352,9 +417,10 @@ def _inference_line(r: dict) -> str:
 
 def render(results: dict) -> str:
     s = results["settings"]
-    lines = render_windows(results) if "windows" in results else render_inference(results)
+    lines = render_mast(results) if "mast" in results else render_windows(results) if "windows" in results else render_inference(results)
     what = "attention" if "windows" in results else "encoder"
-    lines += ["", f"Per-hop streaming latency, `{s.get('stream_size', s['size'])}` encoders (1 s window every 0.5 s, 1 thread, median):", "",
+    sizes = f"`{s['size']}` and `{s['mast_size']}`" if "mast" in results else f"`{s.get('stream_size', s['size'])}`"
+    lines += ["", f"Per-hop streaming latency, {sizes} encoders (1 s window every 0.5 s, 1 thread, median):", "",
               f"| {what} | backend | encoder | total per hop |", "|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['backend']} | {r['encoder_ms']:.2f} ms | {r['total_ms']:.2f} ms |" for r in results["streaming"]]
     if "pretraining" in results:
@@ -397,6 +463,23 @@ def render_inference(results: dict) -> list[str]:
     for tokens, batch in sorted({(r["tokens"], r["batch"]) for r in inference}, key=lambda k: (k[1], k[0])):
         t, m = cell.get(("transformer", tokens, batch), {}), cell.get(("mamba", tokens, batch), {})
         lines.append(f"| {tokens} | {batch} | {_ms(t)} | {_ms(m)} | {_ratio(t, m, 'seconds')} | {_mib(t)} | {_mib(m)} | {_ratio(t, m, 'peak_bytes')} |")
+    return lines
+
+
+def render_mast(results: dict) -> list[str]:
+    s, rows = results["settings"], results["mast"]
+    params = {r["encoder"]: r["params"] for r in rows if "params" in r}
+    lines = [f"MAST `{s['mast_size']}` ({params.get('mast', 0) / 1e6:.2f}M parameters) against the transformer `{s['size']}` "
+             f"({params.get('transformer', 0) / 1e6:.2f}M, 16x16 patches), one pass of the whole encoder per window, {s['device']} "
+             f"({s['cpu']}, {rows[0].get('threads', '?')} threads). Tokens: the transformer's; MAST's first stage -> last stage.", "",
+             "| window | batch | tokens (transformer / MAST) | MFLOPs per window (transformer / MAST) | transformer | MAST | speedup (transformer / MAST) | "
+             "transformer memory | MAST memory |", "|---|---|---|---|---|---|---|---|---|"]
+    cell = {(r["encoder"], r["window_s"], r["batch"]): r for r in rows}
+    for seconds, batch in sorted({(r["window_s"], r["batch"]) for r in rows}, key=lambda k: (k[1], k[0])):
+        t, m = cell.get(("transformer", seconds, batch), {}), cell.get(("mast", seconds, batch), {})
+        tokens = f"{t.get('tokens', '–')} / {m.get('tokens', '–')} -> {m.get('last_tokens', '–')}"
+        flops = f"{t['flops'] / 1e6:.1f} / {m['flops'] / 1e6:.1f}" if "flops" in t and "flops" in m else "–"
+        lines.append(f"| {seconds:g} s | {batch} | {tokens} | {flops} | {_ms(t)} | {_ms(m)} | {_ratio(t, m, 'seconds')} | {_mib(t)} | {_mib(m)} |")
     return lines
 
 
