@@ -449,7 +449,7 @@ def running_stage(recipe: Recipe, models: dict[str, str], peers: dict, folder: P
         # the peer on the student's hop grid: 1 s windows every 0.5 s, as it was run on clips
         rate, hop = scene.rate, round(student_spec.hop_seconds * scene.rate)
         windows = teacher_windows(scene.audio, rate, hop)
-        spec = replace(student_spec, heads={KEYWORDS: HeadConfig(KEYWORDS, teacher.labels)}, thresholds={})
+        spec = replace(student_spec, heads={KEYWORDS: HeadConfig(KEYWORDS, teacher.labels)}, thresholds={}, speech_gate=0.0)
         probabilities = {KEYWORDS: np.concatenate([teacher(windows[i : i + 512]) for i in range(0, len(windows), 512)])}
         curves[name] = running.curve(spec, post, KEYWORDS, probabilities, scene)
         out["models"][name] = {"curve": curves[name]}

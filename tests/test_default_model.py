@@ -156,9 +156,9 @@ def phases() -> dict[str, list[dict]]:
 def test_yes_is_heard_at_every_hop_phase_and_no_other_word(phases):
     """Where the hops fall against the word should not decide whether it is spotted. At every
     one of the five phases some window over the word gives "yes" above 0.9 and no other keyword
-    is spotted anywhere in the clip; at four of them "yes" passes the calibrated threshold (0.99,
-    the top of the running-audio calibration grid) on the word. (edgetag-default-4 misses the
-    fifth, 0.4 s: its best window there scores 0.989.)"""
+    is spotted anywhere in the clip, and "yes" passes the calibrated threshold (0.97) and the
+    speech gate on the word. (Before the gate, at a threshold of 0.99, edgetag-default-4 missed
+    the 0.4 s phase: its best window there scored 0.989.)"""
     import edgetag
 
     labels = edgetag.load_model().spec.heads["keywords"].labels
@@ -171,16 +171,21 @@ def test_yes_is_heard_at_every_hop_phase_and_no_other_word(phases):
         if keywords:
             assert keywords[0][1] < YES[1] and keywords[0][2] > YES[0], (run["lead"], keywords)
             spotted += 1
-    assert spotted >= 4
+    assert spotted == len(PHASES)
 
 
 def test_int8_backend_tells_the_same_story(phases):
     """`--backend onnx` without --model runs the bundled dynamic-int8 export. Its probabilities
     stay within INT8_SPREAD of fp32's at every hop of every phase, and so every spot or tag that
-    clears its threshold by more than that in one backend is in the other too."""
+    clears its threshold by more than that in one backend is in the other too: as itself, or
+    folded into a narrower tag that the other backend has just over its threshold ("Speech" into
+    "Narration, monologue" at 0.509 in int8 and 0.479 in fp32, under a threshold of 0.5)."""
     import edgetag
 
     spec = edgetag.load_model().spec
+    tags = spec.heads["tags"]
+    labels, up = list(tags.labels), tags.ancestors()
+    same = lambda found, label: found == label or (found in labels and label in labels and labels.index(label) in up[labels.index(found)])  # noqa: E731
     for fp32, int8 in zip(phases["torch"], phases["onnx"]):
         for a, b in zip(fp32["hops"], int8["hops"], strict=True):
             for head in a.probabilities:
@@ -190,7 +195,7 @@ def test_int8_backend_tells_the_same_story(phases):
                 head = "keywords" if kind == "keyword" else "tags"
                 threshold = spec.thresholds.get(head, {}).get(label, 0.5)
                 if score > threshold + INT8_SPREAD:
-                    assert any(k == kind and lab == label and s < end and e > start for k, lab, s, e, _ in other["events"]), (this["lead"], label, start)
+                    assert any(k == kind and same(lab, label) and s < end and e > start for k, lab, s, e, _ in other["events"]), (this["lead"], label, start)
 
 
 def test_card_names_this_model():

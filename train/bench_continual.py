@@ -85,7 +85,7 @@ class ContinualConfig:
 def base_under(init: str, attention: str, out: Path) -> Path:
     """--init as a model under `attention` (FTA has no weights: the same tensors, another config)."""
     model = load_model(init)
-    spec = replace(model.spec, encoder=replace(model.spec.encoder, attention=attention), stream=StreamConfig(1.0, 0.5), heads={})
+    spec = replace(model.spec, encoder=replace(model.spec.encoder, attention=attention), stream=StreamConfig(1.0, 0.5), heads={}, speech_gate=0.0)
     converted = AudioTransformer(spec)
     converted.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("heads.")})
     return save(out / f"base-{attention}.safetensors", converted)
