@@ -231,7 +231,7 @@ class EncoderConfig:
         return self.attention == "fta" or (self.adapter_dim > 0 and self.adapter == "conv")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "stages": list(self.stages)}  # as JSON holds it
 
     @classmethod
     def from_dict(cls, d: dict) -> EncoderConfig:
