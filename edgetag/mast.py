@@ -25,14 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetag.pooled import PooledEncoder
-from edgetag.spec import MAST_KV_STRIDE, MAST_PATCH, EncoderConfig, mast_grid
+from edgetag.spec import MAST_KV_STRIDE, MAST_PATCH, EncoderConfig, mast_grid, strided
 
 REL_TIME = 32  # time offsets (in tokens of the finer grid) beyond this share the last relative-position row
-
-
-def pooled(n: int, stride: int) -> int:
-    """Rows left by a 3x3, padding-1 pooling at `stride`: ceil(n / stride)."""
-    return (n - 1) // stride + 1
 
 
 class Pool(nn.Module):
@@ -133,7 +128,7 @@ class MultiScaleEncoder(PooledEncoder):
                 extent = freq - 1  # the largest frequency offset this block's grids can have
                 blocks.append(MultiScaleBlock(dim, widths[s], heads[s], c.mlp_ratio, 2 if first else 1, kv, extent, c.norm_eps))
                 if first:
-                    freq = pooled(freq, 2)
+                    freq = strided(freq, 2)
                 dim = widths[s]
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(c.width, eps=c.norm_eps)

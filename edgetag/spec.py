@@ -78,10 +78,14 @@ MAST_PATCH = (7, 10)  # the patch embedding's kernel and stride (freq and time):
 MAST_KV_STRIDE = 4  # keys and values pooled by this in the first stage, halved at each stage after
 
 
+def strided(n: int, stride: int) -> int:
+    """Rows an odd kernel padded by half its width leaves of n at `stride`: ceil(n / stride)."""
+    return (n - 1) // stride + 1
+
+
 def mast_grid(n: int) -> int:
     """Rows of the patch embedding's output for n input rows (kernel 7, stride 10, padding 3)."""
-    kernel, stride = MAST_PATCH
-    return (n + 2 * (kernel // 2) - kernel) // stride + 1
+    return strided(n, MAST_PATCH[1])
 
 
 def sizes_of(encoder: str) -> dict[str, dict]:
@@ -251,7 +255,7 @@ CONV_STEM_LAYERS = 4  # stride-2 convolutions of the "conv" stem: 16x fewer rows
 def halved(n: int, times: int) -> int:
     """Rows left after `times` stride-2, padding-1 3x3 convolutions: ceil(n / 2) each time."""
     for _ in range(times):
-        n = (n + 1) // 2
+        n = strided(n, 2)
     return n
 
 
@@ -415,9 +419,10 @@ class ModelSpec:
     # The model's own keywords are spotted only in hops where its own Speech tag reaches this:
     # calibrated with the keyword threshold on running audio (0: never gated)
     speech_gate: float = 0.0
-    # derived from `stream` and `fbank` in __post_init__
+    # derived from `stream` and `fbank`, and from `heads`, in __post_init__
     window_frames: int = field(init=False, compare=False)
     hop_frames: int = field(init=False, compare=False)
+    speech_tag: tuple[str, int] | None = field(init=False, compare=False)  # (tag head, column) of its own Speech class, if any
 
     def __post_init__(self):
         if self.encoder.n_mels != self.fbank.n_features:
@@ -429,12 +434,14 @@ class ModelSpec:
             _check_thresholds(repr(head), self.heads[head].labels if head in self.heads else (), per_label)
         for name, task in self.tasks.items():
             self._check_task(name, task)
+        speech_tag = next(((name, h.labels.index("Speech")) for name, h in self.heads.items() if h.kind == TAGS and "Speech" in h.labels), None)
         if not 0 <= self.speech_gate < 1:
             raise SpecError(f"speech_gate {self.speech_gate} is not in [0, 1)")
-        if self.speech_gate and self.speech_tag is None:
+        if self.speech_gate and speech_tag is None:
             raise SpecError(f"speech_gate {self.speech_gate}: the model has no Speech tag to gate its keywords on")
         object.__setattr__(self, "window_frames", window_frames)
         object.__setattr__(self, "hop_frames", hop_frames)
+        object.__setattr__(self, "speech_tag", speech_tag)
 
     def _check_task(self, name: str, task: TaskConfig) -> None:
         if not name or name == BASE or name in self.heads or not all(ch.isalnum() or ch in "-_" for ch in name):
@@ -457,11 +464,6 @@ class ModelSpec:
             raise SpecError(f"thresholds name outputs the model does not have: {', '.join(sorted(unknown))}")
         tasks = {name: replace(t, thresholds=thresholds.get(name, t.thresholds)) for name, t in self.tasks.items()}
         return replace(self, thresholds={n: t for n, t in thresholds.items() if n in self.heads}, calibration=calibration, tasks=tasks)
-
-    @property
-    def speech_tag(self) -> tuple[str, int] | None:
-        """(tag head, column) of the model's own Speech class, if it has one."""
-        return next(((name, h.labels.index("Speech")) for name, h in self.heads.items() if h.kind == TAGS and "Speech" in h.labels), None)
 
     @property
     def outputs(self) -> dict[str, HeadConfig]:
