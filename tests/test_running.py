@@ -77,3 +77,14 @@ def test_the_benchmark_command_refuses_bad_sources_in_one_line(tmp_path):
     run = subprocess.run([sys.executable, "-m", "train.running", "--keywords", str(tmp_path / "none"), "--backgrounds", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.strip() == f"train.running: error: {tmp_path / 'none'}: no such file or folder"
+
+
+def test_the_benchmark_command_refuses_a_gate_that_is_not_a_probability(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run = subprocess.run([sys.executable, "-m", "train.running", "--keywords", str(tmp_path), "--backgrounds", str(tmp_path), "--gate", "0.2", "--gate", "1.5"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip() == "train.running: error: --gate: 0.2, 1.5 are not all in [0, 1)"
