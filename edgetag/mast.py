@@ -133,10 +133,33 @@ class MultiScaleEncoder(PooledEncoder):
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(c.width, eps=c.norm_eps)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(self.check(features)[:, None])  # [B, 1, T, F] -> [B, C, T', F']
-        grid = tuple(x.shape[2:])
-        x = x.flatten(2).transpose(1, 2)  # [B, T'F', C], time-major
+    def embed(self, features: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """[B, T, n_mels] -> first-stage tokens [B, T'F', C] (time-major) and their grid (T', F')."""
+        x = self.patch_embed(features[:, None])  # [B, 1, T, F] -> [B, C, T', F']
+        return x.flatten(2).transpose(1, 2), tuple(x.shape[2:])
+
+    def forward_blocks(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """First-stage tokens on `grid` -> last-stage tokens [B, N', width]."""
         for block in self.blocks:
             x, grid = block(x, grid)
         return self.norm(x)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.forward_blocks(*self.embed(self.check(features)))
+
+
+def patchify(features: torch.Tensor) -> torch.Tensor:
+    """What each first-stage token's patch embedding reads: [B, T, F] -> [B, T'F', 7 * 7], tokens
+    time-major like the embedding's output, values time-major inside a patch. (The 7x7 kernels
+    sit 10 apart, so the rows and columns between them reach no token.)"""
+    kernel, stride = MAST_PATCH
+    return F.unfold(features[:, None], kernel, padding=kernel // 2, stride=stride).transpose(1, 2)  # [B, 49, T'F'] -> [B, T'F', 49]
+
+
+def coarse_index(grid: tuple[int, int], halvings: int, device: torch.device | None = None) -> torch.Tensor:
+    """[T'F'] index, for each first-stage token on `grid`, of the last-stage token whose cell holds
+    it, after `halvings` stride-2 poolings (a same-padded stride-2 pooling keeps ceil(n / 2) rows,
+    so the last grid is ceil(n / 2**halvings) and cell i holds rows [i 2**halvings, (i + 1) 2**halvings))."""
+    (T, Fr), s = grid, 2**halvings
+    t, f = torch.arange(T, device=device)[:, None] // s, torch.arange(Fr, device=device)[None, :] // s
+    return (t * strided(Fr, s) + f).flatten()

@@ -381,6 +381,11 @@ class TaskBranch(nn.Module):
         self.head = new_head(c.width, task.head.kind, len(task.head.labels), c.norm_eps, c.head_norm)
 
 
+def new_encoder(config: EncoderConfig) -> nn.Module:
+    """The encoder `config.encoder` names: features [B, T, n_mels] -> tokens [B, N, width]."""
+    return {"mobilenet": MobileNetEncoder, "mast": MultiScaleEncoder}.get(config.encoder, Encoder)(config)
+
+
 class AudioTransformer(nn.Module):
     """Encoder and heads: normalised features [B, T, n_mels] -> {head: logits [B, classes]}.
 
@@ -393,7 +398,7 @@ class AudioTransformer(nn.Module):
         super().__init__()
         self.spec = spec
         c = spec.encoder
-        self.encoder = {"mobilenet": MobileNetEncoder, "mast": MultiScaleEncoder}.get(c.encoder, Encoder)(c)
+        self.encoder = new_encoder(c)
         self.heads = nn.ModuleDict({name: new_head(c.width, h.kind, len(h.labels), c.norm_eps, c.head_norm) for name, h in spec.heads.items()})
         self.tasks = nn.ModuleDict({name: TaskBranch(c, task) for name, task in spec.tasks.items()})
 

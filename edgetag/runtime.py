@@ -50,6 +50,7 @@ class Backend:
     def __init__(self, spec: ModelSpec, source, tasks: tuple[str, ...] = ()):
         """`spec` is the model's whole spec; the backend serves the `tasks` of it it is asked
         for (`ModelSpec.select`; none: all) as its `spec`'s heads."""
+        self.source = source
         try:
             self.spec = spec.select(tasks)
         except SpecError as e:

@@ -224,7 +224,9 @@ class EncoderConfig:
         return max(0, (frames - self.patch_time) // self.step_time + 1)
 
     def num_tokens(self, frames: int) -> int:
-        """Patch tokens for `frames` input frames (cls tokens not counted)."""
+        """Patch tokens for `frames` input frames (cls tokens not counted; a MAST's first stage)."""
+        if self.encoder == "mast":
+            return mast_grid(frames) * mast_grid(self.n_mels)
         return self.time_patches(frames) * self.freq_patches
 
     @property

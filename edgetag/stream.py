@@ -263,6 +263,8 @@ class Engine:
                  gate: GateConfig | None = None):
         self.backend = backend
         self.spec = backend.spec.with_stream(window, hop)
+        if not self.spec.outputs:
+            raise ValueError(f"{backend.source}: no heads to answer with (a pretrained encoder: fine-tune it first, python -m train.finetune --init it)")
         if backend.fixed_window and self.spec.window_frames != backend.spec.window_frames:
             raise ValueError(f"the {backend.name} model takes {backend.spec.stream.window:g} s windows only (its input length is fixed)")
         post = post or PostConfig()

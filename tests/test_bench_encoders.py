@@ -81,6 +81,12 @@ def test_mast_summary_and_table_give_transformer_over_mast_per_window():
     assert mast_summary(measured) == {"mast_speedup_1s": 2.0, "mast_flops_ratio_1s": 4.0}
     table = render({"settings": {"size": "mini", "mast_size": "mast-edge", "device": "cpu", "cpu": "x"}, "mast": measured, "streaming": []})
     assert "| 10 s | 1 | 48 / 130 -> 4 | 1000.0 / 200.0 | 100.0 ms | 20.0 ms | 5.00x |" in table and "pretraining" not in table
+    study = [{"variant": v, "objective": o, "keywords": k, "esc50": 0.25, "pretrain_minutes": 1.0, "minutes": 2.0}
+             for v, o, k in (("transformer", "none", 0.5), ("mast", "ss-mast", 0.625))]
+    settings = {"size": "mini", "mast_size": "mast-edge", "device": "cpu", "cpu": "x", "study_tokens": "patch", "steps": 400, "batch_size": 32, "epochs": 12}
+    table = render({"settings": settings, "mast": measured, "streaming": [], "study": study})
+    assert "Fine-tuning at an equal budget: `mini` transformer and `mast-edge` MAST, patch tokens" in table
+    assert "| mast | ss-mast | 62.5% | 25.0% | 1.0 | 2.0 |" in table
 
 
 @pytest.mark.slow
@@ -90,7 +96,7 @@ def test_the_mast_comparison_prints_its_table_and_last_line(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert re.fullmatch(r"mast_speedup_1s \d+\.\d\dx mast_flops_ratio_1s \d+\.\d\dx", done.stdout.strip().splitlines()[-1])
     # one second: the transformer's 6 x 8 patches; MAST's 10 x 13 tokens pooled to 2 x 2
-    for needle in ("| 1 s | 1 | 48 / 130 -> 4 |", "| 1 s | 8 | 48 / 130 -> 4 |", "| mast | onnx |", "| transformer | torch |"):
+    for needle in ("| 1 s | 1 | 48 / 130 -> 4 |", "| 1 s | 8 | 48 / 130 -> 4 |", "| mast | onnx |", "| transformer | torch |", "| mast | ss-mast |", "| transformer | mae-ast |"):
         assert needle in done.stdout
     assert (tmp_path / "results.md").read_text().strip() in done.stdout
 

@@ -257,7 +257,7 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
     (["train.distill", "--train", "DATA", "--keyword-teacher", "k.tflite"], "train.distill: error: --tag-teacher and --keyword-teacher label augmented views: give --views N"),
     (["train.finetune", "--train", "DATA", "--mode", "half"], "train.finetune: error: mode must be one of full, linear, adapter, not 'half'"),
     (["train.pretrain", "--data", "DATA", "--method", "byol"], "train.pretrain: error: method must be one of mae-ast, ssast, tera, ss-mast, not 'byol'"),
-    (["train.pretrain", "--data", "DATA", "--encoder", "rwkv"], "train.pretrain: error: encoder must be one of transformer, mamba, not 'rwkv'"),
+    (["train.pretrain", "--data", "DATA", "--encoder", "rwkv"], "train.pretrain: error: encoder must be one of transformer, mamba, mast, not 'rwkv'"),
     (["train.pretrain", "--data", "DATA", "--size", "ssamba-tiny"], "train.pretrain: error: size must be one of nano, mini, tiny, small, base, not 'ssamba-tiny'"),
     (["train.finetune", "--train", "DATA", "--encoder", "mamba", "--mode", "adapter"], "train.finetune: error: mamba blocks are pre-LN and have no MLP to put adapters beside"),
     (["train.pretrain", "--data", "DATA", "--method", "tera", "--time-ratio", "1.5"], "train.pretrain: error: --time-ratio: 1.5 is not in [0, 1)"),
@@ -300,6 +300,11 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
     (["train.bench_continual", "--init", "m.safetensors", "--epochs", "0"], "train.bench_continual: error: --epochs: 0 is not >= 1"),
     (["train.bench_encoders", "--mast", "--attention"], "train.bench_encoders: error: --attention and --mast: choose one comparison"),
     (["train.bench_encoders", "--mast", "--mast-size", "mast-xl"], "train.bench_encoders: error: --mast-size: 'mast-xl' is not one of mast-t, mast-s, mast-edge"),
+    (["train.pretrain", "--data", "DATA", "--encoder", "mast", "--size", "mast-edge", "--method", "ssast"],
+     "train.pretrain: error: --method ssast: it predicts each token from the encoder's output at that token"),
+    (["train.pretrain", "--data", "DATA", "--encoder", "mast", "--size", "mast-edge", "--tokens", "frame"],
+     "train.pretrain: error: a MAST has its own patch embedding and pooling attention"),
+    (["train.pretrain", "--data", "DATA", "--encoder", "mast"], "train.pretrain: error: size must be one of mast-t, mast-s, mast-edge, not 'tiny'"),
     (["train.finetune", "--train", "DATA", "--encoder", "mast", "--size", "tiny"], "train.finetune: error: size must be one of mast-t, mast-s, mast-edge, not 'tiny'"),
 ])
 def test_training_commands_refuse_bad_input_in_one_line(args, message, dataset, tmp_path):

@@ -165,6 +165,9 @@ CASES = {
                                                 setup=checkpoint(header=lambda s: edit(edit(s, "encoder.width", 640), "encoder.width_mult", 0.5)), needs=("torch",)),
     "checkpoint missing a tensor": Case(FILE_CKPT, 2, 'weights do not fit the config (Missing key(s) in state_dict: "heads.tags.fc.bias"',
                                         setup=checkpoint(weights=lambda w: {k: v for k, v in w.items() if k != "heads.tags.fc.bias"}), needs=("torch",)),
+    "checkpoint of an encoder without heads": Case(FILE_CKPT, 2, "{tmp}/model.safetensors: no heads to answer with (a pretrained encoder: fine-tune it first",
+                                                   setup=checkpoint(header=lambda s: {k: v for k, v in s.items() if k not in ("heads", "thresholds", "calibration", "speech_gate")},
+                                                                    weights=lambda w: {k: v for k, v in w.items() if not k.startswith("heads.")}), needs=("torch",)),
     "checkpoint of random bytes": Case(FILE_CKPT, 2, "model.safetensors: not a safetensors file", setup=random_bytes, needs=("torch",)),
     # training commands
     "evaluate report into a missing folder": Case(["train.evaluate", "--data", "{clip}", "--head", "tags", "--json", "{tmp}/no/r.json"], 2,

@@ -23,8 +23,9 @@ frequency-time factorised attention (FTA) in the same transformer.
 
 With --mast, MAST (`--mast-size`) against the transformer (`--size`, 16x16 patches) at about
 equal parameters: one pass of the whole encoder per window of 1, 5 and 10 s (--windows), batch 1
-and 8, with its FLOPs (torch's FlopCounterMode: matrix products, convolutions, attention), and
-the per-hop latency; no pretraining or fine-tuning yet (MAST has no pretraining objective here).
+and 8, with its FLOPs (torch's FlopCounterMode: matrix products, convolutions, attention), the
+per-hop latency, one pretraining step of MAE-AST and of SS-MAST on each, and (with --data) each
+from scratch, MAE-AST- and SS-MAST-pretrained at an equal budget, fine-tuned on both tasks.
 
 Writes OUT/results.json and OUT/results.md. Last line, transformer / Mamba at batch 1:
 `crossover_tokens <n> speedup_at_16k <x>x memory_at_16k <y>x`, n being the fewest measured tokens
@@ -50,6 +51,7 @@ from edgetag.spec import TOKEN_ENCODERS
 from train.options import command, setting
 
 OBJECTIVES = ("none", "ssast", "mae-ast")  # SSAMBA's objective, and MAE-AST's (visible tokens only)
+MAST_OBJECTIVES = ("none", "mae-ast", "ss-mast")  # MAST's own objective, and MAE-AST's
 ENCODER_VARIANTS = {encoder: {"encoder": encoder} for encoder in TOKEN_ENCODERS}
 ATTENTION_VARIANTS = {"full": {}, "fta": {"attention": "fta"}}
 MAST_ENCODERS = ("transformer", "mast")
@@ -71,8 +73,8 @@ class BenchConfig:
     data: str = setting("", "The shared data folder, for the fine-tuning comparison (skipped without it or with --quick).")
     out: str = setting("runs/encoders", "Folder for results.json, results.md and the study's runs.")
     stream_size: str = setting("mini", "Encoder size of the per-hop latency (the default model's); ONNX export of a 19-layer Mamba took over 10 minutes.")
-    study_size: str = setting("nano", "Encoder size of the pretraining and fine-tuning runs.")
-    study_tokens: str = setting("", "Tokens of the pretraining and fine-tuning runs: frame (two frames each: a 1-D sequence over time, as a scan reads best) or patch; default frame, patch with --attention.")
+    study_size: str = setting("nano", "Encoder size of the pretraining and fine-tuning runs (with --mast: --size and --mast-size).")
+    study_tokens: str = setting("", "Tokens of the pretraining and fine-tuning runs: frame (two frames each: a 1-D sequence over time, as a scan reads best) or patch; default frame, patch with --attention or --mast.")
     steps: int = setting(400, "Pretraining steps of each (encoder, objective).")
     batch_size: int = setting(32, "Pretraining crops per step.")
     epochs: int = setting(12, "Fine-tuning epochs of each task.")
@@ -101,6 +103,8 @@ class BenchConfig:
             raise ValueError(f"--study-tokens: {self.study_tokens!r} is not frame or patch")
         if self.attention and self.study_tokens == "frame":
             raise ValueError("--study-tokens frame: a frame model's grid has one frequency row, where FTA is full attention; use patch with --attention")
+        if self.mast and self.study_tokens == "frame":
+            raise ValueError("--study-tokens frame: a MAST has its own patch embedding; use patch with --mast")
         if self.device not in ("", "cpu", "cuda"):
             raise ValueError(f"--device: {self.device!r} is not cpu or cuda")
 
@@ -110,7 +114,7 @@ class BenchConfig:
 
     @property
     def tokens_of_study(self) -> str:
-        return self.study_tokens or ("patch" if self.attention else "frame")
+        return self.study_tokens or ("patch" if self.attention or self.mast else "frame")
 
     @property
     def batch8_limit(self) -> int:
@@ -166,19 +170,18 @@ def mast_pass(encoder: str, size: str, seconds: float, batch: int, device: str) 
     from torch.utils.flop_counter import FlopCounterMode
 
     from edgetag.features import preset
-    from edgetag.mast import MultiScaleEncoder
-    from edgetag.model import Encoder, num_parameters
-    from edgetag.spec import EncoderConfig, mast_grid
+    from edgetag.model import new_encoder, num_parameters
+    from edgetag.spec import EncoderConfig
 
     torch.manual_seed(0)
     fbank = preset("ast")
     config = EncoderConfig.named(size, encoder=encoder, n_mels=fbank.n_features)
     frames = fbank.num_frames(round(seconds * fbank.sample_rate))
-    model = (MultiScaleEncoder if encoder == "mast" else Encoder)(config).to(device).eval()
+    model = new_encoder(config).to(device).eval()
     x = torch.randn(batch, frames, config.n_mels, device=device)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         last = model(x).shape[1]
-    tokens = mast_grid(frames) * mast_grid(config.n_mels) if encoder == "mast" else config.num_tokens(frames)
+    tokens = config.num_tokens(frames)
     measured = timed(lambda: model(x), tokens * batch, device)
     return {"encoder": encoder, "size": size, "window_s": seconds, "batch": batch, "tokens": tokens, "last_tokens": last, "params": num_parameters(model),
             "flops": counter.get_total_flops() / batch, **measured, "threads": torch.get_num_threads()}
@@ -269,13 +272,14 @@ def streaming(size: str, folder: Path, variants: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def pretraining_steps(size: str, device: str) -> list[dict]:
-    """One pretraining step of each objective and encoder (10 s crops, batch 8, 75% masked), each
-    in a fresh process (`train.bench_pretrain.measure`)."""
+def pretraining_steps(variants: dict[str, dict], methods: tuple[str, ...], device: str) -> list[dict]:
+    """One pretraining step of each objective on each variant ({"encoder", "size"}; 10 s crops,
+    batch 8, MAE-AST and SSAST masking 75%, SS-MAST dropping 10%), each in a fresh process
+    (`train.bench_pretrain.measure`)."""
     from train.bench_pretrain import measure_in_subprocess
 
-    return [{"encoder": encoder, **measure_in_subprocess(method, size=size, tokens="patch", frames=1024, batch_size=8, steps=2, device=device, encoder=encoder)}
-            for encoder in TOKEN_ENCODERS for method in ("ssast", "mae-ast")]
+    return [{"encoder": name, **measure_in_subprocess(method, tokens="patch", frames=1024, batch_size=8, steps=2, device=device, **v)}
+            for name, v in variants.items() for method in methods]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +294,8 @@ def study(c: BenchConfig, variants: dict[str, dict], objectives: tuple[str, ...]
 
     data, out = Path(c.data), Path(c.out)
     tasks = {"keywords": keyword_task(data), "esc50": esc50_task(data)}
-    settings = {"data": str(data.resolve()), "size": c.study_size, "tokens": c.tokens_of_study, "steps": c.steps, "batch_size": c.batch_size, "epochs": c.epochs}
+    settings = {"data": str(data.resolve()), "size": c.study_size, "tokens": c.tokens_of_study, "steps": c.steps, "batch_size": c.batch_size, "epochs": c.epochs,
+                **({"variants": variants} if c.mast else {})}
     path = out / "study.json"
     done = json.loads(path.read_text()) if path.is_file() else {}
     runs = done.get("runs", []) if done.get("settings") == settings else []
@@ -301,8 +306,9 @@ def study(c: BenchConfig, variants: dict[str, dict], objectives: tuple[str, ...]
             if any(r["variant"] == name and r["objective"] == objective for r in runs):
                 continue
             start = time.perf_counter()
-            run = {"variant": name, **equal_budget_run(out / f"{name}-{objective}", data, tasks, objective, size=c.study_size, tokens=c.tokens_of_study,
-                                                       steps=c.steps, batch_size=c.batch_size, epochs=c.epochs, **overrides)}
+            settings_of = {"size": c.study_size, **overrides}  # a variant may bring its own size (MAST's study)
+            run = {"variant": name, **equal_budget_run(out / f"{name}-{objective}", data, tasks, objective, tokens=c.tokens_of_study,
+                                                       steps=c.steps, batch_size=c.batch_size, epochs=c.epochs, **settings_of)}
             run["minutes"] = (time.perf_counter() - start) / 60
             runs.append(run)
             path.write_text(json.dumps({"settings": settings, "runs": runs}, indent=1))
@@ -325,7 +331,7 @@ def bench(c: BenchConfig) -> dict:
                                   "cpu": cpu_name()}}
     variants = ATTENTION_VARIANTS if c.attention else ENCODER_VARIANTS
     if c.mast:
-        variants = {"transformer": {"size": c.encoder_size}, "mast": {"encoder": "mast", "size": c.mast_size}}
+        variants = {"transformer": {"encoder": "transformer", "size": c.encoder_size}, "mast": {"encoder": "mast", "size": c.mast_size}}
         results["mast"] = []
         for seconds in sorted(c.windows):
             for batch in (1, 8):
@@ -354,10 +360,12 @@ def bench(c: BenchConfig) -> dict:
                     print(_inference_line(row), flush=True)
     with tempfile.TemporaryDirectory() as folder:
         results["streaming"] = streaming(c.stream_size, Path(folder), variants)
-    if not c.attention and not c.mast:
-        results["pretraining"] = pretraining_steps(c.encoder_size, device)
-    if c.data and not c.quick and not c.mast:
-        results["study"] = study(c, variants, ("none", "mae-ast") if c.attention else OBJECTIVES)
+    if c.mast:
+        results["pretraining"] = pretraining_steps(variants, ("mae-ast", "ss-mast"), device)
+    elif not c.attention:
+        results["pretraining"] = pretraining_steps({e: {"encoder": e, "size": c.encoder_size} for e in TOKEN_ENCODERS}, ("ssast", "mae-ast"), device)
+    if c.data and not c.quick:
+        results["study"] = study(c, variants, MAST_OBJECTIVES if c.mast else ("none", "mae-ast") if c.attention else OBJECTIVES)
     results["summary"] = mast_summary(results["mast"]) if c.mast else fta_summary(results["windows"]) if c.attention else summary(results["inference"])
     (out / "results.json").write_text(json.dumps(results, indent=1))
     table = render(results)
@@ -424,12 +432,13 @@ def render(results: dict) -> str:
               f"| {what} | backend | encoder | total per hop |", "|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['backend']} | {r['encoder_ms']:.2f} ms | {r['total_ms']:.2f} ms |" for r in results["streaming"]]
     if "pretraining" in results:
-        lines += ["", "One pretraining step (10 s crops, batch 8, 75% masked; forward, backward, AdamW):", "",
+        lines += ["", "One pretraining step (10 s crops, batch 8; MAE-AST and SSAST mask 75% of the tokens, SS-MAST drops 10%; forward, backward, AdamW):", "",
                   "| encoder | objective | median step | peak memory |", "|---|---|---|---|"]
         lines += [f"| {r['encoder']} | {r['method']} | {1e3 * r['step_s']:.0f} ms | {r['peak_bytes'] / 2**20:.0f} MiB |" for r in results["pretraining"]]
     if "study" in results:
         pretrained = " (MAE-AST pretrains with full attention; FTA fine-tunes its weights)" if what == "attention" else ""
-        lines += ["", f"Fine-tuning at an equal budget: `{s['study_size']}` encoders, {s['study_tokens']} tokens, {s['steps']} pretraining steps of {s['batch_size']} 1 s crops, "
+        sizes = f"`{s['size']}` transformer and `{s['mast_size']}` MAST" if "mast" in results else f"`{s['study_size']}` encoders"
+        lines += ["", f"Fine-tuning at an equal budget: {sizes}, {s['study_tokens']} tokens, {s['steps']} pretraining steps of {s['batch_size']} 1 s crops, "
                   f"{s['epochs']} fine-tuning epochs{pretrained}; best validation accuracy:", "",
                   f"| {what} | pretraining | keywords (12-way) | ESC-50 fold 4 (50-way) | pretraining minutes | minutes in all |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['variant']} | {r['objective']} | {100 * r['keywords']:.1f}% | {100 * r['esc50']:.1f}% | {r['pretrain_minutes']:.1f} | {r['minutes']:.1f} |"

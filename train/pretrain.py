@@ -1,10 +1,12 @@
 """Self-supervised pretraining: MAE-AST (default), the SSAST baseline, TERA or SS-MAST, of a
-transformer or a Mamba encoder (SSAMBA: SSAST's objective on bidirectional Mamba blocks).
+transformer, a Mamba encoder (SSAMBA: SSAST's objective on bidirectional Mamba blocks) or a MAST
+(the multiscale transformer: MAE-AST or SS-MAST).
 
     python -m train.pretrain --data ../shared/data --size tiny --frames 128 --steps 20000 --out runs/pre
     python -m train.pretrain --method tera --preset mfcc-gram --tokens frame ...   # MFCC-gram transformers
     python -m train.pretrain --encoder mamba --method ssast --size tiny ...          # SSAMBA
     python -m train.pretrain --method ss-mast --patch-drop 0.1 --queue-size 4096 ... # contrastive, a momentum teacher
+    python -m train.pretrain --encoder mast --size mast-edge --method ss-mast ...    # SS-MAST on MAST
     torchrun --nproc-per-node 8 -m train.pretrain ...      # several GPUs (DistributedDataParallel)
 
 Writes into --out: `last.pt` (the training state, for --resume, every --checkpoint-every steps,
@@ -30,7 +32,7 @@ from edgetag.features import PRESETS, preset
 from edgetag.model import AudioTransformer
 from edgetag.spec import ATTENTIONS, TOKEN_ENCODERS, TOKENS, EncoderConfig, ModelSpec, sizes_of
 from train.data import CropDataset, collate, find_audio
-from train.objectives.mae import MAEAST, MASKINGS
+from train.objectives.mae import MAEAST, MASKINGS, MultiScaleMAE
 from train.objectives.ssast import SSAST
 from train.objectives.ssmast import SSMAST, SSMASTConfig
 from train.objectives.tera import TERA, TeraConfig
@@ -41,6 +43,9 @@ METHODS = ("mae-ast", "ssast", "tera", "ss-mast")
 # patch-drop leaves): not the whole grid FTA attends along, so they pretrain with full attention.
 SUBSET_METHODS = ("mae-ast", "ss-mast")
 MASKABLE_TOKENS = ("patch", "frame")  # a conv stem's tokens see their neighbours: hiding one hides nothing
+ENCODERS = (*TOKEN_ENCODERS, "mast")
+# SSAST and TERA predict each token from its own output, which a MAST's coarse last stage lacks
+MAST_METHODS = ("mae-ast", "ss-mast")
 
 
 @dataclass
@@ -48,8 +53,8 @@ class PretrainConfig:
     data: list[str] = setting([], "Folders, manifests (.csv/.jsonl with a path column) or files; repeatable.", required=True)
     out: str = setting("runs/pretrain", "Folder for the run: last.pt, encoder.safetensors, loss.csv, loss.png.")
     method: str = setting("mae-ast", f"Objective: {' or '.join(METHODS)}.")
-    encoder: str = setting("transformer", f"Encoder blocks: {' or '.join(TOKEN_ENCODERS)} (SSAMBA's bidirectional Mamba).")
-    size: str = setting("tiny", "Encoder size: nano, mini, tiny, small, base (mamba: also ssamba-tiny/-small/-base, 24 layers).")
+    encoder: str = setting("transformer", f"Encoder: {', '.join(ENCODERS)} (SSAMBA's bidirectional Mamba; MAST, the multiscale transformer: --method {' or '.join(MAST_METHODS)}).")
+    size: str = setting("tiny", "Encoder size: nano, mini, tiny, small, base (mamba: also ssamba-tiny/-small/-base, 24 layers; mast: mast-edge, mast-t, mast-s).")
     tokens: str = setting("patch", "patch (16x16), frame (2 frames) or conv (a convolutional stem; --method tera only) tokens.")
     attention: str = setting("full", "full, or fta (TI-CL's frequency-time factorised attention; not --method mae-ast, whose encoder sees no whole grid).")
     masking: str = setting("chunk", "MAE-AST's masks: chunk or random (SSAST always masks clusters).")
@@ -72,9 +77,12 @@ class PretrainConfig:
     def __post_init__(self):
         # TERA alters the input and SS-MAST compares views instead of predicting hidden tokens, so any token kind suits them
         tokens = TOKENS if self.method in ("tera", "ss-mast") else MASKABLE_TOKENS
-        for name, allowed in (("method", METHODS), ("encoder", TOKEN_ENCODERS), ("size", sizes_of(self.encoder)), ("tokens", tokens), ("masking", MASKINGS), ("preset", PRESETS),
+        for name, allowed in (("method", METHODS), ("encoder", ENCODERS), ("size", sizes_of(self.encoder)), ("tokens", tokens), ("masking", MASKINGS), ("preset", PRESETS),
                               ("attention", ATTENTIONS)):
             choose(name, getattr(self, name), allowed)
+        if self.encoder == "mast" and self.method not in MAST_METHODS:
+            raise ValueError(f"--method {self.method}: it predicts each token from the encoder's output at that token, and a MAST's last stage "
+                             f"is coarser than its tokens; pretrain a MAST with --method {' or '.join(MAST_METHODS)}")
         if self.method in SUBSET_METHODS and self.attention == "fta":
             sees = "a random quarter of the tokens" if self.method == "mae-ast" else "the tokens patch-drop leaves"
             raise ValueError(f"--attention fta: {self.method}'s encoder sees {sees}, not the grid FTA attends along; "
@@ -93,7 +101,8 @@ def build_model(c: PretrainConfig) -> torch.nn.Module:
         return SSAST(encoder, mask_ratio=c.mask_ratio)
     if c.method == "ss-mast":
         return SSMAST(encoder, c.ssmast, steps=c.steps)
-    return MAEAST(encoder, decoder_depth=c.decoder_depth, masking=c.masking, mask_ratio=c.mask_ratio)
+    mae = MultiScaleMAE if c.encoder == "mast" else MAEAST
+    return mae(encoder, decoder_depth=c.decoder_depth, masking=c.masking, mask_ratio=c.mask_ratio)
 
 
 def lr_at(step: int, c: PretrainConfig) -> float:

@@ -5,6 +5,14 @@ Interspeech 2022. The deep encoder sees only the visible ~25% of the tokens; a s
 gets the encoder outputs back in place, a learned mask token everywhere else and the positions
 added again, and predicts the masked patches. Losses on masked tokens only: reconstruction MSE
 (weight 10) plus an InfoNCE among the masked tokens of each clip (weight 1).
+
+On a multiscale encoder (MAST, `MultiScaleMAE`) the masked tokens cannot leave: every block's
+pooling convolves the whole token grid. They stay in place as a learned mask token in the first
+stage (SimMIM; ConvMAE's convolutional stages; SSAST does the same in a flat transformer), so the
+encoder pays for every token, and the decoder starts from the last stage's coarse grid, each
+first-stage token reading the last-stage token whose cell holds it. Dropping the masked tokens
+instead (Hiera's masked units aligned to the coarsest grid) needs pooling that never crosses a
+unit, which is not the MAST that fine-tuning and the runtime run.
 """
 
 from __future__ import annotations
@@ -13,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgetag.model import Block, Encoder, patchify, sincos_positions
-from edgetag.spec import EncoderConfig
+from edgetag import mast
+from edgetag.model import Block, new_encoder, patchify, sincos_positions
+from edgetag.spec import MAST_PATCH, EncoderConfig
 
 MASKINGS = ("random", "chunk")
 
@@ -80,6 +89,13 @@ def num_masked(num_tokens: int, mask_ratio: float) -> int:
     return num_tokens - max(1, int(num_tokens * (1 - mask_ratio)))
 
 
+def mask_of(noise: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+    """The mask `random_masking` draws from this noise, without gathering: [B, N] (1 = masked),
+    the num_masked tokens of highest noise in each clip."""
+    rank = noise.argsort(dim=1).argsort(dim=1)  # each token's place in ascending noise
+    return (rank >= noise.shape[1] - num_masked(noise.shape[1], mask_ratio)).float()
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses shared with the SSAST baseline
 
@@ -124,23 +140,39 @@ class MAEAST(nn.Module):
         self.reconstruction_weight, self.contrastive_weight = reconstruction_weight, contrastive_weight
 
         # --- encoder: the runtime's, unchanged, so its weights transfer as they are
-        self.encoder = Encoder(config)
+        self.encoder = new_encoder(config)
 
         # --- decoder: as wide as the encoder, shallow (MAE-AST found 2 layers nearly as good as 12)
-        w = config.width
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, w))
+        w, patch_dim = config.width, self.patch_dim()
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.mask_width()))
         nn.init.normal_(self.mask_token, std=0.02)
         self.decoder_blocks = nn.ModuleList(Block(w, config.heads, config.mlp_ratio, True, config.norm_eps) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(w, eps=config.norm_eps)
-        self.reconstruction_head = nn.Linear(w, config.patch_dim)
-        self.contrastive_head = nn.Linear(w, config.patch_dim)
+        self.reconstruction_head = nn.Linear(w, patch_dim)
+        self.contrastive_head = nn.Linear(w, patch_dim)
+
+    def patch_dim(self) -> int:
+        """Values in a token's target."""
+        return self.config.patch_dim
+
+    def mask_width(self) -> int:
+        """Width where the mask token goes in: the decoder's input."""
+        return self.config.width
+
+    def patchify(self, features: torch.Tensor) -> torch.Tensor:
+        """The targets, one per token: [B, T, F] -> [B, N, patch_dim]."""
+        return patchify(features, self.config)
+
+    def noise(self, batch: int, grid: tuple[int, int]) -> torch.Tensor | None:
+        """Chunked masks' noise on the (time, frequency) token grid; None: random masks."""
+        n = grid[0] * grid[1]
+        return chunk_noise(batch, *grid, num_masked(n, self.mask_ratio)) if self.masking == "chunk" else None
 
     def forward_encoder(self, features: torch.Tensor, noise: torch.Tensor | None = None):
         """[B, T, F] -> latent of the visible tokens [B, N_keep, D], mask [B, N], ids_restore [B, N]."""
         x = self.encoder.embed(features)
-        if noise is None and self.masking == "chunk":
-            t = features.shape[1] // self.config.patch_time
-            noise = chunk_noise(x.shape[0], t, self.config.freq_patches, num_masked(x.shape[1], self.mask_ratio))
+        if noise is None:
+            noise = self.noise(x.shape[0], (features.shape[1] // self.config.patch_time, self.config.freq_patches))
         x, mask, ids_restore = random_masking(x, self.mask_ratio, noise)
         return self.encoder.forward_blocks(x), mask, ids_restore
 
@@ -151,7 +183,11 @@ class MAEAST(nn.Module):
         D = latent.shape[-1]
         x = torch.cat([latent, self.mask_token.expand(B, N - latent.shape[1], -1)], dim=1)  # [B, N, D] shuffled
         x = torch.gather(x, 1, ids_restore[:, :, None].expand(-1, -1, D))  # [B, N, D] token order
-        x = x + sincos_positions(N, D).to(x)[None]
+        return self.decode(x)
+
+    def decode(self, x: torch.Tensor):
+        """Decoder input in token order [B, N, D] -> reconstruction and contrastive predictions."""
+        x = x + sincos_positions(x.shape[1], x.shape[2]).to(x)[None]
         for block in self.decoder_blocks:
             x = block(x)
         x = self.decoder_norm(x)
@@ -159,7 +195,7 @@ class MAEAST(nn.Module):
 
     def forward_loss(self, features: torch.Tensor, reconstruction, contrastive, mask):
         """Weighted MSE + InfoNCE on the masked tokens only; returns (loss, metrics)."""
-        target = masked_tokens(patchify(features, self.config), mask)  # [B, M, patch_dim]
+        target = masked_tokens(self.patchify(features), mask)  # [B, M, patch_dim]
         metrics = {}
         loss = features.new_zeros(())
         if self.reconstruction_weight:
@@ -177,3 +213,32 @@ class MAEAST(nn.Module):
         reconstruction, contrastive = self.forward_decoder(latent, ids_restore)
         loss, metrics = self.forward_loss(features, reconstruction, contrastive, mask)
         return loss, metrics, mask
+
+
+class MultiScaleMAE(MAEAST):
+    """MAE-AST on a MAST: the masked tokens stay in the encoder as the mask token (the module's
+    docstring says why); the decoder runs on the first-stage grid, from the last stage's latents."""
+
+    def patch_dim(self) -> int:
+        return MAST_PATCH[0] ** 2  # the 7x7 a token's embedding reads
+
+    def mask_width(self) -> int:
+        return self.config.stage_widths[0]  # the mask token goes into the encoder's first stage
+
+    def patchify(self, features: torch.Tensor) -> torch.Tensor:
+        return mast.patchify(features)
+
+    def forward_encoder(self, features: torch.Tensor, noise: torch.Tensor | None = None):
+        """[B, T, F] -> last-stage latents [B, N', D], mask [B, N], ids_restore [B, N]: for each
+        first-stage token, the latent whose cell holds it."""
+        x, grid = self.encoder.embed(features)  # [B, N, C], grid (T', F')
+        if noise is None:
+            noise = self.noise(x.shape[0], grid)
+        mask = mask_of(torch.rand(x.shape[:2]) if noise is None else noise, self.mask_ratio).to(x.device)
+        x = torch.where(mask[..., None].bool(), self.mask_token.to(x.dtype), x)
+        ids_restore = mast.coarse_index(grid, len(self.config.stages) - 1, x.device).expand(x.shape[0], -1)
+        return self.encoder.forward_blocks(x, grid), mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor):
+        x = torch.gather(latent, 1, ids_restore[:, :, None].expand(-1, -1, latent.shape[-1]))  # [B, N', D] -> [B, N, D]
+        return self.decode(x)

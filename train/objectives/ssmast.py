@@ -9,8 +9,12 @@ through its own linear projection to 256-d and are L2-normalised. InfoNCE: a stu
 pick the teacher's embedding of the other view out of a FIFO queue of past teacher embeddings,
 at temperature 0.07, both ways round (the symmetric loss). The teacher's keys then join the queue.
 
-The objective works with any encoder whose blocks take a subset of the tokens (the transformer,
-the Mamba); FTA and conv adapters need the whole token grid, which patch-drop breaks.
+The objective works with every token encoder: the transformer and the Mamba take the subset of
+tokens patch-drop leaves; FTA and conv adapters need the whole token grid, which it breaks. So does
+a MAST, whose pooling convolves the grid in every block: there a dropped token stays in place,
+zeroed (`patch_blank`), which is what the convolutions read beyond the grid's edge (their
+padding), so it brings nothing but its place; the shortcut's max-pooling and attention still
+see it as a token, and the deep stages' coarse tokens mix it with kept ones.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgetag.model import Encoder
+from edgetag.model import new_encoder
 from edgetag.spec import EncoderConfig
 from train.options import bounded, setting
 
@@ -52,6 +56,15 @@ def patch_drop(x: torch.Tensor, ratio: float, cls: int = 0, generator: torch.Gen
     keep = n - round(ratio * n)
     ids = torch.randperm(n, generator=generator)[:keep].sort().values.to(x.device) + cls
     return torch.cat([x[:, :cls], x[:, ids]], dim=1)
+
+
+def patch_blank(x: torch.Tensor, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B, N, D] -> [B, N, D] with the tokens `patch_drop` would drop zeroed in place: one random
+    subset of round(ratio * N), the same for the whole batch."""
+    n = x.shape[1]
+    dropped = torch.randperm(n, generator=generator)[: round(ratio * n)].to(x.device)
+    keep = torch.ones(n, 1, dtype=x.dtype, device=x.device).index_fill_(0, dropped, 0)
+    return x * keep
 
 
 def view(features: torch.Tensor, mixup: float, crop_scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -90,7 +103,7 @@ class SSMAST(nn.Module):
             raise ValueError("SS-MAST drops patch tokens, so its encoder sees no whole grid, which FTA and conv adapters need: "
                              "pretrain with full attention (FTA has no weights of its own: fine-tune the encoder with attention 'fta')")
         self.config, self.c, self.steps = config, c, steps
-        self.encoder = Encoder(config)
+        self.encoder = new_encoder(config)
         self.projection = nn.Linear(config.width, c.projection_dim)
         # the teacher: a copy that only ever moves towards the student (update_teacher)
         self.teacher_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
@@ -124,11 +137,15 @@ class SSMAST(nn.Module):
         self.queue[at] = keys.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + len(keys)) % len(self.queue))
 
-    def embed(self, encoder: Encoder, projection: nn.Linear, features: torch.Tensor, drop: float) -> torch.Tensor:
+    def embed(self, encoder: nn.Module, projection: nn.Linear, features: torch.Tensor, drop: float) -> torch.Tensor:
         """Mean-pooled tokens (some dropped) -> projection -> unit length: [B, T, F] -> [B, E]."""
         cls = self.config.cls_tokens
-        x = patch_drop(encoder.embed(features), drop, cls) if drop else encoder.embed(features)
-        x = encoder.forward_blocks(x)
+        if self.config.encoder == "mast":
+            x, grid = encoder.embed(features)
+            x = encoder.forward_blocks(patch_blank(x, drop) if drop else x, grid)
+        else:
+            x = encoder.embed(features)
+            x = encoder.forward_blocks(patch_drop(x, drop, cls) if drop else x)
         return F.normalize(projection(x[:, cls:].mean(dim=1)), dim=-1)
 
     def forward(self, features: torch.Tensor):
