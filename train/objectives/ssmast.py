@@ -9,7 +9,7 @@ through its own linear projection to 256-d and are L2-normalised. InfoNCE: a stu
 pick the teacher's embedding of the other view out of a FIFO queue of past teacher embeddings,
 at temperature 0.07, both ways round (the symmetric loss). The teacher's keys then join the queue.
 
-The objective works with every token encoder: the transformer and the Mamba take the subset of
+The objective works with the transformer, the Mamba and MAST. The first two take the subset of
 tokens patch-drop leaves; FTA and conv adapters need the whole token grid, which it breaks. So does
 a MAST, whose pooling convolves the grid in every block: there a dropped token stays in place,
 zeroed (`patch_blank`), which is what the convolutions read beyond the grid's edge (their
