@@ -79,10 +79,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     ids_shuffle = torch.cat([ids_keep, ids_shuffle[:, keep:]], dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     visible = torch.gather(x, 1, ids_keep[:, :, None].expand(-1, -1, D))
-    mask = torch.ones(B, N, device=x.device)
-    mask[:, :keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)  # back to token order
-    return visible, mask, ids_restore
+    return visible, mask_of(noise.to(x.device), mask_ratio), ids_restore
 
 
 def num_masked(num_tokens: int, mask_ratio: float) -> int:
@@ -90,8 +87,8 @@ def num_masked(num_tokens: int, mask_ratio: float) -> int:
 
 
 def mask_of(noise: torch.Tensor, mask_ratio: float) -> torch.Tensor:
-    """The mask `random_masking` draws from this noise, without gathering: [B, N] (1 = masked),
-    the num_masked tokens of highest noise in each clip."""
+    """[B, N] (1 = masked): the num_masked tokens of highest noise in each clip, in token order
+    (`random_masking`'s mask; a MAST's mask tokens, which are not gathered out)."""
     rank = noise.argsort(dim=1).argsort(dim=1)  # each token's place in ascending noise
     return (rank >= noise.shape[1] - num_masked(noise.shape[1], mask_ratio)).float()
 

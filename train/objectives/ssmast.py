@@ -48,22 +48,21 @@ class SSMASTConfig:
                 ("projection_dim", self.projection_dim >= 1, ">= 1"), ("mixup", 0 <= self.mixup < 1, "in [0, 1)"), ("crop_scale", 0 < self.crop_scale <= 1, "in (0, 1]"))
 
 
+def kept_patches(n: int, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The patch-drop subset: n - round(ratio * n) random token indices of n, in order (a scan
+    reads them in order), one subset for the whole batch (as the reference drops them)."""
+    return torch.randperm(n, generator=generator)[: n - round(ratio * n)].sort().values
+
+
 def patch_drop(x: torch.Tensor, ratio: float, cls: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[B, cls + N, D] -> [B, cls + keep, D]: the cls tokens and one random subset of
-    keep = N - round(ratio * N) patch tokens, the same for the whole batch (as the reference
-    drops them), in their order (a scan reads them in order)."""
-    n = x.shape[1] - cls
-    keep = n - round(ratio * n)
-    ids = torch.randperm(n, generator=generator)[:keep].sort().values.to(x.device) + cls
+    """[B, cls + N, D] -> [B, cls + keep, D]: the cls tokens and the `kept_patches` of the patch tokens."""
+    ids = kept_patches(x.shape[1] - cls, ratio, generator).to(x.device) + cls
     return torch.cat([x[:, :cls], x[:, ids]], dim=1)
 
 
 def patch_blank(x: torch.Tensor, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[B, N, D] -> [B, N, D] with the tokens `patch_drop` would drop zeroed in place: one random
-    subset of round(ratio * N), the same for the whole batch."""
-    n = x.shape[1]
-    dropped = torch.randperm(n, generator=generator)[: round(ratio * n)].to(x.device)
-    keep = torch.ones(n, 1, dtype=x.dtype, device=x.device).index_fill_(0, dropped, 0)
+    """[B, N, D] -> [B, N, D]: the tokens outside the `kept_patches` zeroed in place."""
+    keep = torch.zeros(x.shape[1], 1, dtype=x.dtype, device=x.device).index_fill_(0, kept_patches(x.shape[1], ratio, generator).to(x.device), 1)
     return x * keep
 
 
