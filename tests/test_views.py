@@ -8,7 +8,7 @@ import torch
 from conftest import data_path, make_spec, white_noise
 
 from train.data import Example
-from train.views import ViewsConfig, mix, power, render, shifted, window_starts
+from train.views import ViewsConfig, core, mix, power, render, shifted, window_starts
 
 
 def test_mix_sets_the_snr_and_shifted_pads_with_silence():
@@ -43,6 +43,42 @@ def test_render_views_of_tags_and_keywords():
     kws = render("keywords", [Example("w", ("yes",))], [word], [white_noise(2.0, seed=6)], c, rate, rate)
     assert kws.labels == [("yes",)] * 3  # a keyword is mixed only with background, so it stays a keyword
     np.testing.assert_array_equal(kws.audio[0], word)
+
+
+def test_core_holds_the_middle_share_of_the_energy():
+    x = np.zeros(1000, np.float32)
+    x[400:600] = 1.0
+    assert core(x, 1.0) == (400, 600)
+    first, last = core(x, 0.9)
+    assert abs(first - 410) <= 1 and last == 590 and np.square(x[first:last]).sum() >= 0.9 * np.square(x).sum()
+    assert core(np.zeros(10, np.float32), 0.9) == (0, 10)  # silence: all of it
+
+
+def test_words_land_anywhere_in_the_window_and_backgrounds_follow_each_kind():
+    """With word_placement="anywhere" the augmented keyword views put the word's core at
+    positions spread over the whole window (never cut), not within the jitter of the centre;
+    word_background_prob alone decides how often a keyword view is heard over background."""
+    rate, samples = 16000, 16000
+    word = np.zeros(rate, np.float32)
+    word[7000:9000] = white_noise(0.125, seed=3)  # a 0.125 s word in the middle of a 1 s clip
+    c = ViewsConfig(views=41, word_placement="anywhere", word_core=1.0, level_db=0.0, word_background_prob=0.0, background_prob=1.0)
+    kws = render("keywords", [Example("w", ("yes",))], [word], [white_noise(2.0, seed=6)], c, samples, rate)
+    onsets = []
+    for view in kws.audio[1:]:
+        heard = np.flatnonzero(view)
+        assert len(heard) == 2000  # the whole word, and nothing else: no background at word_background_prob 0
+        onsets.append(heard[0])
+    assert min(onsets) < 1500 and max(onsets) > samples - 2000 - 1500  # near both edges: beyond the 0.2 s jitter
+    centred = render("keywords", [Example("w", ("yes",))], [word], [white_noise(2.0, seed=6)], replace(c, word_placement="center"), samples, rate)
+    assert all(abs(np.flatnonzero(v)[0] - 7000) <= 0.2 * rate for v in centred.audio[1:])
+    noisy = render("keywords", [Example("w", ("yes",))], [word], [white_noise(2.0, seed=6)], replace(c, word_background_prob=1.0, background_prob=0.0), samples, rate)
+    assert all(np.count_nonzero(v) == samples for v in noisy.audio[1:])
+
+
+@pytest.mark.parametrize("bad", [dict(word_placement="edge"), dict(word_core=0.0), dict(word_background_prob=1.5), dict(background_prob=-0.1)])
+def test_views_config_refuses_settings_out_of_range(bad):
+    with pytest.raises(ValueError, match="word|background"):
+        ViewsConfig(**bad)
 
 
 def test_views_are_labelled_consistently_and_cached(tmp_path, capsys):

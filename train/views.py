@@ -10,7 +10,10 @@ consistent", with the views cached as EfficientAT caches its teacher's outputs).
 
 Tag views come from windows of every clip on a hop grid; keyword clips (1 s each) keep the word
 inside the window and are only ever mixed with sounds that hold no word, so the word's label
-stays true. A view's hard labels are those of every clip mixed into it.
+stays true. In running audio a word lands anywhere in the window that hears it, over whatever
+sound is there: with `word_placement="anywhere"` a keyword view puts the span holding most of
+the clip's energy (`core`) anywhere inside the window, and `word_background_prob` says how often
+it is heard over background. A view's hard labels are those of every clip mixed into it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import numpy as np
 
 from edgetag.spec import TAGS
 from train.data import Example
-from train.options import setting
+from train.options import bounded, choose, setting
+
+PLACEMENTS = ("center", "anywhere")
 
 
 @dataclass
@@ -33,9 +38,17 @@ class ViewsConfig:
     level_db: float = setting(6.0, "A view's gain is uniform in +-this many dB.")
     mix_prob: float = setting(0.4, "Probability that a tag view is mixed with a window of another clip.")
     mix_snr_db: tuple[float, float] = setting((-5.0, 10.0), "The clip's level over the clip mixed in, uniform in this range (dB).")
-    background_prob: float = setting(0.6, "Probability of background sound in a view (--backgrounds).")
+    background_prob: float = setting(0.6, "Probability of background sound in a tag view (--backgrounds).")
     background_snr_db: tuple[float, float] = setting((0.0, 20.0), "Signal over background, uniform in this range (dB).")
+    word_placement: str = setting("center", "Where a keyword view puts its word: center (moved by --time-jitter), or anywhere (its --word-core lands anywhere in the window).")
+    word_core: float = setting(0.95, "Share of a keyword clip's energy that --word-placement anywhere keeps inside the window.")
+    word_background_prob: float = setting(0.6, "Probability of background sound in a keyword view (--backgrounds keywords=...).")
     views_seed: int = setting(0, "Seed of the views.")
+
+    def __post_init__(self):
+        choose("--word-placement", self.word_placement, PLACEMENTS)
+        bounded(self, ("word_core", 0 < self.word_core <= 1, "in (0, 1]"), ("background_prob", 0 <= self.background_prob <= 1, "in [0, 1]"),
+                ("word_background_prob", 0 <= self.word_background_prob <= 1, "in [0, 1]"))
 
 
 def power(x: np.ndarray) -> float:
@@ -54,6 +67,15 @@ def shifted(x: np.ndarray, start: int, samples: int) -> np.ndarray:
     if hi > lo:
         out[lo - start : hi - start] = x[lo:hi]
     return out
+
+
+def core(x: np.ndarray, share: float) -> tuple[int, int]:
+    """[first, last) sample of the span holding the middle `share` of x's energy (its word, in a keyword clip)."""
+    energy = np.cumsum(np.square(x, dtype=np.float64))
+    if energy[-1] <= 0:
+        return 0, len(x)
+    tail = (1 - share) / 2 * energy[-1]
+    return int(np.searchsorted(energy, tail, side="right")), int(np.searchsorted(energy, energy[-1] - tail)) + 1
 
 
 def window_starts(x: np.ndarray, samples: int, hop: int, keep: int) -> list[int]:
@@ -82,6 +104,7 @@ def render(kind: str, examples: list[Example], clips: list[np.ndarray | None], b
     rng = np.random.default_rng(c.views_seed)
     shift, hop = round(c.time_jitter * rate), round(c.clip_hop * rate)
     kept = [(i, x) for i, x in enumerate(clips) if x is not None and len(x)]
+    background_prob = c.background_prob if kind == TAGS else c.word_background_prob
     out, labels, source = [], [], []
     for i, x in kept:
         starts = window_starts(x, samples, hop, c.clip_windows) if kind == TAGS else [(len(x) - samples) // 2]
@@ -91,13 +114,18 @@ def render(kind: str, examples: list[Example], clips: list[np.ndarray | None], b
                 if v == 0:
                     view = shifted(x, start, samples)
                 else:
-                    view = shifted(x, start + int(rng.integers(-shift, shift + 1)), samples)
+                    if kind != TAGS and c.word_placement == "anywhere":  # the window's start puts the word's core inside it
+                        first, last = core(x, c.word_core)
+                        lo, hi = sorted((last - samples, first))  # a core longer than the window: the window inside it
+                        view = shifted(x, int(rng.integers(lo, hi + 1)), samples)
+                    else:
+                        view = shifted(x, start + int(rng.integers(-shift, shift + 1)), samples)
                     if kind == TAGS and rng.random() < c.mix_prob and len(kept) > 1:
                         j, other = kept[int(rng.integers(len(kept)))]
                         if j != i:
                             view = mix(view, shifted(other, int(rng.integers(0, max(1, len(other) - samples + 1))), samples), rng.uniform(*c.mix_snr_db))
                             labelled |= set(examples[j].labels)
-                    if backgrounds and rng.random() < c.background_prob:
+                    if backgrounds and rng.random() < background_prob:
                         noise = backgrounds[int(rng.integers(len(backgrounds)))]
                         view = mix(view, shifted(noise, int(rng.integers(0, max(1, len(noise) - samples + 1))), samples), rng.uniform(*c.background_snr_db))
                     view = view * 10 ** (rng.uniform(-c.level_db, c.level_db) / 20)
