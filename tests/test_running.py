@@ -2,12 +2,13 @@
 counted against the placements (found, wrong, false alarm) at any threshold."""
 
 import numpy as np
+import pytest
 import soundfile as sf
 from conftest import make_spec, white_noise
 
 from edgetag.stream import PostConfig
 from train.data import Example
-from train.running import Placed, Scene, calibrate_gate, calibrate_threshold, compose, curve, score
+from train.running import Placed, Scene, calibrate_gate, calibrate_threshold, compose, curve, heard, score
 
 
 def test_compose_places_each_word_once_inside_the_background(tmp_path):
@@ -46,6 +47,31 @@ def test_score_counts_found_wrong_and_false_alarms():
     assert calibrate_threshold(points, 1000.0)["threshold"] == 0.30
     per = score(spec, PostConfig(), "keywords", {"keywords": hops}, scene, {"yes": 0.95, "no": 0.5})
     assert (per["found"], per["false_alarms"]) == (0, 1)
+
+
+def test_heard_counts_keywords_whose_own_label_reaches_the_level_over_them():
+    spec = make_spec(heads={"keywords": ["yes", "no", "_unknown_"]}, stream=(1.0, 0.5))
+    scene = Scene(np.zeros(16000 * 20, np.float32), [Placed("yes", 2.0, 3.0), Placed("no", 8.0, 9.0), Placed("", 14.0, 15.0)], 16000)
+    hops = np.tile([0.0, 0.0, 1.0], (39, 1))
+    hops[3] = [0.9, 0.05, 0.05]  # 1.5-2.5 s overlaps "yes"
+    hops[16] = [0.6, 0.3, 0.1]  # over "no", but for "yes": "no" is not heard
+    hops[28] = [0.1, 0.95, 0.05]  # "no" over other speech counts for no keyword
+    assert heard(spec, "keywords", {"keywords": hops}, scene, 0.5) == 0.5
+    assert heard(spec, "keywords", {"keywords": hops}, scene, 0.95) == 0.0
+
+
+def test_compose_sets_each_word_at_its_snr_over_the_bed(tmp_path):
+    rate = 16000
+    sf.write(tmp_path / "bed.wav", 0.05 * white_noise(20.0, seed=1), rate)
+    sf.write(tmp_path / "w.wav", 0.3 * white_noise(1.0, seed=2), rate)
+    bed = sf.read(tmp_path / "bed.wav", dtype="float32")[0]
+    scene = compose([Example(str(tmp_path / "w.wav"), ("yes",))], [], [Example(str(tmp_path / "bed.wav"), ())], snr_db=(12.0, 12.0))
+    (w,) = scene.words
+    span = slice(round(w.start * rate), round(w.end * rate))
+    word = sf.read(tmp_path / "w.wav", dtype="float32")[0]
+    residue = scene.audio[span] - word  # the bed as mixed under the word
+    assert 10 * np.log10(np.mean(word.astype(np.float64) ** 2) / np.mean(residue.astype(np.float64) ** 2)) == pytest.approx(12.0, abs=0.05)
+    assert np.corrcoef(residue, bed[span])[0, 1] > 0.99
 
 
 def test_the_speech_gate_is_chosen_with_the_threshold_and_only_when_it_spots_more():
@@ -88,3 +114,14 @@ def test_the_benchmark_command_refuses_a_gate_that_is_not_a_probability(tmp_path
     run = subprocess.run([sys.executable, "-m", "train.running", "--keywords", str(tmp_path), "--backgrounds", str(tmp_path), "--gate", "0.2", "--gate", "1.5"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.strip() == "train.running: error: --gate: 0.2, 1.5 are not all in [0, 1)"
+
+
+def test_the_benchmark_command_refuses_an_snr_range_upside_down(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run = subprocess.run([sys.executable, "-m", "train.running", "--keywords", str(tmp_path), "--backgrounds", str(tmp_path), "--snr", "15", "0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip() == "train.running: error: --snr: 15 0 is not a range (low <= high)"

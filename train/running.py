@@ -164,10 +164,19 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, marks: di
     plt.close(fig)
 
 
-def scene_of(keywords: list[str], others: list[str], backgrounds: list[str], seed: int = 0, repeat: int = 1) -> Scene:
+def scene_of(keywords: list[str], others: list[str], backgrounds: list[str], seed: int = 0, repeat: int = 1, snr_db: tuple[float, float] = (0.0, 15.0)) -> Scene:
     """A scene from sources (train.data.Source): keyword clips, other speech, background."""
     read = lambda sources, head: [e for text in sources for e in Source.parse(text, head).read()]  # noqa: E731
-    return compose(read(keywords, KEYWORDS), read(others, KEYWORDS), read(backgrounds, TAGS), repeat=repeat, seed=seed)
+    return compose(read(keywords, KEYWORDS), read(others, KEYWORDS), read(backgrounds, TAGS), snr_db=snr_db, repeat=repeat, seed=seed)
+
+
+def heard(spec: ModelSpec, head: str, probabilities: dict[str, np.ndarray], scene: Scene, level: float) -> float:
+    """Share of the scene's keywords whose own label reaches `level` in some hop whose window
+    overlaps them: what any threshold up to `level` could spot, before false alarms and gates."""
+    labels, p = list(spec.heads[head].labels), probabilities[head]
+    starts = np.arange(len(p)) * spec.stream.hop
+    reached = [p[(starts < w.end) & (starts + spec.stream.window > w.start), labels.index(w.label)].max(initial=0.0) >= level for w in scene.keywords]
+    return float(np.mean(reached)) if reached else 0.0
 
 
 def main(
@@ -176,6 +185,7 @@ def main(
     others: list[str] = typer.Option([], help="Speech without keywords (sources)."),
     backgrounds: list[str] = typer.Option(..., help="Background sound the words are mixed into (sources)."),
     seed: int = typer.Option(0, help="Seed of the scene."),
+    snr: tuple[float, float] = typer.Option((0.0, 15.0), help="Each word's level over the background where it lands, uniform in this range (dB)."),
     gates: list[float] = typer.Option([], "--gate", help="Also the curve with keywords gated on the model's Speech tag at this probability (repeatable; 0: never gated)."),
     plot: Path = typer.Option(None, help="PNG of the recall / false-alarm curve."),
 ) -> None:
@@ -185,8 +195,10 @@ def main(
     try:
         if not all(0 <= g < 1 for g in gates):
             raise ValueError(f"--gate: {', '.join(f'{g:g}' for g in gates)} are not all in [0, 1)")
+        if not snr[0] <= snr[1]:  # NaN fails too
+            raise ValueError(f"--snr: {snr[0]:g} {snr[1]:g} is not a range (low <= high)")
         backend = load_backend(model)
-        scene = scene_of(keywords, others, backgrounds, seed)
+        scene = scene_of(keywords, others, backgrounds, seed, snr_db=snr)
     except (ValueError, FileNotFoundError) as e:
         print(f"train.running: error: {e}", file=sys.stderr)
         raise typer.Exit(2) from e
@@ -196,6 +208,8 @@ def main(
     at = score(engine.spec, post, head, probabilities, scene, spot_thresholds(engine, head), own)
     print(f"{scene.seconds / 60:.1f} min, {len(scene.keywords)} keywords, {len(scene.words) - len(scene.keywords)} other words")
     print(f"at the model's thresholds{f' and speech gate {own:g}' if own else ''}:", json.dumps(at))
+    print("keywords whose own label reaches 0.5 / 0.9 in some hop over them: "
+          f"{100 * heard(engine.spec, head, probabilities, scene, 0.5):.1f}% / {100 * heard(engine.spec, head, probabilities, scene, 0.9):.1f}%")
     curves = {"model": curve(engine.spec, post, head, probabilities, scene, own)}
     for gate in gates:
         if gate != own:
