@@ -30,7 +30,7 @@ DATA = [
     ("Speech Commands background noise", "background_noise/", "mixed into views", "CC BY 4.0"),
     ("Free Spoken Digit Dataset", "fsdd/", "keywords: `_unknown_` (one speaker); other speech in the scenes and held-out negatives (the rest)", "CC BY-SA 4.0, Jackson et al."),
     ("Picovoice wake words", "wake_words/", "keywords: `_unknown_` (30% of clips); other speech in the scenes and held-out negatives", "Apache-2.0, Picovoice"),
-    ("EfficientAT mn04 (AudioSet, mAP 0.432)", "../teachers/efficientat_mn04_as/", "teacher of the tag head on the AudioSet classes no dataset here names; peer", "MIT, Schmid et al. 2023"),
+    ("EfficientAT mn04 (AudioSet, mAP 0.432)", "../teachers/efficientat_mn04_as/", "teacher of the tag head: alone on the AudioSet classes no dataset here names, beside the datasets' labels (by --tag-alpha) on those they name; peer", "MIT, Schmid et al. 2023"),
     ("MLPerf Tiny keyword model (DS-CNN)", "../teachers/mlperf_tiny_kws/", "teacher of the keyword head; peer", "Apache-2.0, MLCommons"),
 ]
 
@@ -42,6 +42,11 @@ ENCODER_WORDS = {"transformer": "audio transformer", "mamba": "bidirectional Mam
 
 def pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def points(x: float) -> str:
+    """A shortfall in percentage points, with the digits that keep it from reading as 0.0."""
+    return f"{100 * x:.1f}" if 100 * x >= 0.05 else f"{100 * x:.2g}"
 
 
 def results_table(report: dict) -> list[str]:
@@ -157,9 +162,11 @@ def describe(name: str, stage: dict) -> str:
     c = settings.get("student", settings)  # a distillation stage's settings hold its student's
     start = f"from `{c['init']}`" if c["init"] else f"a {c['size']} model with {TOKEN_WORDS[c.get('tokens', 'patch')]} from scratch"
     teachers = [t for t in (settings.get("teacher"), settings.get("tag_teacher"), settings.get("keyword_teacher")) if t]
-    views = settings.get("views", {}).get("views", 0)
-    how = (f", {views} views per window" if views else "") + (f", taught by {', '.join(f'`{Path(t).name}`' for t in teachers)} (T={settings['temperature']}, alpha={settings['alpha']})"
-                                                              if teachers else ", hard labels only")
+    v = settings.get("views", {})
+    words = f" (keyword views: the word {'anywhere in the window' if v.get('word_placement') == 'anywhere' else 'centred'}, over background in {100 * v.get('word_background_prob', 0.6):.0f}%)"
+    weights = "".join(f", {name}={settings[key]:g}" for name, key in (("tag-alpha", "tag_alpha"), ("cross", "cross")) if settings.get(key))
+    how = (f", {v['views']} views per window{words}" if v.get("views") else "") + (f", taught by {', '.join(f'`{Path(t).name}`' for t in teachers)} (T={settings['temperature']}, alpha={settings['alpha']}{weights})"
+                                                                                  if teachers else ", hard labels only")
     best = "; ".join(f"{head} {pct(r.get('accuracy'))}" for head, r in result.items())
     return f"{start}{how}, {c['epochs']} epochs, lr {c['lr']:g}; best validation accuracy {best}"
 
@@ -197,7 +204,7 @@ def targets_table(recipe, report: dict, bundle_bytes: int | None) -> list[str]:
     for task, goal in t.get("accuracy", {}).items():
         if task in student:
             got = student[task]["accuracy"]
-            rows.append(f"| {TASKS[task]} >= {100 * goal:.0f}% | {pct(got)} | {'met' if got >= goal else f'missed by {100 * (goal - got):.1f} points'} |")
+            rows.append(f"| {TASKS[task]} >= {100 * goal:.0f}% | {pct(got)} | {'met' if got >= goal else f'missed by {points(goal - got)} points'} |")
     if "running" in t and "running" in report:
         per_hour, goal = t["running"]
         m = report["running"]["models"]["student"]["at_thresholds"]

@@ -1,12 +1,13 @@
 """The default models, reproduced end to end from the shared data folder.
 
-    python -m pipeline.recipe default --previous runs/default-3       # edgetag-default-4, the bundled model, beside default-3
+    python -m pipeline.recipe default --previous runs/default-4       # edgetag-default-5, the bundled model, beside default-4
     python -m pipeline.recipe default --install                       # ... copied into edgetag/assets
     python -m pipeline.recipe default --stages init,student           # some stages
-    python -m pipeline.recipe default3 --out runs/d3                  # edgetag-default-3, the model before it
-    python -m pipeline.recipe default2 --out runs/d2                  # edgetag-default-2, the one before that
+    python -m pipeline.recipe default4 --out runs/d4                  # edgetag-default-4, the model before it
+    python -m pipeline.recipe default3 --out runs/d3                  # edgetag-default-3, the one before that
+    python -m pipeline.recipe default2 --out runs/d2                  # edgetag-default-2, the first
 
-Stages, each in its own folder under --out (default-4 has no pretrain or teacher stage: its
+Stages, each in its own folder under --out (default-5 and default-4 have no pretrain or teacher stage: the
 student starts from EfficientAT's AudioSet weights and learns on augmented views that
 third-party teachers label; default-3 had no init stage either, and learned from scratch):
 
@@ -228,7 +229,7 @@ def default3(data: str = "../shared/data", out: str = "runs/default", previous: 
     )
 
 
-def default(data: str = "../shared/data", out: str = "runs/default", previous: str = "runs/default-3") -> Recipe:
+def default4(data: str = "../shared/data", out: str = "runs/default", previous: str = "runs/default-3") -> Recipe:
     """edgetag-default-4: EfficientAT's mn04 itself as the student's starting point, imported
     with its AudioSet weights (`init` stage: train.convert --from efficientat), then taught on
     default-3's views, data and teachers: mn04 (the original, on its own 32 kHz front end) and the
@@ -241,7 +242,7 @@ def default(data: str = "../shared/data", out: str = "runs/default", previous: s
     # trained from scratch); fp32, as bf16 convolutions are slower than fp32 on CPUs without AVX512-BF16.
     student = replace(c.student, init=str(o / "init" / "model.safetensors"), encoder="mobilenet", size="mn04", tokens="patch",
                       epochs=4, lr=5e-4, warmup_epochs=0.5, precision="fp32")
-    tried = ["these settings without --cross, 5 epochs (the same init, views and teachers; 2026-12-02): keywords 90.2%, ESC-50 73.1%, DCASE 82.4%, "
+    tried = ["default-4's settings without --cross, 5 epochs (the same init, views and teachers; 2026-12-02): keywords 90.2%, ESC-50 73.1%, DCASE 82.4%, "
              "UrbanSound8K 48.1%; 28.1% of running keywords at 0.0 false alarms per hour; but its tag head called a clean Speech Commands \"yes\" "
              "Siren (1.00; mn04: Speech 0.82), having never heard a keyword view, so --cross went in at the cost of those tag figures",
              "edgetag-default-3, a mini transformer with a conv stem from scratch on the same views and teachers (12 epochs, lr 1e-3): "
@@ -265,7 +266,29 @@ def default(data: str = "../shared/data", out: str = "runs/default", previous: s
                    calibrate=calibrate, evaluation={**r.evaluation, "latency": latency})
 
 
-RECIPES = {"default": default, "default3": default3, "default2": default2}
+def default(data: str = "../shared/data", out: str = "runs/default", previous: str = "runs/default-4") -> Recipe:
+    """edgetag-default-5: default-4 with its tag teacher trusted less where the labels know better.
+    `previous` holds edgetag-default-4 (model.safetensors, export/)."""
+    r = default4(data, out, previous)
+    # On the tag classes the datasets name, the labels beat mn04 here (default-4's hard-label
+    # baseline: UrbanSound8K 60.7% against the student's 41.9%, mn04 itself 36.4%), so mn04
+    # speaks for a quarter there, not half; and --cross, which made the tag head hear keyword
+    # views (a clean "yes" was Siren without it) at a cost of 6 points on ESC-50 and DCASE,
+    # weighs half of default-4's.
+    student = replace(r.student, tag_alpha=0.25, cross=0.25)
+    tried = ["edgetag-default-4: these settings with --tag-alpha 0.5 and --cross 0.5 (its card; measured again here as `previous`)",
+             "these settings with keyword views heard as words are in running audio (`--word-placement anywhere`: the span of 95% of a clip's "
+             "energy anywhere in the window; background in 90% of them, `--word-background-prob 0.9`) and the MLPerf model at alpha 0.3 "
+             "(2026-12-02, runs/d5a): keywords 89.7%, ESC-50 74.9%, DCASE 82.4%, UrbanSound8K 53.7%; 27.4% of running keywords at 0.0 false "
+             "alarms per hour (36.6% at best within 4 per hour), its calibration unable to keep 2 per hour at any gate; its hard-label "
+             "baseline on those views: keywords 86.5% and 37.0% of running keywords within 4 per hour, against 88.9% and 38.9% on "
+             "default-4's views. In default-4's calibration scene its own keywords had reached 0.5 in some hop over them for 54% (58% for "
+             "this one), falling from 87% right as centred clean clips to 43% over ESC-50 sound at 5 dB",
+             *r.tried]
+    return replace(r, model_id="edgetag-default-5", student=student, tried=tried)
+
+
+RECIPES = {"default": default, "default4": default4, "default3": default3, "default2": default2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -669,7 +692,7 @@ def main(
     name: str = typer.Argument("default", help=f"The recipe: {', '.join(RECIPES)}."),
     data: str = typer.Option("../shared/data", help="The shared data folder (Speech Commands, ESC-50, DCASE 2016, FSDD, wake words, noise)."),
     out: str = typer.Option("runs/default", help="Where every stage writes its folder."),
-    previous: str = typer.Option("", help="default, default3: the folder of the model the recipe's replaces (model.safetensors, export/), measured beside it (default: runs/default-3, runs/default-2)."),
+    previous: str = typer.Option("", help="default, default4, default3: the folder of the model the recipe's replaces (model.safetensors, export/), measured beside it (default: runs/default-4, runs/default-3, runs/default-2)."),
     stages: str = typer.Option("", help="Comma-separated stages to run, in order (default: all; see the module's docstring)."),
     install_assets: bool = typer.Option(False, "--install", help="Copy the calibrated model, its export and the card into edgetag/assets."),
     refresh: bool = typer.Option(False, "--refresh-card", help="Train nothing: measure the installed card's int8 rows and latency again (after a runtime change)."),

@@ -48,7 +48,7 @@ def test_load_model_without_an_argument_is_the_bundled_model():
     spec = edgetag.load_model().spec
     from edgetag.spec import ModelSpec
 
-    assert spec.model_id == ModelSpec.from_dict(json.loads((DEFAULT_EXPORT / "manifest.json").read_text())["spec"]).model_id == "edgetag-default-4"
+    assert spec.model_id == ModelSpec.from_dict(json.loads((DEFAULT_EXPORT / "manifest.json").read_text())["spec"]).model_id == "edgetag-default-5"
     assert sorted(spec.heads["keywords"].labels) == sorted(KEYWORD_LABELS)
     assert spec.heads["tags"].kind == "tags" and "Dog" in spec.heads["tags"].labels
     assert set(spec.thresholds["keywords"]) >= set(COMMAND_WORDS)  # every keyword calibrated
@@ -196,22 +196,29 @@ def test_int8_backend_tells_the_same_story(phases):
     clears its threshold by more than that in one backend is in the other too: as itself, or
     folded into a narrower tag that the other backend has just over its threshold ("Speech" into
     "Narration, monologue" at 0.509 in int8 and 0.479 in fp32, under a threshold of 0.5)."""
+
+    for fp32, int8 in zip(phases["torch"], phases["onnx"]):
+        for a, b in zip(fp32["hops"], int8["hops"], strict=True):
+            for head in a.probabilities:
+                assert np.abs(a.probabilities[head] - b.probabilities[head]).max() < INT8_SPREAD, (fp32["lead"], a.start, head)
+        assert_same_story(fp32["events"], int8["events"])
+
+
+def assert_same_story(a: list[tuple], b: list[tuple]) -> None:
+    """Every event (kind, label, start, end, score) of one list that clears its threshold by
+    more than INT8_SPREAD is in the other, overlapping it: as itself, or folded into a narrower
+    tag (where a tag starts one hop apart, folding keeps it in one backend and not the other)."""
     import edgetag
 
     spec = edgetag.load_model().spec
     tags = spec.heads["tags"]
     labels, up = list(tags.labels), tags.ancestors()
     same = lambda found, label: found == label or (found in labels and label in labels and labels.index(label) in up[labels.index(found)])  # noqa: E731
-    for fp32, int8 in zip(phases["torch"], phases["onnx"]):
-        for a, b in zip(fp32["hops"], int8["hops"], strict=True):
-            for head in a.probabilities:
-                assert np.abs(a.probabilities[head] - b.probabilities[head]).max() < INT8_SPREAD, (fp32["lead"], a.start, head)
-        for this, other in ((fp32, int8), (int8, fp32)):
-            for kind, label, start, end, score in this["events"]:
-                head = "keywords" if kind == "keyword" else "tags"
-                threshold = spec.thresholds.get(head, {}).get(label, 0.5)
-                if score > threshold + INT8_SPREAD:
-                    assert any(k == kind and same(lab, label) and s < end and e > start for k, lab, s, e, _ in other["events"]), (this["lead"], label, start)
+    for this, other in ((a, b), (b, a)):
+        for kind, label, start, end, score in this:
+            head = "keywords" if kind == "keyword" else "tags"
+            if score > spec.thresholds.get(head, {}).get(label, 0.5) + INT8_SPREAD:
+                assert any(k == kind and same(lab, label) and s < end and e > start for k, lab, s, e, _ in other), (label, start)
 
 
 def test_card_names_this_model():
@@ -252,11 +259,13 @@ def test_torch_int8_backend_from_the_cli_agrees_with_fp32_where_fp32_is_clear():
 
 
 def test_the_default_onnx_model_hears_what_torch_hears():
-    """`edgetag file` without --backend runs the bundled int8 ONNX export; on the example it gives
-    the events the checkpoint gives through torch fp32 (scores within the int8 spread)."""
+    """`edgetag file` without --backend runs the bundled int8 ONNX export; on the example it tells
+    the story the checkpoint tells through torch fp32: the same keywords, and every clear tag in
+    one is in the other (`assert_same_story`)."""
     onnx, torch_fp32 = edgetag_file(), edgetag_file("--backend", "torch")
-    assert [(e["kind"], e["label"], e["start"], e["end"]) for e in onnx] == [(e["kind"], e["label"], e["start"], e["end"]) for e in torch_fp32]
-    np.testing.assert_allclose([e["score"] for e in onnx], [e["score"] for e in torch_fp32], atol=INT8_SPREAD)
+    rows = lambda events: [(e["kind"], e["label"], e["start"], e["end"], e["score"]) for e in events]  # noqa: E731
+    assert [e["label"] for e in onnx if e["kind"] == "keyword"] == [e["label"] for e in torch_fp32 if e["kind"] == "keyword"] == ["yes"]
+    assert_same_story(rows(onnx), rows(torch_fp32))
 
 
 def test_dynamic_int8_gives_each_window_the_same_numbers_in_any_batch():
