@@ -11,6 +11,7 @@ from pathlib import Path
 
 from edgetag.bench import cpu_name
 from edgetag.spec import KEYWORDS
+from train.views import ViewsConfig
 
 TASKS = {  # report key -> how the card names the task
     "keywords": "keywords: accuracy (12-way)",
@@ -162,11 +163,11 @@ def describe(name: str, stage: dict) -> str:
     c = settings.get("student", settings)  # a distillation stage's settings hold its student's
     start = f"from `{c['init']}`" if c["init"] else f"a {c['size']} model with {TOKEN_WORDS[c.get('tokens', 'patch')]} from scratch"
     teachers = [t for t in (settings.get("teacher"), settings.get("tag_teacher"), settings.get("keyword_teacher")) if t]
-    v = settings.get("views", {})
-    words = f" (keyword views: the word {'anywhere in the window' if v.get('word_placement') == 'anywhere' else 'centred'}, over background in {100 * v.get('word_background_prob', 0.6):.0f}%)"
+    v = ViewsConfig(**settings.get("views", {}))  # a stage recorded before a views setting existed ran at its default
+    words = f" (keyword views: the word {'anywhere in the window' if v.word_placement == 'anywhere' else 'centred'}, over background in {100 * v.word_background_prob:.0f}%)"
     weights = "".join(f", {name}={settings[key]:g}" for name, key in (("tag-alpha", "tag_alpha"), ("cross", "cross")) if settings.get(key))
-    how = (f", {v['views']} views per window{words}" if v.get("views") else "") + (f", taught by {', '.join(f'`{Path(t).name}`' for t in teachers)} (T={settings['temperature']}, alpha={settings['alpha']}{weights})"
-                                                                                  if teachers else ", hard labels only")
+    how = (f", {v.views} views per window{words}" if v.views else "") + (f", taught by {', '.join(f'`{Path(t).name}`' for t in teachers)} (T={settings['temperature']}, alpha={settings['alpha']}{weights})"
+                                                                          if teachers else ", hard labels only")
     best = "; ".join(f"{head} {pct(r.get('accuracy'))}" for head, r in result.items())
     return f"{start}{how}, {c['epochs']} epochs, lr {c['lr']:g}; best validation accuracy {best}"
 

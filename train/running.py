@@ -174,8 +174,8 @@ def heard(spec: ModelSpec, head: str, probabilities: dict[str, np.ndarray], scen
     """Share of the scene's keywords whose own label reaches `level` in some hop whose window
     overlaps them: what any threshold up to `level` could spot, before false alarms and gates."""
     labels, p = list(spec.heads[head].labels), probabilities[head]
-    starts = np.arange(len(p)) * spec.stream.hop
-    reached = [p[(starts < w.end) & (starts + spec.stream.window > w.start), labels.index(w.label)].max(initial=0.0) >= level for w in scene.keywords]
+    starts = np.arange(len(p)) * spec.hop_seconds  # each hop's window, as the engine times it
+    reached = [p[(starts < w.end) & (starts + spec.window_seconds > w.start), labels.index(w.label)].max(initial=0.0) >= level for w in scene.keywords]
     return float(np.mean(reached)) if reached else 0.0
 
 

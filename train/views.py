@@ -105,21 +105,21 @@ def render(kind: str, examples: list[Example], clips: list[np.ndarray | None], b
     shift, hop = round(c.time_jitter * rate), round(c.clip_hop * rate)
     kept = [(i, x) for i, x in enumerate(clips) if x is not None and len(x)]
     background_prob = c.background_prob if kind == TAGS else c.word_background_prob
+    anywhere = kind != TAGS and c.word_placement == "anywhere"
     out, labels, source = [], [], []
     for i, x in kept:
         starts = window_starts(x, samples, hop, c.clip_windows) if kind == TAGS else [(len(x) - samples) // 2]
+        first, last = core(x, c.word_core) if anywhere else (0, 0)
         for start in starts:
+            # where an augmented view's window may start: with the word's core inside it (a core
+            # longer than the window: inside the core), or within the jitter of the clean window
+            lo, hi = sorted((last - samples, first)) if anywhere else (start - shift, start + shift)
             for v in range(c.views):
                 labelled = set(examples[i].labels)
                 if v == 0:
                     view = shifted(x, start, samples)
                 else:
-                    if kind != TAGS and c.word_placement == "anywhere":  # the window's start puts the word's core inside it
-                        first, last = core(x, c.word_core)
-                        lo, hi = sorted((last - samples, first))  # a core longer than the window: the window inside it
-                        view = shifted(x, int(rng.integers(lo, hi + 1)), samples)
-                    else:
-                        view = shifted(x, start + int(rng.integers(-shift, shift + 1)), samples)
+                    view = shifted(x, int(rng.integers(lo, hi + 1)), samples)
                     if kind == TAGS and rng.random() < c.mix_prob and len(kept) > 1:
                         j, other = kept[int(rng.integers(len(kept)))]
                         if j != i:
