@@ -134,10 +134,17 @@ def calibrate_gate(spec: ModelSpec, post: PostConfig, head: str, probabilities: 
                    target_per_hour: float) -> tuple[float, dict, dict[float, list[dict]]]:
     """The speech gate and threshold that spot the most keywords within the false-alarm target:
     each gate's curve gives its threshold (`calibrate_threshold`), and a gate must spot more
-    than a lower one to be chosen. Returns (gate, its point, every gate's curve)."""
+    than a lower one to be chosen. Where no gate keeps the target, the one closest to it (fewest
+    false alarms) is chosen. Returns (gate, its point, every gate's curve)."""
     curves = {gate: curve(spec, post, head, probabilities, scene, gate) for gate in sorted(gates)}
     chosen = {gate: calibrate_threshold(points, target_per_hour) for gate, points in curves.items()}
-    best = max(chosen, key=lambda gate: (chosen[gate]["false_alarms_per_hour"] <= target_per_hour, chosen[gate]["recall"], -gate))
+
+    def merit(gate: float) -> tuple:
+        p = chosen[gate]
+        within = p["false_alarms_per_hour"] <= target_per_hour
+        return within, p["recall"] if within else -p["false_alarms_per_hour"], p["recall"], -gate
+
+    best = max(chosen, key=merit)
     return best, chosen[best], curves
 
 
