@@ -100,7 +100,7 @@ def gate_lines(running: dict, scene: dict, per_hour: float) -> list[str]:
     if len(gates) > 1:
         tried = "; ".join(f"{g} ({p['threshold']:.2f}): {pct(p['recall'])} at {p['false_alarms_per_hour']:.1f} / hour" for g, p in gates.items())
         lines.append(f"- The speech gate was chosen with the threshold on the calibration scene, each gate at its lowest threshold within the "
-                     f"target: {tried}. Chosen: {scene['speech_gate']:g}.")
+                     f"target (or the grid's top): {tried}. Chosen: {scene['speech_gate']:g}.")
     mine = best_within(student["curve"], per_hour)
     for name, m in running["models"].items():
         if "gate" not in m:
@@ -144,12 +144,16 @@ def describe(name: str, stage: dict) -> str:
                 f"{int(100 * settings['mask_ratio'])}% {settings['masking']} masking; loss {result['first_loss']:.2f} -> {result['last_loss']:.2f}")
     if name == "calibrate":
         scene = result.get("scene")
+        if settings.get("hop"):
+            return f"{describe(name, {**stage, 'settings': {k: v for k, v in settings.items() if k != 'hop'}})}; all at a hop of {settings['hop']:g} s, the one it listens at (not its training one)"
         if scene:
             where = f"a {scene['minutes']:.0f} min running-audio scene ({scene['keywords']} keywords, {scene['other_words']} other words)"
             if len(scene.get("gates", {})) > 1:
-                return (f"one keyword threshold ({scene['chosen']['threshold']:.2f}) and a speech gate ({scene['speech_gate']:g}: keywords only where "
-                        f"the Speech tag reaches it), the pair spotting the most keywords within {settings['target_per_hour']:g} false alarms per hour on "
-                        f"{where}; tag thresholds by F1")
+                chosen, target = scene["chosen"], settings["target_per_hour"]
+                pair = (f"the pair spotting the most keywords within {target:g} false alarms per hour" if chosen["false_alarms_per_hour"] <= target else
+                        f"no pair within {target:g} false alarms per hour, so the one closest to it ({chosen['false_alarms_per_hour']:.1f} per hour at the grid's top)")
+                return (f"one keyword threshold ({chosen['threshold']:.2f}) and a speech gate ({scene['speech_gate']:g}: keywords only where "
+                        f"the Speech tag reaches it), {pair} on {where}; tag thresholds by F1")
             return (f"one keyword threshold ({scene['chosen']['threshold']:.2f}), the lowest within {settings['target_per_hour']:g} false alarms per hour on "
                     f"{where}; tag thresholds by F1")
         return f"thresholds at <= {settings['target_per_hour']:g} false alarm per hour on {result['negative_hours']:.2f} h of validation audio without keywords"
@@ -283,7 +287,7 @@ def render(recipe, report: dict, stages: dict[str, dict], spec, bundle_bytes: in
         "",
         "## Validation results",
         "",
-        "Clip accuracy with clip scores averaged over the 1 s windows every 0.5 s, as the streaming engine sees",
+        f"Clip accuracy with clip scores averaged over the {spec.stream.window:g} s windows every {spec.stream.hop:g} s (each model at its own hop), as the streaming engine sees",
         "them, among the classes of each task (the n-way in each cell; a model that lacks some of a task's classes",
         "competes among those it has). Peers run on the same windows; mn04 hears the 16 kHz audio upsampled to its 32 kHz.",
         "",

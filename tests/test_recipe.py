@@ -149,7 +149,7 @@ def test_unknown_stage_is_refused(tmp_path):
 def test_a_recipe_that_continues_a_model_on_views_with_running_audio(recipe_run, tmp_path):
     """default-3's shape: no pretraining or teacher stage; the student continues a finished
     model on augmented views (hard labels here: no third-party teacher on a CI machine); a
-    keyword threshold chosen on a running-audio scene; the previous model and the running-audio
+    keyword threshold chosen on a running-audio scene at a hop of its own; the previous model and the running-audio
     benchmark in the report and the card."""
     from train.views import ViewsConfig
 
@@ -164,7 +164,7 @@ def test_a_recipe_that_continues_a_model_on_views_with_running_audio(recipe_run,
     recipe = replace(first, model_id="test-model-3", pretrain=None, teacher=None,
                      student=DistillConfig(views=ViewsConfig(views=2), student=student),
                      baselines={"nokd": DistillConfig(views=ViewsConfig(views=1), student=replace(student, out=str(out / "nokd")))},
-                     calibrate={**first.calibrate, "keywords": [], "negatives": [], "scene": scene},
+                     calibrate={**first.calibrate, "keywords": [], "negatives": [], "scene": scene, "hop": 0.25},
                      evaluation={**first.evaluation, "running": {**scene, "gates": [0.5]}, "previous": str(previous)},
                      targets={"accuracy": {"keywords": 0.5}, "running": (1000.0, 0.0)}, tried=["a first idea: 1%", "a second: 2%"])
     assert stages_of(recipe) == ["student", "nokd", "calibrate", "export", "evaluate", "card"]
@@ -176,6 +176,9 @@ def test_a_recipe_that_continues_a_model_on_views_with_running_audio(recipe_run,
     chosen = json.loads((out / "calibrate" / "stage.json").read_text())["result"]["scene"]["chosen"]
     model = load_model(out / "calibrate" / "model.safetensors")
     assert set(model.spec.thresholds["keywords"].values()) == {chosen["threshold"]}  # one threshold, from the scene
+    # it listens at the calibrated hop, not its training one, and so does its export
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    assert model.spec.stream.hop == manifest["spec"]["stream"]["hop"] == 0.25 != load_model(out / "student" / "best.safetensors").spec.stream.hop
     card = (out / "MODEL_CARD.md").read_text()
     assert "## Keywords in running audio" in card and "## Targets" in card and (out / "running.png").is_file()
     assert "- a first idea: 1%;\n- a second: 2%.\n" in card.split("## Targets")[1]  # what was tried, under the targets it missed
