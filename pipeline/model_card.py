@@ -137,26 +137,30 @@ def stage_table(stages: dict[str, dict]) -> list[str]:
     return rows
 
 
+def calibration_words(settings: dict, result: dict) -> str:
+    """What the calibrate stage chose, and on what."""
+    scene = result.get("scene")
+    if scene:
+        where = f"a {scene['minutes']:.0f} min running-audio scene ({scene['keywords']} keywords, {scene['other_words']} other words)"
+        if len(scene.get("gates", {})) > 1:
+            chosen, target = scene["chosen"], settings["target_per_hour"]
+            pair = (f"the pair spotting the most keywords within {target:g} false alarms per hour" if chosen["false_alarms_per_hour"] <= target else
+                    f"no pair within {target:g} false alarms per hour, so the one closest to it ({chosen['false_alarms_per_hour']:.1f} per hour at the grid's top)")
+            return (f"one keyword threshold ({chosen['threshold']:.2f}) and a speech gate ({scene['speech_gate']:g}: keywords only where "
+                    f"the Speech tag reaches it), {pair} on {where}; tag thresholds by F1")
+        return (f"one keyword threshold ({scene['chosen']['threshold']:.2f}), the lowest within {settings['target_per_hour']:g} false alarms per hour on "
+                f"{where}; tag thresholds by F1")
+    return f"thresholds at <= {settings['target_per_hour']:g} false alarm per hour on {result['negative_hours']:.2f} h of validation audio without keywords"
+
+
 def describe(name: str, stage: dict) -> str:
     settings, result = stage["settings"], stage["result"]
     if name == "pretrain":
         return (f"MAE-AST, {settings['size']} encoder, {settings['steps']} steps of {settings['batch_size']} random {settings['frames'] * 10} ms crops, "
                 f"{int(100 * settings['mask_ratio'])}% {settings['masking']} masking; loss {result['first_loss']:.2f} -> {result['last_loss']:.2f}")
     if name == "calibrate":
-        scene = result.get("scene")
-        if settings.get("hop"):
-            return f"{describe(name, {**stage, 'settings': {k: v for k, v in settings.items() if k != 'hop'}})}; all at a hop of {settings['hop']:g} s, the one it listens at (not its training one)"
-        if scene:
-            where = f"a {scene['minutes']:.0f} min running-audio scene ({scene['keywords']} keywords, {scene['other_words']} other words)"
-            if len(scene.get("gates", {})) > 1:
-                chosen, target = scene["chosen"], settings["target_per_hour"]
-                pair = (f"the pair spotting the most keywords within {target:g} false alarms per hour" if chosen["false_alarms_per_hour"] <= target else
-                        f"no pair within {target:g} false alarms per hour, so the one closest to it ({chosen['false_alarms_per_hour']:.1f} per hour at the grid's top)")
-                return (f"one keyword threshold ({chosen['threshold']:.2f}) and a speech gate ({scene['speech_gate']:g}: keywords only where "
-                        f"the Speech tag reaches it), {pair} on {where}; tag thresholds by F1")
-            return (f"one keyword threshold ({scene['chosen']['threshold']:.2f}), the lowest within {settings['target_per_hour']:g} false alarms per hour on "
-                    f"{where}; tag thresholds by F1")
-        return f"thresholds at <= {settings['target_per_hour']:g} false alarm per hour on {result['negative_hours']:.2f} h of validation audio without keywords"
+        at = f"; all at a hop of {settings['hop']:g} s, the one it listens at (not its training one)" if settings.get("hop") else ""
+        return calibration_words(settings, result) + at
     if name == "export":
         fp32 = max(a["max_abs"] for a in result["fp32"].values())
         int8 = "; ".join(f"{h} {100 * a['top1']:.1f}%" for h, a in result["int8"].items())

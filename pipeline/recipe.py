@@ -277,7 +277,7 @@ def default5(data: str = "../shared/data", out: str = "runs/default", previous: 
     # views (a clean "yes" was Siren without it) at a cost of 6 points on ESC-50 and DCASE,
     # weighs half of default-4's.
     student = replace(r.student, tag_alpha=0.25, cross=0.25)
-    tried = ["edgetag-default-4: these settings with --tag-alpha 0.5 and --cross 0.5 (its card; measured again here as `previous`)",
+    tried = ["edgetag-default-4: default-5's student settings with --tag-alpha 0.5 and --cross 0.5 (its card)",
              "these settings with keyword views heard as words are in running audio (`--word-placement anywhere`: the span of 95% of a clip's "
              "energy anywhere in the window; background in 90% of them, `--word-background-prob 0.9`) and the MLPerf model at alpha 0.3 "
              "(2026-12-02, runs/d5a): keywords 89.7%, ESC-50 74.9%, DCASE 82.4%, UrbanSound8K 53.7%; 27.4% of running keywords at 0.0 false "
@@ -297,8 +297,7 @@ def default(data: str = "../shared/data", out: str = "runs/default", previous: s
     # it was in training: at 0.25 s default-5's keywords in its evaluation scene reached 0.5 for
     # their own label in some hop over them for 74% (66% at 0.5 s). A hop costs the same; a
     # second of audio costs twice as many (MLPerf Tiny's model is run this way too).
-    tried = ["edgetag-default-5: this student listening every 0.5 s (its card; measured again here as `previous`)",
-             "edgetag-default-4: this student's settings with --tag-alpha 0.5 and --cross 0.5, every 0.5 s (its card)", *r.tried[1:]]
+    tried = ["edgetag-default-5: this student listening every 0.5 s (its card; measured again here as `previous`)", *r.tried]
     return replace(r, model_id="edgetag-default-6", calibrate={**r.calibrate, "hop": 0.25}, tried=tried)
 
 
