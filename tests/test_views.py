@@ -75,6 +75,55 @@ def test_words_land_anywhere_in_the_window_and_backgrounds_follow_each_kind():
     assert all(np.count_nonzero(v) == samples for v in noisy.audio[1:])
 
 
+def test_clean_views_are_the_keyword_views_without_their_background():
+    """teach_clean keeps each keyword view as it was before its background went in: moved and
+    scaled as the view was, the background at the drawn SNR under it; the views themselves are
+    the same with or without it, and tag views keep no clean copy."""
+    rate, samples = 16000, 16000
+    word = np.zeros(rate, np.float32)
+    word[6000:10000] = 0.05 * white_noise(0.25, seed=3)
+    c = ViewsConfig(views=6, level_db=6.0, word_background_prob=1.0, background_snr_db=(3.0, 9.0), teach_clean=True)
+    kws = render("keywords", [Example("w", ("yes",))], [word], [0.05 * white_noise(2.0, seed=6)], c, samples, rate)
+    assert kws.clean.shape == kws.audio.shape
+    np.testing.assert_array_equal(kws.clean[0], kws.audio[0])  # view 0 is clean anyway
+    for view, clean in zip(kws.audio[1:], kws.clean[1:]):
+        assert np.count_nonzero(clean) == 4000  # the word alone, wherever the jitter put it
+        assert 3.0 - 1e-3 <= 10 * np.log10(power(clean) / power(view - clean)) <= 9.0 + 1e-3
+    plain = render("keywords", [Example("w", ("yes",))], [word], [0.05 * white_noise(2.0, seed=6)], replace(c, teach_clean=False), samples, rate)
+    np.testing.assert_array_equal(plain.audio, kws.audio)
+    assert plain.clean is None
+    quiet = render("keywords", [Example("w", ("yes",))], [word], [0.05 * white_noise(2.0, seed=6)], replace(c, word_background_prob=0.0), samples, rate)
+    np.testing.assert_array_equal(quiet.clean, quiet.audio)
+    assert render("tags", [Example("a", ("Hiss",))], [word], [white_noise(2.0, seed=6)], c, samples, rate).clean is None
+
+
+def test_keyword_teacher_hears_the_word_without_its_background():
+    """With teach_clean the MLPerf model labels a keyword view from the word before background
+    was mixed in: every view of a "yes" (not moved, at other gains, 10 dB under Speech Commands'
+    noise) gets the target of the clean clip, which the model scales to its peak; on the noisy
+    views it is far less sure of "yes"."""
+    from edgetag.spec import KEYWORDS, HeadConfig
+    from train.distill import DistillConfig, ViewTargets
+    from train.finetune import Task
+    from train.labels import KEYWORD_LABELS
+
+    mlperf = data_path("audioset").parent.parent / "teachers" / "mlperf_tiny_kws" / "kws_ref_model.tflite"
+    if not mlperf.is_file():
+        pytest.skip(f"teacher weights not available: {mlperf}")
+    pytest.importorskip("ai_edge_litert", reason="the keyword teacher needs ai-edge-litert (the train extra)")
+    yes = data_path("speech_commands/yes/0bac8a71_nohash_0.flac")
+    views = ViewsConfig(views=4, time_jitter=0.0, word_background_prob=1.0, background_snr_db=(-10.0, -10.0), teach_clean=True)
+    c = DistillConfig(keyword_teacher=str(mlperf), views=views, backgrounds=[f"keywords={data_path('background_noise')}"])
+    heads = {KEYWORDS: HeadConfig(KEYWORDS, tuple(KEYWORD_LABELS))}
+    spec = make_spec(heads=heads, stream=(1.0, 0.5))
+    task = Task(KEYWORDS, list(KEYWORD_LABELS), [], torch.zeros(0), [], torch.zeros(0), [Example(str(yes), ("yes",))])
+    clean = ViewTargets(c).render(task, spec, heads[KEYWORDS])["soft"]
+    noisy = ViewTargets(replace(c, views=replace(views, teach_clean=False))).render(task, spec, heads[KEYWORDS])["soft"]
+    torch.testing.assert_close(clean, clean[:1].expand_as(clean), atol=0.02, rtol=0)
+    torch.testing.assert_close(clean[0], noisy[0])
+    assert (noisy[1:, KEYWORD_LABELS.index("yes")] < clean[1:, KEYWORD_LABELS.index("yes")] - 0.1).all()
+
+
 @pytest.mark.parametrize("bad", [dict(word_placement="edge"), dict(word_core=0.0), dict(word_background_prob=1.5), dict(background_prob=-0.1)])
 def test_views_config_refuses_settings_out_of_range(bad):
     with pytest.raises(ValueError, match="word|background"):

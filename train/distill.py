@@ -221,8 +221,9 @@ class ViewTargets(HardLabels):
                                           asdict(self.c.views), self.c.backgrounds, self.c.alpha, self.c.tag_alpha, self.c.cross > 0, spec.fbank.to_dict(), spec.window_frames,
                                           [(p, Path(p).stat().st_size) for p in files]]).encode()).hexdigest()
 
-    def teach(self, head: HeadConfig, name: str, audio: np.ndarray, feats: torch.Tensor) -> torch.Tensor | None:
-        """The teachers' mean probabilities [n, classes] of these views (NaN where none knows a class), or None."""
+    def teach(self, head: HeadConfig, name: str, audio: np.ndarray, feats: torch.Tensor | None) -> torch.Tensor | None:
+        """The teachers' mean probabilities [n, classes] of these views, waveforms and their fbank
+        (which only an edgetag teacher reads), NaN where none knows a class; or None."""
         from rich.progress import track
 
         from train import teachers
@@ -264,7 +265,12 @@ class ViewTargets(HardLabels):
             for label in labels:
                 if label in index:
                     hard[row, [index[label], *ancestors[index[label]]]] = 1.0
-        taught = self.teach(head, task.head, views.audio, feats)
+        # the head's own teachers hear the words without their background where asked (ViewsConfig.teach_clean)
+        heard, heard_feats = views.audio, feats
+        if views.clean is not None:
+            heard = views.clean
+            heard_feats = torch.from_numpy(np.stack([fbank(x, spec.fbank) for x in heard])) if self.inhouse is not None else None
+        taught = self.teach(head, task.head, heard, heard_feats)
         if taught is None:
             soft = hard.clone()
         else:
