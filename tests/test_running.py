@@ -7,6 +7,7 @@ import soundfile as sf
 from conftest import make_spec, white_noise
 
 from edgetag.stream import PostConfig
+from train.calibrate import GRID
 from train.data import Example
 from train.running import Placed, Scene, calibrate_gate, calibrate_threshold, compose, curve, heard, score
 
@@ -94,10 +95,10 @@ def test_the_speech_gate_is_chosen_with_the_threshold_and_only_when_it_spots_mor
     assert (gate, chosen["found"]) == (0.0, 1)
     # where no gate keeps the target, the one closest to it: two false alarms at every
     # threshold ungated, one gated, so the gate wins though neither spots a keyword at the top
-    keywords[34], speech[34] = [0.99, 0.0, 0.01], 0.8  # "yes" in speech that holds none: an alarm at any gate
-    keywords[28] = [0.99, 0.0, 0.01]
+    keywords[34], speech[34] = [1.0, 0.0, 0.0], 0.8  # "yes" in speech that holds none: an alarm at any gate
+    keywords[28] = [1.0, 0.0, 0.0]
     gate, chosen, _ = calibrate_gate(spec, PostConfig(), "keywords", probabilities, scene, [0.0, 0.5], 0.0)
-    assert (gate, chosen["threshold"], chosen["false_alarms"], chosen["found"]) == (0.5, 0.99, 1, 0)
+    assert (gate, chosen["threshold"], chosen["false_alarms"], chosen["found"]) == (0.5, GRID[-1], 1, 0)
 
 
 def test_the_benchmark_command_refuses_bad_sources_in_one_line(tmp_path):
