@@ -3,12 +3,13 @@
     python -m pipeline.recipe default --previous runs/default-5       # edgetag-default-6, the bundled model, beside default-5
     python -m pipeline.recipe default --install                       # ... copied into edgetag/assets
     python -m pipeline.recipe default --stages init,student           # some stages
+    python -m pipeline.recipe default7 --out runs/d7 --stages init,student  # a candidate after it, measured and not bundled
     python -m pipeline.recipe default5 --out runs/d5                  # edgetag-default-5, the model before it
     python -m pipeline.recipe default4 --out runs/d4                  # edgetag-default-4
     python -m pipeline.recipe default3 --out runs/d3                  # edgetag-default-3, the one before that
     python -m pipeline.recipe default2 --out runs/d2                  # edgetag-default-2, the first
 
-Stages, each in its own folder under --out (default-6, -5 and -4 have no pretrain or teacher stage: the
+Stages, each in its own folder under --out (default-6 to -4 and default7 have no pretrain or teacher stage: the
 student starts from EfficientAT's AudioSet weights and learns on augmented views that
 third-party teachers label; default-3 had no init stage either, and learned from scratch):
 
@@ -248,7 +249,7 @@ def default4(data: str = "../shared/data", out: str = "runs/default", previous: 
              "Siren (1.00; mn04: Speech 0.82), having never heard a keyword view, so --cross went in at the cost of those tag figures",
              "edgetag-default-3, a mini transformer with a conv stem from scratch on the same views and teachers (12 epochs, lr 1e-3): "
              "keywords 88.6%, ESC-50 34.8%, DCASE 73.5%, UrbanSound8K 35.1%; 24.4% of running keywords at 3.0 false alarms per hour "
-             "(its card; measured again here as `previous`)",
+             "(its card; measured again beside default-4 as its `previous`)",
              "default-3's baseline without the external teachers (hard labels only, its card): keywords 84.1%, ESC-50 36.1%, DCASE 64.7%",
              *r.tried]
     # issue 14's latency target is relative to default-2: timed beside the others
@@ -297,11 +298,31 @@ def default(data: str = "../shared/data", out: str = "runs/default", previous: s
     # it was in training: at 0.25 s default-5's keywords in its evaluation scene reached 0.5 for
     # their own label in some hop over them for 74% (66% at 0.5 s). A hop costs the same; a
     # second of audio costs twice as many (MLPerf Tiny's model is run this way too).
-    tried = ["edgetag-default-5: this student listening every 0.5 s (its card; measured again here as `previous`)", *r.tried]
+    tried = ["edgetag-default-5: default-6's student listening every 0.5 s (its card; measured again beside default-6 as its `previous`)", *r.tried]
     return replace(r, model_id="edgetag-default-6", calibrate={**r.calibrate, "hop": 0.25}, tried=tried)
 
 
-RECIPES = {"default": default, "default5": default5, "default4": default4, "default3": default3, "default2": default2}
+def default7(data: str = "../shared/data", out: str = "runs/default", previous: str = "runs/default-6") -> Recipe:
+    """A candidate for edgetag-default-7, measured and not bundled (the README's default-model
+    section has its figures): default-6 with its keyword teacher hearing the words without their
+    background, and more other speech. `previous` holds edgetag-default-6 (model.safetensors, export/)."""
+    r = default(data, out, previous)
+    # The MLPerf model called 45% of validation keywords _unknown_ or _silence_ at 0 dB over
+    # ESC-50 and UrbanSound8K sound (28% at 5 dB; 92.5% right when clean), and at alpha 0.7 the
+    # student learned that: default-6 said _unknown_ / _silence_ for 55% of them at 0 dB, and
+    # its running-audio misses were mostly words it heard as no keyword.
+    views = replace(r.student.views, teach_clean=True)
+    # Other speech its keyword head hears as _unknown_: the Arabic commands' speakers in groups
+    # 15-40 and v0.01's bed/cat/happy speakers in 50-100, which no scene or stage used (the
+    # calibration scene's false alarms within 4 per hour were Arabic commands, 20 of 22 at 0.9)
+    d = Path(data)
+    more = [f"keywords={d / 'arabic_speech_commands'},groups=15-40,label=_unknown_", f"keywords={d / 'speech_commands_v1_extra'},groups=50-100"]
+    student = replace(r.student.student, train=[*r.student.student.train, *more])
+    tried = ["edgetag-default-6: these settings with the keyword teacher hearing the noisy views (its card; measured again here as `previous`)", *r.tried]
+    return replace(r, model_id="edgetag-default-7", student=replace(r.student, views=views, student=student), tried=tried)
+
+
+RECIPES = {"default": default, "default7": default7, "default5": default5, "default4": default4, "default3": default3, "default2": default2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,7 +727,7 @@ def main(
     name: str = typer.Argument("default", help=f"The recipe: {', '.join(RECIPES)}."),
     data: str = typer.Option("../shared/data", help="The shared data folder (Speech Commands, ESC-50, DCASE 2016, FSDD, wake words, noise)."),
     out: str = typer.Option("runs/default", help="Where every stage writes its folder."),
-    previous: str = typer.Option("", help="default, default5, default4, default3: the folder of the model the recipe's replaces (model.safetensors, export/), measured beside it (default: runs/default-5, runs/default-4, runs/default-3, runs/default-2)."),
+    previous: str = typer.Option("", help="default7, default, default5, default4, default3: the folder of the model the recipe's replaces (model.safetensors, export/), measured beside it (default: runs/default-6, runs/default-5, runs/default-4, runs/default-3, runs/default-2)."),
     stages: str = typer.Option("", help="Comma-separated stages to run, in order (default: all; see the module's docstring)."),
     install_assets: bool = typer.Option(False, "--install", help="Copy the calibrated model, its export and the card into edgetag/assets."),
     refresh: bool = typer.Option(False, "--refresh-card", help="Train nothing: measure the installed card's int8 rows and latency again (after a runtime change)."),
