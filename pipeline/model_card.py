@@ -11,6 +11,7 @@ from pathlib import Path
 
 from edgetag.bench import cpu_name
 from edgetag.spec import KEYWORDS
+from train.running import best_within
 from train.views import ViewsConfig
 
 TASKS = {  # report key -> how the card names the task
@@ -69,12 +70,6 @@ def spotting_table(report: dict) -> list[str]:
         if s:
             rows.append(f"| {name} | {s['false_alarms_per_hour']:.2f} | {s['false_alarms']} | {s['negative_hours']:.2f} | {pct(s['recall'])} | {pct(s['wrong_spots'])} |")
     return rows
-
-
-def best_within(curve: list[dict], per_hour: float) -> dict | None:
-    """The curve point with the most keywords found at no more than `per_hour` false alarms."""
-    within = [p for p in curve if p["false_alarms_per_hour"] <= per_hour]
-    return max(within, key=lambda p: (p["recall"], -p["threshold"])) if within else None
 
 
 def running_table(running: dict, per_hour: float) -> list[str]:
@@ -175,6 +170,7 @@ def describe(name: str, stage: dict) -> str:
     words = f" (keyword views: the word {'anywhere in the window' if v.word_placement == 'anywhere' else 'centred'}, over background in {100 * v.word_background_prob:.0f}%)"
     weights = "".join(f", {name}={settings[key]:g}" for name, key in (("tag-alpha", "tag_alpha"), ("cross", "cross")) if settings.get(key))
     clean = ", keyword teachers hearing each keyword view without its background" if v.teach_clean and teachers else ""
+    clean += ", keyword teachers silent about keywords on the views that hold none" if settings.get("sure_negatives") and teachers else ""
     how = (f", {v.views} views per window{words}" if v.views else "") + (f", taught by {', '.join(f'`{Path(t).name}`' for t in teachers)} (T={settings['temperature']}, alpha={settings['alpha']}{weights}){clean}"
                                                                           if teachers else ", hard labels only")
     best = "; ".join(f"{head} {pct(r.get('accuracy'))}" for head, r in result.items())

@@ -322,7 +322,20 @@ def default7(data: str = "../shared/data", out: str = "runs/default", previous: 
     return replace(r, model_id="edgetag-default-7", student=replace(r.student, views=views, student=student), tried=tried)
 
 
-RECIPES = {"default": default, "default7": default7, "default5": default5, "default4": default4, "default3": default3, "default2": default2}
+def default8(data: str = "../shared/data", out: str = "runs/default", previous: str = "runs/default-6") -> Recipe:
+    """A candidate for edgetag-default-8, measured and not bundled (the README's default-model
+    section has its figures): default-6 with its keyword teacher silent about keywords on the
+    views that hold none. `previous` holds edgetag-default-6 (model.safetensors, export/)."""
+    r = default(data, out, previous)
+    # The MLPerf model was trained on Speech Commands alone: it calls 20% of the Arabic commands
+    # and 10% of the wake words the student learns as _unknown_ a keyword (keyword probability
+    # 0.23 on average over Arabic commands), and at alpha 0.7 default-6 learned that; Arabic
+    # commands made 13 of the 14 false alarms of its calibration scene at 0.93 (gated at 0.2).
+    tried = ["edgetag-default-6: these settings with the keyword teacher's probabilities kept on every view (its card; measured again here as `previous`)", *r.tried]
+    return replace(r, model_id="edgetag-default-8", student=replace(r.student, sure_negatives=True), tried=tried)
+
+
+RECIPES = {"default": default, "default8": default8, "default7": default7, "default5": default5, "default4": default4, "default3": default3, "default2": default2}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -240,7 +240,7 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
         *"train val out init encoder size tokens preset mode adapter adapter_dim attention task adapter_layers".split(), "window", "hop", *"loudness val_percent noise epochs batch_size lr weight_decay warmup_epochs".split(),
         *"mixup mixup_alpha noise_prob snr_db gain_db shift freq_mask time_mask".split(), "balance", "precision", "seed"]
     assert list(inspect.signature(distill_module.main).parameters) == [
-        *"teacher tag_teacher keyword_teacher audioset backgrounds".split(), *leaves(ViewsConfig()), "tag_alpha", "temperature", "alpha", "cross", "cache", *leaves(FinetuneConfig())]
+        *"teacher tag_teacher keyword_teacher audioset backgrounds".split(), *leaves(ViewsConfig()), "tag_alpha", "temperature", "alpha", "cross", "sure_negatives", "cache", *leaves(FinetuneConfig())]
     run = subprocess.run([sys.executable, "-m", "train.finetune", "--train", str(dataset), "--out", str(tmp_path), "--size", "nano", "--epochs", "1",
                           "--window", "0.5", "--hop", "0.25", "--mixup", "0", "--snr-db", "3", "9", "--val-percent", "25"], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

@@ -249,3 +249,49 @@ def test_cross_targets_teach_each_head_on_the_other_heads_views():
     known = ~said[0].isnan()
     expected = 0.5 * torch.nn.functional.binary_cross_entropy_with_logits(logits[:, known], said[:, known], reduction="sum") / 2 / 7
     torch.testing.assert_close(learn.cross_loss(spec, KEYWORDS, {"tags": logits}, y), expected)
+
+
+def test_sure_negatives_keep_only_the_teachers_split_between_no_keyword_classes():
+    from edgetag.spec import KEYWORDS, HeadConfig
+    from train.distill import without_keywords_on_negatives
+
+    head = HeadConfig(KEYWORDS, ("down", "go", "_unknown_", "_silence_"))
+    soft = torch.tensor([[0.3, 0.1, 0.5, 0.1], [0.6, 0.2, 0.1, 0.1], [0.5, 0.5, 0.0, 0.0]])
+    hard = torch.tensor([[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    out = without_keywords_on_negatives(soft, hard, head)
+    torch.testing.assert_close(out[0], torch.tensor([0.0, 0.0, 5 / 6, 1 / 6]))  # renormalised over the no-keyword classes
+    torch.testing.assert_close(out[1], soft[1])  # a keyword's view keeps the teacher's whole answer
+    torch.testing.assert_close(out[2], hard[2])  # a teacher that said only keywords: the label
+
+
+def test_the_keyword_teacher_teaches_no_keyword_on_other_speech_with_sure_negatives(tmp_path):
+    """The MLPerf model, trained on Speech Commands alone, calls some Arabic commands keywords;
+    with sure_negatives the prepared targets of those `_unknown_` views hold no keyword, while
+    the views of a real "yes" keep exactly what the teacher said."""
+    from edgetag.spec import KEYWORDS, HeadConfig
+    from train.data import Source
+    from train.distill import DistillConfig, ViewTargets
+    from train.finetune import FinetuneConfig, Task
+    from train.labels import KEYWORD_LABELS
+
+    mlperf = data_path("audioset").parent.parent / "teachers" / "mlperf_tiny_kws" / "kws_ref_model.tflite"
+    if not mlperf.is_file():
+        pytest.skip(f"teacher weights not available: {mlperf}")
+    pytest.importorskip("ai_edge_litert", reason="the keyword teacher needs ai-edge-litert (the train extra)")
+    arabic = Source.parse(f"{data_path('arabic_speech_commands')},groups=0-15,label=_unknown_", KEYWORDS).read()[:40]
+    examples = [Example(str(data_path("speech_commands/yes/0bac8a71_nohash_0.flac")), ("yes",)), *arabic]
+    heads = {KEYWORDS: HeadConfig(KEYWORDS, tuple(KEYWORD_LABELS))}
+    spec = make_spec(heads=heads, stream=(1.0, 0.5))
+    keywords = torch.tensor(heads[KEYWORDS].spotted)
+
+    def prepared(sure: bool, out: str) -> torch.Tensor:
+        c = DistillConfig(keyword_teacher=str(mlperf), views=ViewsConfig(views=2), sure_negatives=sure, student=FinetuneConfig(out=str(tmp_path / out)))
+        learn = ViewTargets(c)
+        learn.prepare([Task(KEYWORDS, list(KEYWORD_LABELS), [], torch.zeros(0), [], torch.zeros(0), examples)], spec)
+        return learn.soft[KEYWORDS]
+
+    taught, sure = prepared(False, "a"), prepared(True, "b")
+    assert taught[2:, keywords].sum(1).max() > 0.3  # the teacher heard a keyword in some Arabic command
+    assert sure[2:, keywords].abs().max() == 0
+    torch.testing.assert_close(sure[2:].sum(1), torch.ones(len(sure) - 2))  # a distribution over _unknown_ and _silence_
+    torch.testing.assert_close(sure[:2], taught[:2])

@@ -56,6 +56,7 @@ class DistillConfig:
     temperature: float = setting(2.0, "Softmax temperature of keyword heads.")
     alpha: float = setting(0.7, "Weight of the distillation loss against the hard labels (with --views: keywords only; tags take the datasets' labels on their classes).")
     cross: float = setting(0.0, "With --views: weight of the teachers' targets for the other heads on each head's views (tags on keyword views, keywords on tag views), so every head learns from all the audio the student hears; 0: each head from its own views only.")
+    sure_negatives: bool = setting(False, "On keyword views labelled as holding no keyword (_unknown_, _silence_), the keyword teachers only split the target between those classes: their probabilities for keywords there are dropped.")
     cache: str = setting("", "The teachers' cached outputs (default: OUT/teacher_probabilities.safetensors, or OUT/views.safetensors).")
     student: FinetuneConfig = setting(FinetuneConfig(out="runs/distill", size="mini", lr=1e-3), "The student and its training.")
 
@@ -213,7 +214,7 @@ class ViewTargets(HardLabels):
 
     def provenance(self) -> dict:
         return {"teachers": {"teacher": self.c.teacher, "tags": self.c.tag_teacher, "keywords": self.c.keyword_teacher},
-                "alpha": self.c.alpha, "tag_alpha": self.c.tag_alpha, "cross": self.c.cross, "temperature": self.c.temperature, "views": asdict(self.c.views), "backgrounds": self.c.backgrounds}
+                "alpha": self.c.alpha, "tag_alpha": self.c.tag_alpha, "cross": self.c.cross, "sure_negatives": self.c.sure_negatives, "temperature": self.c.temperature, "views": asdict(self.c.views), "backgrounds": self.c.backgrounds}
 
     def _key(self, task: Task, spec: ModelSpec) -> str:
         files = [p for p in (self.c.teacher, self.c.tag_teacher, self.c.keyword_teacher) if p]
@@ -307,7 +308,10 @@ class ViewTargets(HardLabels):
                 print(f"{t.head}: rendered {len(views['hard'])} views of {len(t.examples)} clips")
             cached.update({f"{t.head}.{k}": v.contiguous() for k, v in views.items()})
             t.train, t.train_y = list(views["feats"].float()), views["hard"]
-            self.soft[t.head], self.taught[t.head] = views["soft"], bool(views["taught"])
+            soft = views["soft"]
+            if self.c.sure_negatives and spec.heads[t.head].kind != TAGS:
+                soft = without_keywords_on_negatives(soft, views["hard"], spec.heads[t.head])
+            self.soft[t.head], self.taught[t.head] = soft, bool(views["taught"])
             self.cross[t.head] = {k.split(":", 1)[1]: v for k, v in views.items() if k.startswith("cross:")}
             self.named[t.head] = max(1, int(views["hard"].any(0).sum()))
         if rendered:
@@ -341,6 +345,21 @@ class ViewTargets(HardLabels):
         if not self.taught[head.kind]:
             return head_loss(logits, hard, head.kind)
         return distillation_loss(head, logits, hard, tempered(soft, self.c.temperature), self.c.temperature, self.c.alpha)
+
+
+def without_keywords_on_negatives(soft: torch.Tensor, hard: torch.Tensor, head: HeadConfig) -> torch.Tensor:
+    """Keyword targets [n, classes] where the rows whose hard label is a "no keyword" class
+    keep only the teachers' split between those classes (the hard label where they gave them
+    nothing). The label is certain there: the clip was chosen because no keyword is said in it,
+    and a teacher that never heard such speech is not (the MLPerf model, trained on Speech
+    Commands alone, calls 20% of Arabic commands and 10% of wake words a keyword, and a
+    student taught so spots them in running audio)."""
+    spotted = torch.tensor(head.spotted)
+    negative = ~(hard[:, spotted] > 0).any(1)
+    kept = torch.where(spotted, 0.0, soft)
+    mass = kept.sum(1, keepdim=True)
+    kept = torch.where(mass > 0, kept / mass.clamp_min(1e-12), hard)
+    return torch.where(negative[:, None], kept, soft)
 
 
 def distill(c: DistillConfig, device: str | None = None) -> dict[str, dict]:

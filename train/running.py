@@ -130,6 +130,12 @@ def calibrate_threshold(points: list[dict], target_per_hour: float) -> dict:
     return min(within, key=lambda p: p["threshold"]) if within else max(points, key=lambda p: p["threshold"])
 
 
+def best_within(points: list[dict], per_hour: float) -> dict | None:
+    """The curve point with the most keywords found at no more than `per_hour` false alarms."""
+    within = [p for p in points if p["false_alarms_per_hour"] <= per_hour]
+    return max(within, key=lambda p: (p["recall"], -p["threshold"])) if within else None
+
+
 def calibrate_gate(spec: ModelSpec, post: PostConfig, head: str, probabilities: dict[str, np.ndarray], scene: Scene, gates: list[float],
                    target_per_hour: float) -> tuple[float, dict, dict[float, list[dict]]]:
     """The speech gate and threshold that spot the most keywords within the false-alarm target:
@@ -193,6 +199,8 @@ def main(
     backgrounds: list[str] = typer.Option(..., help="Background sound the words are mixed into (sources)."),
     seed: int = typer.Option(0, help="Seed of the scene."),
     snr: tuple[float, float] = typer.Option((0.0, 15.0), help="Each word's level over the background where it lands, uniform in this range (dB)."),
+    repeat: int = typer.Option(1, min=1, help="Passes of the background, each in another order (more words fit in)."),
+    hop: float = typer.Option(None, help="Seconds between the windows (default: the model's own hop; a student listens at its calibrated one, not its training one)."),
     gates: list[float] = typer.Option([], "--gate", help="Also the curve with keywords gated on the model's Speech tag at this probability (repeatable; 0: never gated)."),
     plot: Path = typer.Option(None, help="PNG of the recall / false-alarm curve."),
 ) -> None:
@@ -204,12 +212,14 @@ def main(
             raise ValueError(f"--gate: {', '.join(f'{g:g}' for g in gates)} are not all in [0, 1)")
         if not snr[0] <= snr[1]:  # NaN fails too
             raise ValueError(f"--snr: {snr[0]:g} {snr[1]:g} is not a range (low <= high)")
-        backend = load_backend(model)
-        scene = scene_of(keywords, others, backgrounds, seed, snr_db=snr)
+        if hop is not None and not hop > 0:
+            raise ValueError(f"--hop: {hop:g} is not a positive number of seconds")
+        post = PostConfig()
+        engine = Engine(load_backend(model), post, hop=hop)
+        scene = scene_of(keywords, others, backgrounds, seed, repeat, snr_db=snr)
     except (ValueError, FileNotFoundError) as e:
         print(f"train.running: error: {e}", file=sys.stderr)
         raise typer.Exit(2) from e
-    engine, post = Engine(backend), PostConfig()
     head, own = engine.spec.head_of(KEYWORDS), engine.speech_gate
     probabilities = hop_probabilities(engine, scene)
     at = score(engine.spec, post, head, probabilities, scene, spot_thresholds(engine, head), own)
@@ -225,6 +235,9 @@ def main(
         print(name)
         for p in points[::5]:
             print(f"  threshold {p['threshold']:.2f}: {100 * p['recall']:.1f}% spotted, {p['false_alarms_per_hour']:.1f} false alarms / hour")
+        for per_hour in (4.0, 0.0):
+            best = best_within(points, per_hour)
+            print(f"  best within {per_hour:g} false alarms / hour: " + (f"{100 * best['recall']:.1f}% spotted at {best['threshold']:g}" if best else "none"))
     if plot:
         plot_curves(curves, plot, "keywords in running audio", {"model": at})
 
