@@ -169,9 +169,9 @@ def describe(name: str, stage: dict) -> str:
     v = ViewsConfig(**settings.get("views", {}))  # a stage recorded before a views setting existed ran at its default
     words = f" (keyword views: the word {'anywhere in the window' if v.word_placement == 'anywhere' else 'centred'}, over background in {100 * v.word_background_prob:.0f}%)"
     weights = "".join(f", {name}={settings[key]:g}" for name, key in (("tag-alpha", "tag_alpha"), ("cross", "cross")) if settings.get(key))
-    clean = ", keyword teachers hearing each keyword view without its background" if v.teach_clean and teachers else ""
-    clean += ", keyword teachers silent about keywords on the views that hold none" if settings.get("sure_negatives") and teachers else ""
-    how = (f", {v.views} views per window{words}" if v.views else "") + (f", taught by {', '.join(f'`{Path(t).name}`' for t in teachers)} (T={settings['temperature']}, alpha={settings['alpha']}{weights}){clean}"
+    keyword_teachers = ((", keyword teachers hearing each keyword view without its background" if v.teach_clean else "")
+                        + (", keyword teachers silent about keywords on the views that hold none" if settings.get("sure_negatives") else "")) if teachers else ""
+    how = (f", {v.views} views per window{words}" if v.views else "") + (f", taught by {', '.join(f'`{Path(t).name}`' for t in teachers)} (T={settings['temperature']}, alpha={settings['alpha']}{weights}){keyword_teachers}"
                                                                           if teachers else ", hard labels only")
     best = "; ".join(f"{head} {pct(r.get('accuracy'))}" for head, r in result.items())
     return f"{start}{how}, {c['epochs']} epochs, lr {c['lr']:g}; best validation accuracy {best}"

@@ -199,7 +199,7 @@ def main(
     backgrounds: list[str] = typer.Option(..., help="Background sound the words are mixed into (sources)."),
     seed: int = typer.Option(0, help="Seed of the scene."),
     snr: tuple[float, float] = typer.Option((0.0, 15.0), help="Each word's level over the background where it lands, uniform in this range (dB)."),
-    repeat: int = typer.Option(1, min=1, help="Passes of the background, each in another order (more words fit in)."),
+    repeat: int = typer.Option(1, help="Passes of the background, each in another order (more words fit in)."),
     hop: float = typer.Option(None, help="Seconds between the windows (default: the model's own hop; a student listens at its calibrated one, not its training one)."),
     gates: list[float] = typer.Option([], "--gate", help="Also the curve with keywords gated on the model's Speech tag at this probability (repeatable; 0: never gated)."),
     plot: Path = typer.Option(None, help="PNG of the recall / false-alarm curve."),
@@ -212,6 +212,8 @@ def main(
             raise ValueError(f"--gate: {', '.join(f'{g:g}' for g in gates)} are not all in [0, 1)")
         if not snr[0] <= snr[1]:  # NaN fails too
             raise ValueError(f"--snr: {snr[0]:g} {snr[1]:g} is not a range (low <= high)")
+        if repeat < 1:
+            raise ValueError(f"--repeat: {repeat} is not a number of passes (1 or more)")
         if hop is not None and not hop > 0:
             raise ValueError(f"--hop: {hop:g} is not a positive number of seconds")
         post = PostConfig()
