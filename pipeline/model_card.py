@@ -161,6 +161,10 @@ def describe(name: str, stage: dict) -> str:
         int8 = "; ".join(f"{h} {100 * a['top1']:.1f}%" for h, a in result["int8"].items())
         calibrated = ", fp32 and dynamic int8 each with thresholds calibrated through ONNX Runtime" if "model.int8.onnx" in result else ""
         return f"ONNX fp32 (max abs diff to torch {fp32:.1e}), dynamic int8 (top-1 agreement with fp32: {int8}), int8 Q/DQ for TensorRT{calibrated}"
+    if name == "mine":
+        return (f"hard negatives (`train.mine`): {result['clips']} windows where `{Path(settings['model']).parent.name}` spotted a keyword at >= {settings['level']:g} "
+                f"in {result['hours']:.1f} h of training speakers' other speech ({result['words']} words) over training sounds, no keyword said "
+                f"({result['over_words']} over words, {result['over_background']} over sound alone)")
     if name == "init":
         return f"`{Path(settings['src']).name}` imported (`train.convert --from {settings['from']}`): {result['parameters']:,} parameters, its AudioSet head and ontology"
     c = settings.get("student", settings)  # a distillation stage's settings hold its student's
@@ -174,7 +178,8 @@ def describe(name: str, stage: dict) -> str:
     how = (f", {v.views} views per window{words}" if v.views else "") + (f", taught by {', '.join(f'`{Path(t).name}`' for t in teachers)} (T={settings['temperature']}, alpha={settings['alpha']}{weights}){keyword_teachers}"
                                                                           if teachers else ", hard labels only")
     best = "; ".join(f"{head} {pct(r.get('accuracy'))}" for head, r in result.items())
-    return f"{start}{how}, {c['epochs']} epochs, lr {c['lr']:g}; best validation accuracy {best}"
+    share = f", {100 * c['keyword_share']:.0f}% of the keyword head's draws holding a keyword" if c.get("keyword_share") else ""
+    return f"{start}{how}{share}, {c['epochs']} epochs, lr {c['lr']:g}; best validation accuracy {best}"
 
 
 def plot_results(report: dict, path: Path) -> None:

@@ -5,6 +5,7 @@
     python -m pipeline.recipe default --stages init,student           # some stages
     python -m pipeline.recipe default7 --out runs/d7 --stages init,student  # a candidate after it, measured and not bundled
     python -m pipeline.recipe default8 --out runs/d8 --stages init,student,calibrate  # another (default9: one more)
+    python -m pipeline.recipe default11 --out runs/d11 --stages init,mine,student,calibrate  # hard negatives mined by default-6 (default10: in the data's own mix)
     python -m pipeline.recipe default5 --out runs/d5                  # edgetag-default-5, the model before it
     python -m pipeline.recipe default4 --out runs/d4                  # edgetag-default-4
     python -m pipeline.recipe default3 --out runs/d3                  # edgetag-default-3, the one before that
@@ -15,6 +16,8 @@ student starts from EfficientAT's AudioSet weights and learns on augmented views
 third-party teachers label; default-3 had no init stage either, and learned from scratch):
 
 0. init       a third-party model imported as the student's starting point (train.convert)
+   mine       hard negatives: windows of keyword-free running audio where an earlier model
+              spots a keyword, a keyword source for the student (train.mine)
 1. pretrain   MAE-AST on every clip under --data, labels unused (train.pretrain)
 2. teacher    the pretrained tiny encoder fine-tuned on both heads: tags (ESC-50 folds 1-3, 5 and
               DCASE 2016, named by AudioSet) and keywords (Speech Commands, 12 classes)
@@ -77,6 +80,7 @@ class Recipe:
     targets: dict = field(default_factory=dict)  # what the card checks: accuracy per task, running (per hour, recall), latency_ratio, bundle_mib
     tried: list[str] = field(default_factory=list)  # other settings earlier runs measured against the targets, for the card
     init: dict | None = None  # a third-party model imported as the student's --init: train.convert's from, src, audioset; out (a folder)
+    mine: dict | None = None  # hard negatives for the student (train.mine): model, others, backgrounds, level, seed, repeat; out (a keyword source)
 
 
 def default2(data: str = "../shared/data", out: str = "runs/default-2") -> Recipe:
@@ -352,7 +356,41 @@ def default9(data: str = "../shared/data", out: str = "runs/default", previous: 
     return replace(r, model_id="edgetag-default-9", student=replace(r.student, student=student), tried=tried)
 
 
-RECIPES = {"default": default, "default9": default9, "default8": default8, "default7": default7, "default5": default5, "default4": default4, "default3": default3, "default2": default2}
+def default10(data: str = "../shared/data", out: str = "runs/default", previous: str = "runs/default-6") -> Recipe:
+    """A candidate for edgetag-default-10, measured and not bundled (the README's default-model
+    section has its figures): default9 that also hears, as no keyword, the windows of keyword-free
+    running audio where edgetag-default-6 spotted one (train.mine). `previous` holds
+    edgetag-default-6 (model.safetensors, export/), which mines them and is measured beside it."""
+    r, d, o = default9(data, out, previous), Path(data), Path(out)
+    # Speakers and sources of training alone (no scene's): the Arabic commands' groups 0-40 (the
+    # calibration scene's are 40-70), v0.01's bed/cat/happy 20-100, the wake words and digits the
+    # student trains on, over ESC-50's training folds, UrbanSound8K folds 1-2 and the noise folder.
+    # default-6 still made 3.9 false alarms per hour on its calibration scene at the grid's top
+    # (0.99), and 13 of its 14 at 0.93 were Arabic commands of speakers it never heard: its surest
+    # mistakes are what a threshold cannot remove, so the next student hears windows like them.
+    mine = {"model": str(Path(previous) / "model.safetensors"), "level": 0.5, "seed": 3, "repeat": 2, "out": str(o / "mine"),
+            "others": [f"{d / 'arabic_speech_commands'},groups=0-40", f"{d / 'speech_commands_v1_extra'},groups=20-100",
+                       f"{d / 'wake_words'},groups=50-80", f"{d / 'fsdd'},groups=50-60"],
+            "backgrounds": [f"esc50:{d / 'esc50_other_folds'}", f"urbansound8k:{d / 'urbansound8k'},folds=1;2", str(d / "background_noise")]}
+    tried = ["default9: these settings without the mined windows (the README)", *r.tried]
+    student = replace(r.student.student, train=[*r.student.student.train, f"keywords={o / 'mine'}"])
+    return replace(r, model_id="edgetag-default-10", mine=mine, student=replace(r.student, student=student), tried=tried)
+
+
+def default11(data: str = "../shared/data", out: str = "runs/default", previous: str = "runs/default-6") -> Recipe:
+    """A candidate for edgetag-default-11, measured and not bundled (the README's default-model
+    section has its figures): default10 with half of its keyword head's draws holding a keyword.
+    `previous` holds edgetag-default-6 (model.safetensors, export/)."""
+    r = default10(data, out, previous)
+    # Every negative source added since default-6 (other speech, the mined windows) also moved the
+    # keyword head's prior: keywords were 27% of default-6's keyword clips and 14% of default10's,
+    # whose validation keywords fell from 91.0% to 87.1%, the misses mostly heard as _unknown_.
+    # Drawn half and half, the head keeps its prior whatever the number of negatives it hears.
+    tried = ["default10: these settings with the keyword head's clips drawn in the data's own mix (14% keywords; the README)", *r.tried]
+    return replace(r, model_id="edgetag-default-11", student=replace(r.student, student=replace(r.student.student, keyword_share=0.5)), tried=tried)
+
+
+RECIPES = {"default": default, "default11": default11, "default10": default10, "default9": default9, "default8": default8, "default7": default7, "default5": default5, "default4": default4, "default3": default3, "default2": default2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,6 +447,16 @@ def init_stage(c: dict) -> dict:
 
     path = convert(c["from"], Path(c["src"]), Path(c["out"]) / "model.safetensors", audioset=Path(c["audioset"]))
     return {"parameters": sum(p.numel() for p in checkpoint.load_model(path).parameters())}
+
+
+def mine_stage(c: dict) -> dict:
+    from edgetag.runtime import load_backend
+    from edgetag.stream import Engine
+    from train import running
+    from train.mine import mine
+
+    scene = running.scene_of([], c["others"], c["backgrounds"], c["seed"], c["repeat"])
+    return mine(Engine(load_backend(c["model"])), scene, c["level"], Path(c["out"]))
 
 
 def finetune_stage(c: FinetuneConfig) -> dict:
@@ -669,7 +717,7 @@ def install(calibrated: Path, export_dir: Path, card: Path, assets: Path = ASSET
 
 
 def stages_of(recipe: Recipe) -> list[str]:
-    first = [name for name in ("init", "pretrain", "teacher") if getattr(recipe, name) is not None]
+    first = [name for name in ("init", "mine", "pretrain", "teacher") if getattr(recipe, name) is not None]
     return [*first, "student", *recipe.baselines, "calibrate", "export", "evaluate", "card"]
 
 
@@ -691,13 +739,15 @@ def run(recipe: Recipe, out: Path, stages: list[str] | None = None, install_to: 
     student_ckpt, calibrated, export_dir = student / "best.safetensors", out / "calibrate" / "model.safetensors", out / "export"
     teacher = (Path(recipe.teacher.out),) if recipe.teacher else ()
     init = (Path(recipe.init["out"]),) if recipe.init else ()
+    mined = (Path(recipe.mine["out"]),) if recipe.mine else ()
     models = models_of(recipe, out)
     baselines = tuple(out_of(c) for c in recipe.baselines.values())
     steps = {
         "init": lambda: run_stage(init[0], recipe.init, lambda: init_stage(recipe.init)),
+        "mine": lambda: run_stage(mined[0], recipe.mine, lambda: mine_stage(recipe.mine)),
         "pretrain": lambda: run_stage(Path(recipe.pretrain.out), recipe.pretrain, lambda: pretrain_stage(recipe.pretrain)),
         "teacher": lambda: run_stage(teacher[0], recipe.teacher, lambda: finetune_stage(recipe.teacher), after=(Path(recipe.pretrain.out),)),
-        "student": lambda: run_stage(student, recipe.student, lambda: distill_stage(recipe.student), after=(*init, *teacher)),
+        "student": lambda: run_stage(student, recipe.student, lambda: distill_stage(recipe.student), after=(*init, *mined, *teacher)),
         **{name: (lambda c=c: run_stage(out_of(c), c, lambda: baseline_stage(c))) for name, c in recipe.baselines.items()},
         "calibrate": lambda: run_stage(calibrated.parent, {"ckpt": str(student_ckpt), "id": recipe.model_id, **recipe.calibrate},
                                        lambda: calibrate_stage(recipe, student_ckpt, calibrated), after=(student,)),
@@ -747,7 +797,7 @@ def teacher_only(recipe: Recipe) -> list[str]:
 
 
 def stage_folders(recipe: Recipe, out: Path) -> dict[str, str]:
-    first = {**({"init": recipe.init["out"]} if recipe.init else {}),
+    first = {**({"init": recipe.init["out"]} if recipe.init else {}), **({"mine": recipe.mine["out"]} if recipe.mine else {}),
              **{name: getattr(recipe, name).out for name in ("pretrain", "teacher") if getattr(recipe, name) is not None}}
     return {**first, "student": str(out_of(recipe.student)), **{name: str(out_of(c)) for name, c in recipe.baselines.items()},
             "calibrate": str(out / "calibrate"), "export": str(out / "export")}
@@ -757,7 +807,7 @@ def main(
     name: str = typer.Argument("default", help=f"The recipe: {', '.join(RECIPES)}."),
     data: str = typer.Option("../shared/data", help="The shared data folder (Speech Commands, ESC-50, DCASE 2016, FSDD, wake words, noise)."),
     out: str = typer.Option("runs/default", help="Where every stage writes its folder."),
-    previous: str = typer.Option("", help="The folder of the model the recipe's replaces (model.safetensors, export/), measured beside it (default: runs/default-6 for default9, default8, default7; runs/default-5 for default; runs/default-4, runs/default-3, runs/default-2 for default5, default4, default3)."),
+    previous: str = typer.Option("", help="The folder of the model the recipe's replaces (model.safetensors, export/), measured beside it (default: runs/default-6 for default11 to default7, which mine it in default10 and default11; runs/default-5 for default; runs/default-4, runs/default-3, runs/default-2 for default5, default4, default3)."),
     stages: str = typer.Option("", help="Comma-separated stages to run, in order (default: all; see the module's docstring)."),
     install_assets: bool = typer.Option(False, "--install", help="Copy the calibrated model, its export and the card into edgetag/assets."),
     refresh: bool = typer.Option(False, "--refresh-card", help="Train nothing: measure the installed card's int8 rows and latency again (after a runtime change)."),

@@ -127,6 +127,23 @@ def test_balanced_epochs_draw_every_class_about_equally():
     assert 0.47 < share_b < 0.53  # 8000 draws: a standard error of 0.006
 
 
+def test_keyword_share_sets_how_many_draws_hold_a_keyword():
+    """900 clips without a keyword (_unknown_, _silence_) and 100 with one: drawn with
+    keyword_share 0.5 about half the draws hold a keyword, and the negatives keep their own
+    proportions (600 _unknown_ to 300 _silence_)."""
+    from train.finetune import Task, epoch_order
+
+    y = torch.zeros(1000, 4)
+    y[:50, 0], y[50:100, 1], y[100:700, 2], y[700:, 3] = 1, 1, 1, 1
+    task = Task("keywords", ["yes", "no", "_unknown_", "_silence_"], [torch.zeros(1)] * 1000, y, [], torch.zeros(0))
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor([i for _ in range(10) for i in epoch_order(task, False, g, keyword_share=0.5)])
+    assert len(draws) == 10000 and 0.48 < (draws < 100).float().mean() < 0.52  # a standard error of 0.005
+    unknown, silence = ((draws >= 100) & (draws < 700)).sum(), (draws >= 700).sum()
+    assert 1.8 < unknown / silence < 2.2
+    assert sorted(epoch_order(task, False, g)) == list(range(1000))  # 0: a permutation, the data's own mix
+
+
 def test_set_trainable_shares():
     model = make_model(EncoderConfig.named("mini", adapter_dim=16), {"tags": ["a", "b"]})
     share = {}
@@ -238,7 +255,7 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
 
     assert list(inspect.signature(finetune_module.main).parameters) == leaves(FinetuneConfig()) == [
         *"train val out init encoder size tokens preset mode adapter adapter_dim attention task adapter_layers".split(), "window", "hop", *"loudness val_percent noise epochs batch_size lr weight_decay warmup_epochs".split(),
-        *"mixup mixup_alpha noise_prob snr_db gain_db shift freq_mask time_mask".split(), "balance", "precision", "seed"]
+        *"mixup mixup_alpha noise_prob snr_db gain_db shift freq_mask time_mask".split(), "balance", "keyword_share", "precision", "seed"]
     assert list(inspect.signature(distill_module.main).parameters) == [
         *"teacher tag_teacher keyword_teacher audioset backgrounds".split(), *leaves(ViewsConfig()), "tag_alpha", "temperature", "alpha", "cross", "sure_negatives", "cache", *leaves(FinetuneConfig())]
     run = subprocess.run([sys.executable, "-m", "train.finetune", "--train", str(dataset), "--out", str(tmp_path), "--size", "nano", "--epochs", "1",
@@ -270,6 +287,7 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
     (["train.distill", "--train", "DATA", "--views", "1", "--word-core", "0"], "train.distill: error: --word-core: 0 is not in (0, 1]"),
     (["train.distill", "--train", "DATA", "--views", "1", "--word-background-prob", "1.5"], "train.distill: error: --word-background-prob: 1.5 is not in [0, 1]"),
     (["train.distill", "--train", "DATA", "--views", "1", "--background-prob", "-0.1"], "train.distill: error: --background-prob: -0.1 is not in [0, 1]"),
+    (["train.distill", "--train", "DATA", "--views", "1", "--keyword-share", "1"], "train.distill: error: --keyword-share: 1 is not in [0, 1)"),
     (["train.input_study", "--size", "huge"], "train.input_study: error: size must be one of nano, mini, tiny, small, base, not 'huge'"),
     (["train.input_study", "--epochs", "0"], "train.input_study: error: --epochs: 0 is not >= 1"),
     (["train.bench_encoders", "--size", "huge"], "train.bench_encoders: error: --size: 'huge' is not one of nano, mini, tiny, small, base"),

@@ -148,9 +148,10 @@ def test_unknown_stage_is_refused(tmp_path):
 @pytest.mark.slow
 def test_a_recipe_that_continues_a_model_on_views_with_running_audio(recipe_run, tmp_path):
     """default-3's shape: no pretraining or teacher stage; the student continues a finished
-    model on augmented views (hard labels here: no third-party teacher on a CI machine); a
-    keyword threshold chosen on a running-audio scene at a hop of its own; the previous model and the running-audio
-    benchmark in the report and the card."""
+    model on augmented views (hard labels here: no third-party teacher on a CI machine) and
+    hears the windows the previous model spotted keywords in where none was said (default10's
+    mine stage); a keyword threshold chosen on a running-audio scene at a hop of its own; the
+    previous model and the running-audio benchmark in the report and the card."""
     from train.views import ViewsConfig
 
     first, first_out, _ = recipe_run
@@ -159,16 +160,21 @@ def test_a_recipe_that_continues_a_model_on_views_with_running_audio(recipe_run,
     shutil.copytree(first_out / "export", previous / "export")
     shutil.copy2(first_out / "calibrate" / "model.safetensors", previous / "model.safetensors")
     commands, negatives = str(data / "commands"), str(data / "negatives")
-    student = replace(first.student.student, out=str(out / "student"), init=str(previous / "model.safetensors"), epochs=1)
+    student = replace(first.student.student, out=str(out / "student"), init=str(previous / "model.safetensors"), epochs=1,
+                      train=[*first.student.student.train, f"keywords={out / 'mine'}"])
     scene = {"keywords": [f"{commands},split=val,percent=25"], "others": [negatives], "backgrounds": [negatives], "seed": 1, "repeat": 2}
-    recipe = replace(first, model_id="test-model-3", pretrain=None, teacher=None,
+    # its own keywords said as other speech: the previous model spots them, and their windows are mined
+    mine = {"model": str(previous / "model.safetensors"), "level": 0.5, "seed": 1, "repeat": 2, "out": str(out / "mine"), "others": [commands], "backgrounds": [negatives]}
+    recipe = replace(first, model_id="test-model-3", pretrain=None, teacher=None, mine=mine,
                      student=DistillConfig(views=ViewsConfig(views=2), student=student),
                      baselines={"nokd": DistillConfig(views=ViewsConfig(views=1), student=replace(student, out=str(out / "nokd")))},
                      calibrate={**first.calibrate, "keywords": [], "negatives": [], "scene": scene, "hop": 0.25},
                      evaluation={**first.evaluation, "running": {**scene, "gates": [0.5]}, "previous": str(previous)},
                      targets={"accuracy": {"keywords": 0.5}, "running": (1000.0, 0.0)}, tried=["a first idea: 1%", "a second: 2%"])
-    assert stages_of(recipe) == ["student", "nokd", "calibrate", "export", "evaluate", "card"]
+    assert stages_of(recipe) == ["mine", "student", "nokd", "calibrate", "export", "evaluate", "card"]
     run(recipe, out)
+    mined = json.loads((out / "mine" / "stage.json").read_text())["result"]
+    assert mined["clips"] == len((out / "mine" / "manifest.csv").read_text().splitlines()) - 1 > 0
     report = json.loads((out / "evaluate" / "stage.json").read_text())["result"]
     assert {"student", "baseline: nokd", "previous", "previous, ONNX Runtime int8"} <= set(report["models"])
     running = report["running"]
@@ -181,6 +187,7 @@ def test_a_recipe_that_continues_a_model_on_views_with_running_audio(recipe_run,
     assert model.spec.stream.hop == manifest["spec"]["stream"]["hop"] == 0.25 != load_model(out / "student" / "best.safetensors").spec.stream.hop
     card = (out / "MODEL_CARD.md").read_text()
     assert "## Keywords in running audio" in card and "## Targets" in card and (out / "running.png").is_file()
+    assert f"hard negatives (`train.mine`): {mined['clips']} windows where `previous` spotted a keyword" in card
     assert "- a first idea: 1%;\n- a second: 2%.\n" in card.split("## Targets")[1]  # what was tried, under the targets it missed
     assert f"{100 * report['models']['student']['keywords']['accuracy']:.1f}%" in card
 

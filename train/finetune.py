@@ -42,7 +42,7 @@ from edgetag import checkpoint
 from edgetag.features import PRESETS, FbankConfig, normalize, preset, windows
 from edgetag.model import AudioTransformer, num_parameters
 from edgetag.runtime import TorchBackend
-from edgetag.spec import ADAPTERS, ATTENTIONS, ENCODERS, TAGS, TOKENS, EncoderConfig, HeadConfig, ModelSpec, SpecError, StreamConfig, TaskConfig, sizes_of
+from edgetag.spec import ADAPTERS, ATTENTIONS, ENCODERS, NOT_SPOTTED, TAGS, TOKENS, EncoderConfig, HeadConfig, ModelSpec, SpecError, StreamConfig, TaskConfig, sizes_of
 from train.augment import AugmentConfig, augment, spec_augment
 from train.data import Example, Source, find_audio, labels_of, load_features, split_examples
 from train.evaluate import FIGURES, clip_scores, headline, primary, report, targets
@@ -80,6 +80,7 @@ class FinetuneConfig:
     warmup_epochs: float = setting(1.0, "Epochs of linear warm-up.")
     augment: AugmentConfig = setting(AugmentConfig(), "Augmentation of the log-mel batches.")
     balance: bool = setting(False, "Draw tag clips class-balanced: a clip as often as its rarest class allows, so a class with three times the clips is not heard three times as often.")
+    keyword_share: float = setting(0.0, "Share of a keyword head's draws that hold a keyword (the rest: its _unknown_ and _silence_ clips, in their own proportions), however many clips of either it has; 0: the data's own mix.")
     precision: str = setting("fp32", "fp32, or bf16 autocast (1.4x faster steps on a CPU core with AVX512-BF16, as on CUDA GPUs).")
     seed: int = setting(0, "Seed of the splits' crops, the augmentation and the initial weights.")
 
@@ -91,7 +92,7 @@ class FinetuneConfig:
             choose("attention", self.attention, ATTENTIONS)
         if self.mode == "adapter":
             bounded(self, ("adapter_dim", self.adapter_dim >= 1, ">= 1"))
-        bounded(self, ("adapter_layers", self.adapter_layers >= 0, ">= 0"))
+        bounded(self, ("adapter_layers", self.adapter_layers >= 0, ">= 0"), ("keyword_share", 0 <= self.keyword_share < 1, "in [0, 1)"))
         if self.task:
             for wrong, why in ((not self.init, "needs --init, the model it adds to"), (self.mode == "full", "trains a task's own weights: --mode linear or adapter"),
                                (bool(self.attention), "runs the base's attention; leave out --attention")):
@@ -457,10 +458,17 @@ def plot_history(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def epoch_order(task: Task, balance: bool, generator: torch.Generator) -> list[int]:
-    """One epoch's clips: a permutation, or (balance) as many draws with replacement, each clip
-    weighted by 1 / the clip count of its rarest class, so every class is drawn about equally."""
+def epoch_order(task: Task, balance: bool, generator: torch.Generator, keyword_share: float = 0.0) -> list[int]:
+    """One epoch's clips: a permutation; or as many draws with replacement, each clip weighted by
+    1 / the clip count of its rarest class (balance: every class drawn about equally), or so that
+    `keyword_share` of them hold a keyword (a keyword head)."""
     n = len(task.train)
+    if keyword_share:
+        keyword = (task.train_y[:, [label not in NOT_SPOTTED for label in task.labels]] > 0).any(1)  # [n]
+        k = int(keyword.sum())
+        if 0 < k < n:
+            weight = torch.where(keyword, keyword_share / k, (1 - keyword_share) / (n - k))
+            return torch.multinomial(weight, n, replacement=True, generator=generator).tolist()
     if not balance:
         return torch.randperm(n, generator=generator).tolist()
     labelled = task.train_y > 0  # [n, classes]
@@ -485,7 +493,8 @@ def train(c: FinetuneConfig, learn: HardLabels, device: str | None = None) -> di
         bar = progress.add_task(learn.stage, total=total, epoch=0, stats="")
         for epoch in range(1, c.epochs + 1):
             start, losses = time.perf_counter(), []
-            orders = [epoch_order(t, c.balance and run.spec.outputs[t.head].kind == TAGS, run.generator) for t in run.tasks]
+            orders = [epoch_order(t, c.balance and run.spec.outputs[t.head].kind == TAGS, run.generator,
+                                  c.keyword_share if run.spec.outputs[t.head].kind != TAGS else 0.0) for t in run.tasks]
             for i in range(run.steps_per_epoch):
                 for group in run.optimizer.param_groups:
                     group["lr"] = c.lr * lr_factor(step, warmup, total)
