@@ -203,7 +203,7 @@ def learn(name: str, classes: dict[str, list[str]], negatives: list[str], into, 
 
     start = time.perf_counter()
     torch.manual_seed(c.seed)
-    samples = round(spec.window_seconds * rate)
+    samples = spec.window_samples
     waves, targets, positive = examples(clips, negative_clips, samples, max(1, round(c.hop * rate)), np.random.default_rng(c.seed))
     grown = AudioTransformer(spec)  # the base with the new task
     missing, unexpected = grown.load_state_dict(base.state_dict(), strict=False)

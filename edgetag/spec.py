@@ -491,9 +491,14 @@ class ModelSpec:
         return replace(self, heads=heads, thresholds=thresholds, tasks={}, speech_gate=self.speech_gate if BASE in names else 0.0)
 
     @property
+    def window_samples(self) -> int:
+        """The samples a window's frames span (15,920 for 1 s at 16 kHz, 25 ms frames every 10 ms)."""
+        return (self.window_frames - 1) * self.fbank.frame_shift + self.fbank.frame_length
+
+    @property
     def window_seconds(self) -> float:
         """The audio a window's frames span (0.995 s for 1 s at 25 ms frames every 10 ms)."""
-        return ((self.window_frames - 1) * self.fbank.frame_shift + self.fbank.frame_length) / self.fbank.sample_rate
+        return self.window_samples / self.fbank.sample_rate
 
     @property
     def hop_seconds(self) -> float:

@@ -450,13 +450,9 @@ def init_stage(c: dict) -> dict:
 
 
 def mine_stage(c: dict) -> dict:
-    from edgetag.runtime import load_backend
-    from edgetag.stream import Engine
-    from train import running
-    from train.mine import mine
+    from train.mine import mine_sources
 
-    scene = running.scene_of([], c["others"], c["backgrounds"], c["seed"], c["repeat"])
-    return mine(Engine(load_backend(c["model"])), scene, c["level"], Path(c["out"]))
+    return mine_sources(**c)
 
 
 def finetune_stage(c: FinetuneConfig) -> dict:

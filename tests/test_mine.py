@@ -47,7 +47,7 @@ def test_mined_windows_are_the_false_alarms_as_the_model_heard_them(tmp_path):
         over_word = start < word.end and start + spec.window_seconds > word.start
         assert r["label"] == ("_unknown_" if over_word else "_silence_")
         clip = audio.load(tmp_path / "mined" / r["path"], rate)
-        assert len(clip) == (spec.window_frames - 1) * spec.fbank.frame_shift + spec.fbank.frame_length  # one window's samples
+        assert len(clip) == spec.window_samples == 15920  # one 1 s window's frames span 0.995 s
         np.testing.assert_allclose(clip, scene.audio[round(start * rate) :][: len(clip)], atol=1 / 2**15)  # 16-bit FLAC
         heard = backend(fbank(clip, spec.fbank)[None])[spec.head_of(KEYWORDS)][0, spotted].max()
         assert heard >= 0.5 and heard == pytest.approx(float(r["score"]), abs=0.02)

@@ -254,7 +254,7 @@ class ViewTargets(HardLabels):
         from train.views import render
 
         rate = spec.fbank.sample_rate
-        samples = (spec.window_frames - 1) * spec.fbank.frame_shift + spec.fbank.frame_length
+        samples = spec.window_samples
         backgrounds = [e for source in map(Source.parse, self.c.backgrounds) if source.head == task.head for e in source.read()]
         views = render(head.kind, task.examples, load_clips(task.examples, rate), [x for x in load_clips(backgrounds, rate) if x is not None],
                        self.c.views, samples, rate)

@@ -461,7 +461,7 @@ def plot_history(rows: list[dict], path: Path) -> None:
 def epoch_order(task: Task, balance: bool, generator: torch.Generator, keyword_share: float = 0.0) -> list[int]:
     """One epoch's clips: a permutation; or as many draws with replacement, each clip weighted by
     1 / the clip count of its rarest class (balance: every class drawn about equally), or so that
-    `keyword_share` of them hold a keyword (a keyword head)."""
+    `keyword_share` of them hold a keyword (a keyword head that has clips with and without one)."""
     n = len(task.train)
     if keyword_share:
         keyword = (task.train_y[:, [label not in NOT_SPOTTED for label in task.labels]] > 0).any(1)  # [n]

@@ -44,7 +44,7 @@ def mine(engine: Engine, scene: running.Scene, level: float, out: Path) -> dict:
     spec, head = engine.spec, engine.spec.head_of(KEYWORDS)
     p = running.hop_probabilities(engine, scene)[head]  # [hops, classes]
     score = p[:, np.array(spec.heads[head].spotted)].max(1)  # the surest keyword of each hop
-    samples = (spec.window_frames - 1) * spec.fbank.frame_shift + spec.fbank.frame_length
+    samples = spec.window_samples
     step = spec.hop_frames * spec.fbank.frame_shift  # samples between hop windows
     words = np.array([(w.start, w.end) for w in scene.words]).reshape(-1, 2) * scene.rate
     out.mkdir(parents=True, exist_ok=True)
@@ -63,9 +63,19 @@ def mine(engine: Engine, scene: running.Scene, level: float, out: Path) -> dict:
         writer = csv.DictWriter(f, ["path", "label", "start_s", "score"])
         writer.writeheader()
         writer.writerows(rows)
-    spoken = sum(r["label"] == UNKNOWN for r in rows)
+    over_words = sum(r["label"] == UNKNOWN for r in rows)
     return {"hours": scene.seconds / 3600, "words": len(scene.words), "hops": len(score), "level": level, "clips": len(rows),
-            "over_words": spoken, "over_background": len(rows) - spoken}
+            "over_words": over_words, "over_background": len(rows) - over_words}
+
+
+def mine_sources(model: str, out: Path, others: list[str], backgrounds: list[str], level: float = 0.5, seed: int = 0, repeat: int = 1,
+                 hop: float | None = None) -> dict:
+    """`mine` on a scene of `others` (sources of speech without keywords) over `backgrounds`,
+    through `model` (a checkpoint or export) at `hop` (default: its own)."""
+    from edgetag.runtime import load_backend
+
+    engine = Engine(load_backend(model), hop=hop)
+    return mine(engine, running.scene_of([], others, backgrounds, seed, repeat), level, Path(out))
 
 
 def main(
@@ -79,8 +89,6 @@ def main(
     hop: float = typer.Option(None, help="Seconds between the windows (default: the model's own hop)."),
 ) -> None:
     """Write the windows of a keyword-free scene where the model spots a keyword, as training clips."""
-    from edgetag.runtime import load_backend
-
     try:
         if not 0 < level < 1:
             raise ValueError(f"--level: {level:g} is not in (0, 1)")
@@ -88,12 +96,10 @@ def main(
             raise ValueError(f"--repeat: {repeat} is not a number of passes (1 or more)")
         if hop is not None and not hop > 0:
             raise ValueError(f"--hop: {hop:g} is not a positive number of seconds")
-        engine = Engine(load_backend(model), hop=hop)
-        scene = running.scene_of([], others, backgrounds, seed, repeat)
+        found = mine_sources(model, out, others, backgrounds, level, seed, repeat, hop)
     except (ValueError, FileNotFoundError) as e:
         print(f"train.mine: error: {e}", file=sys.stderr)
         raise typer.Exit(2) from e
-    found = mine(engine, scene, level, out)
     print(f"{found['hours']:.2f} h, {found['words']} words, {found['hops']} hops: {found['clips']} windows at >= {level:g} "
           f"({found['over_words']} over words, {found['over_background']} over background alone) -> {out / 'manifest.csv'}")
 
