@@ -171,7 +171,8 @@ def describe(name: str, stage: dict) -> str:
     start = f"from `{c['init']}`" if c["init"] else f"a {c['size']} model with {TOKEN_WORDS[c.get('tokens', 'patch')]} from scratch"
     teachers = [t for t in (settings.get("teacher"), settings.get("tag_teacher"), settings.get("keyword_teacher")) if t]
     v = ViewsConfig(**settings.get("views", {}))  # a stage recorded before a views setting existed ran at its default
-    words = f" (keyword views: the word {'anywhere in the window' if v.word_placement == 'anywhere' else 'centred'}, over background in {100 * v.word_background_prob:.0f}%)"
+    speed = f", played at {1 - v.speed:g}-{1 + v.speed:g}x speed" if v.speed else ""
+    words = f" (keyword views: the word {'anywhere in the window' if v.word_placement == 'anywhere' else 'centred'}{speed}, over background in {100 * v.word_background_prob:.0f}%)"
     weights = "".join(f", {name}={settings[key]:g}" for name, key in (("tag-alpha", "tag_alpha"), ("cross", "cross")) if settings.get(key))
     keyword_teachers = ((", keyword teachers hearing each keyword view without its background" if v.teach_clean else "")
                         + (", keyword teachers silent about keywords on the views that hold none" if settings.get("sure_negatives") else "")) if teachers else ""

@@ -6,6 +6,7 @@
     python -m pipeline.recipe default7 --out runs/d7 --stages init,student  # a candidate after it, measured and not bundled
     python -m pipeline.recipe default8 --out runs/d8 --stages init,student,calibrate  # another (default9: one more)
     python -m pipeline.recipe default11 --out runs/d11 --stages init,mine,student,calibrate  # hard negatives mined by default-6 (default10: in the data's own mix)
+    python -m pipeline.recipe default12 --out runs/d12 --stages init,mine,student,calibrate  # default10 with speed-perturbed keyword views (default13: 8 epochs; default14: default's 8 epochs)
     python -m pipeline.recipe default5 --out runs/d5                  # edgetag-default-5, the model before it
     python -m pipeline.recipe default4 --out runs/d4                  # edgetag-default-4
     python -m pipeline.recipe default3 --out runs/d3                  # edgetag-default-3, the one before that
@@ -390,7 +391,41 @@ def default11(data: str = "../shared/data", out: str = "runs/default", previous:
     return replace(r, model_id="edgetag-default-11", student=replace(r.student, student=replace(r.student.student, keyword_share=0.5)), tried=tried)
 
 
-RECIPES = {"default": default, "default11": default11, "default10": default10, "default9": default9, "default8": default8, "default7": default7, "default5": default5, "default4": default4, "default3": default3, "default2": default2}
+def default12(data: str = "../shared/data", out: str = "runs/default", previous: str = "runs/default-6") -> Recipe:
+    """A candidate for edgetag-default-12 (the README's default-model section has its figures):
+    default10 with its augmented keyword views played at 0.9-1.1x speed. `previous` holds
+    edgetag-default-6 (model.safetensors, export/)."""
+    r = default10(data, out, previous)
+    # Keywords here come from a few hundred speakers; default10's validation keywords fell to
+    # 87.1% (default-6: 91.0%), its misses heard as _unknown_, a word from a voice it has not
+    # heard. Kaldi's speed perturbation range: new voices and rates, the same words (and other speech).
+    tried = ["default10: these settings with the keyword views as recorded (the README)", *r.tried]
+    return replace(r, model_id="edgetag-default-12", student=replace(r.student, views=replace(r.student.views, speed=0.1)), tried=tried)
+
+
+def default13(data: str = "../shared/data", out: str = "runs/default", previous: str = "runs/default-6") -> Recipe:
+    """A candidate for edgetag-default-13 (the README's default-model section has its figures):
+    default10 taught for 8 epochs instead of 4. `previous` holds edgetag-default-6 (model.safetensors, export/)."""
+    r = default10(data, out, previous)
+    # A patient teacher (Beyer et al. 2022): default10's validation keywords were still rising
+    # when its 4 epochs' cosine schedule ended (86.5% -> 87.1%); the views and targets are cached,
+    # so a longer schedule costs the epochs alone.
+    tried = ["default10: these settings for 4 epochs (the README)", *r.tried]
+    return replace(r, model_id="edgetag-default-13", student=replace(r.student, student=replace(r.student.student, epochs=8)), tried=tried)
+
+
+def default14(data: str = "../shared/data", out: str = "runs/default", previous: str = "runs/default-6") -> Recipe:
+    """A candidate for edgetag-default-14 (the README's default-model section has its figures):
+    edgetag-default-6's recipe taught for 8 epochs instead of 4, as default13 taught default10's.
+    `previous` holds edgetag-default-6 (model.safetensors, export/)."""
+    r = default(data, out, previous)
+    # default13 (default10 for 8 epochs) gained 1.8 points of validation keywords, 2.7 of ESC-50
+    # and 3.0 of DCASE over default10's 4 epochs
+    tried = ["edgetag-default-6: these settings for 4 epochs (its card)", *r.tried]
+    return replace(r, model_id="edgetag-default-14", student=replace(r.student, student=replace(r.student.student, epochs=8)), tried=tried)
+
+
+RECIPES = {"default": default, "default14": default14, "default13": default13, "default12": default12, "default11": default11, "default10": default10, "default9": default9, "default8": default8, "default7": default7, "default5": default5, "default4": default4, "default3": default3, "default2": default2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -803,7 +838,7 @@ def main(
     name: str = typer.Argument("default", help=f"The recipe: {', '.join(RECIPES)}."),
     data: str = typer.Option("../shared/data", help="The shared data folder (Speech Commands, ESC-50, DCASE 2016, FSDD, wake words, noise)."),
     out: str = typer.Option("runs/default", help="Where every stage writes its folder."),
-    previous: str = typer.Option("", help="The folder of the model the recipe's replaces (model.safetensors, export/), measured beside it (default: runs/default-6 for default11 to default7, which mine it in default10 and default11; runs/default-5 for default; runs/default-4, runs/default-3, runs/default-2 for default5, default4, default3)."),
+    previous: str = typer.Option("", help="The folder of the model the recipe's replaces (model.safetensors, export/), measured beside it (default: runs/default-6 for default14 to default7, which mine it in default10 to default13; runs/default-5 for default; runs/default-4, runs/default-3, runs/default-2 for default5, default4, default3)."),
     stages: str = typer.Option("", help="Comma-separated stages to run, in order (default: all; see the module's docstring)."),
     install_assets: bool = typer.Option(False, "--install", help="Copy the calibrated model, its export and the card into edgetag/assets."),
     refresh: bool = typer.Option(False, "--refresh-card", help="Train nothing: measure the installed card's int8 rows and latency again (after a runtime change)."),

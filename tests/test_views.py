@@ -8,7 +8,7 @@ import torch
 from conftest import data_path, make_spec, white_noise
 
 from train.data import Example
-from train.views import ViewsConfig, core, mix, power, render, shifted, window_starts
+from train.views import ViewsConfig, core, mix, played, power, render, shifted, window_starts
 
 
 def test_mix_sets_the_snr_and_shifted_pads_with_silence():
@@ -43,6 +43,37 @@ def test_render_views_of_tags_and_keywords():
     kws = render("keywords", [Example("w", ("yes",))], [word], [white_noise(2.0, seed=6)], c, rate, rate)
     assert kws.labels == [("yes",)] * 3  # a keyword is mixed only with background, so it stays a keyword
     np.testing.assert_array_equal(kws.audio[0], word)
+
+
+def pitch(x: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.argmax(spectrum) * rate / len(x))
+
+
+def test_played_faster_is_shorter_and_higher():
+    rate = 16000
+    tone = np.sin(2 * np.pi * 1000 * np.arange(rate) / rate).astype(np.float32)
+    for speed in (0.8, 1.15):
+        y = played(tone, speed)
+        assert abs(len(y) - rate / speed) <= 1 and pitch(y, rate) == pytest.approx(1000 * speed, abs=2)
+    assert played(tone, 1.0) is tone
+
+
+def test_speed_perturbed_keyword_views_keep_the_word_centred_and_leave_tags_alone():
+    """With `speed`, each augmented keyword view plays its word at its own speed within the range
+    (its pitch moves with it), still centred in the window; view 0 and tag views are as recorded."""
+    rate = 16000
+    t = np.arange(rate) / rate
+    word = (np.sin(2 * np.pi * 1000 * t) * np.exp(-0.5 * ((t - 0.5) / 0.1) ** 2)).astype(np.float32)  # a 1 kHz burst mid-clip
+    c = ViewsConfig(views=12, speed=0.2, time_jitter=0.0, level_db=0.0, word_background_prob=0.0)
+    kws = render("keywords", [Example("w", ("yes",))], [word], [], c, rate, rate)
+    pitches = [pitch(v, rate) for v in kws.audio]
+    assert pitches[0] == pytest.approx(1000, abs=2) and np.array_equal(kws.audio[0], word)
+    assert all(800 - 2 <= p <= 1200 + 2 for p in pitches[1:]) and np.ptp(pitches[1:]) > 100  # spread over the range
+    centres = [np.average(np.arange(rate), weights=np.square(v)) for v in kws.audio]
+    assert np.allclose(centres, rate / 2, atol=rate * 0.01)  # the word stays in the middle of the window
+    tags = render("tags", [Example("a", ("Tone",))], [word], [], replace(c, mix_prob=0.0, background_prob=0.0), rate, rate)
+    assert all(pitch(v, rate) == pytest.approx(1000, abs=2) for v in tags.audio)
 
 
 def test_core_holds_the_middle_share_of_the_energy():
@@ -124,9 +155,9 @@ def test_keyword_teacher_hears_the_word_without_its_background():
     assert (noisy[1:, KEYWORD_LABELS.index("yes")] < clean[1:, KEYWORD_LABELS.index("yes")] - 0.1).all()
 
 
-@pytest.mark.parametrize("bad", [dict(word_placement="edge"), dict(word_core=0.0), dict(word_background_prob=1.5), dict(background_prob=-0.1)])
+@pytest.mark.parametrize("bad", [dict(word_placement="edge"), dict(word_core=0.0), dict(word_background_prob=1.5), dict(background_prob=-0.1), dict(speed=0.5)])
 def test_views_config_refuses_settings_out_of_range(bad):
-    with pytest.raises(ValueError, match="word|background"):
+    with pytest.raises(ValueError, match="word|background|speed"):
         ViewsConfig(**bad)
 
 
