@@ -288,6 +288,8 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
     (["train.distill", "--train", "DATA", "--views", "1", "--word-background-prob", "1.5"], "train.distill: error: --word-background-prob: 1.5 is not in [0, 1]"),
     (["train.distill", "--train", "DATA", "--views", "1", "--background-prob", "-0.1"], "train.distill: error: --background-prob: -0.1 is not in [0, 1]"),
     (["train.distill", "--train", "DATA", "--views", "1", "--keyword-share", "1"], "train.distill: error: --keyword-share: 1 is not in [0, 1)"),
+    (["train.distill", "--train", "DATA", "--views", "1", "--speed", "0.5"], "train.distill: error: --speed: 0.5 is not in [0, 0.5)"),
+    (["train.distill", "--train", "DATA", "--views", "1", "--speed", "nan"], "train.distill: error: --speed: nan is not in [0, 0.5)"),
     (["train.input_study", "--size", "huge"], "train.input_study: error: size must be one of nano, mini, tiny, small, base, not 'huge'"),
     (["train.input_study", "--epochs", "0"], "train.input_study: error: --epochs: 0 is not >= 1"),
     (["train.bench_encoders", "--size", "huge"], "train.bench_encoders: error: --size: 'huge' is not one of nano, mini, tiny, small, base"),

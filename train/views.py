@@ -135,6 +135,7 @@ def render(kind: str, examples: list[Example], clips: list[np.ndarray | None], b
     out, labels, source, clean = [], [], [], []
     for i, x in kept:
         starts = window_starts(x, samples, hop, c.clip_windows) if kind == TAGS else [(len(x) - samples) // 2]
+        recorded = core(x, c.word_core) if anywhere else (0, 0)
         for start in starts:
             for v in range(c.views):
                 labelled = set(examples[i].labels)
@@ -143,7 +144,7 @@ def render(kind: str, examples: list[Example], clips: list[np.ndarray | None], b
                 else:
                     clip = played(x, rng.uniform(1 - c.speed, 1 + c.speed)) if kind != TAGS and c.speed else x
                     centre = start + (len(clip) - len(x)) // 2  # a keyword clip's one window, centred on the clip as played
-                    first, last = core(clip, c.word_core) if anywhere else (0, 0)
+                    first, last = core(clip, c.word_core) if anywhere and clip is not x else recorded
                     # where the view's window may start: with the word's core inside it (a core
                     # longer than the window: inside the core), or within the jitter of the clean window
                     lo, hi = sorted((last - samples, first)) if anywhere else (centre - shift, centre + shift)
