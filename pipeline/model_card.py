@@ -80,9 +80,9 @@ def running_table(running: dict, per_hour: float) -> list[str]:
         own = f"{pct(at['recall'])} | {at['false_alarms_per_hour']:.1f} | {at['wrong_spots']}" if at else "– | – | –"
         if best is None:  # the grid's top threshold still makes more: say where it ends
             top = max(m["curve"], key=lambda p: p["threshold"])
-            shown = f"none: at {top['threshold']:.2f}, {pct(top['recall'])} with {top['false_alarms_per_hour']:.1f} / hour"
+            shown = f"none: at {top['threshold']:g}, {pct(top['recall'])} with {top['false_alarms_per_hour']:.1f} / hour"
         else:
-            shown = f"{pct(best['recall'])} ({best['threshold']:.2f})"
+            shown = f"{pct(best['recall'])} ({best['threshold']:g})"
         rows.append(f"| {name} | {own} | {shown} |")
     return rows
 
@@ -93,7 +93,7 @@ def gate_lines(running: dict, scene: dict, per_hour: float) -> list[str]:
     student, lines = running["models"]["student"], []
     gates = scene.get("gates", {})
     if len(gates) > 1:
-        tried = "; ".join(f"{g} ({p['threshold']:.2f}): {pct(p['recall'])} at {p['false_alarms_per_hour']:.1f} / hour" for g, p in gates.items())
+        tried = "; ".join(f"{g} ({p['threshold']:g}): {pct(p['recall'])} at {p['false_alarms_per_hour']:.1f} / hour" for g, p in gates.items())
         lines.append(f"- The speech gate was chosen with the threshold on the calibration scene, each gate at its lowest threshold within the "
                      f"target (or the grid's top): {tried}. Chosen: {scene['speech_gate']:g}.")
     mine = best_within(student["curve"], per_hour)
@@ -102,7 +102,7 @@ def gate_lines(running: dict, scene: dict, per_hour: float) -> list[str]:
             continue
         other = best_within(m["curve"], per_hour)
         words = "never gated" if not m["gate"] else f"gated at {m['gate']:g}"
-        theirs = f"{pct(other['recall'])} ({other['threshold']:.2f})" if other else "none within it"
+        theirs = f"{pct(other['recall'])} ({other['threshold']:g})" if other else "none within it"
         ours = f"{pct(mine['recall'])}" if mine else "none"
         lines.append(f"- {words.capitalize()}, the best of the curve within {per_hour:g} false alarms per hour here is {theirs}, against {ours} at the "
                      f"shipped gate ({student.get('speech_gate', 0):g}).")
@@ -141,9 +141,10 @@ def calibration_words(settings: dict, result: dict) -> str:
             chosen, target = scene["chosen"], settings["target_per_hour"]
             pair = (f"the pair spotting the most keywords within {target:g} false alarms per hour" if chosen["false_alarms_per_hour"] <= target else
                     f"no pair within {target:g} false alarms per hour, so the one closest to it ({chosen['false_alarms_per_hour']:.1f} per hour at the grid's top)")
-            return (f"one keyword threshold ({chosen['threshold']:.2f}) and a speech gate ({scene['speech_gate']:g}: keywords only where "
-                    f"the Speech tag reaches it), {pair} on {where}; tag thresholds by F1")
-        return (f"one keyword threshold ({scene['chosen']['threshold']:.2f}), the lowest within {settings['target_per_hour']:g} false alarms per hour on "
+            gate = (f"a speech gate ({scene['speech_gate']:g}: keywords only where the Speech tag reaches it)" if scene["speech_gate"] else
+                    "no speech gate (no gate tried spotted more)")
+            return f"one keyword threshold ({chosen['threshold']:g}) and {gate}, {pair} on {where}; tag thresholds by F1"
+        return (f"one keyword threshold ({scene['chosen']['threshold']:g}), the lowest within {settings['target_per_hour']:g} false alarms per hour on "
                 f"{where}; tag thresholds by F1")
     return f"thresholds at <= {settings['target_per_hour']:g} false alarm per hour on {result['negative_hours']:.2f} h of validation audio without keywords"
 

@@ -211,3 +211,19 @@ def test_a_card_refresh_rewrites_only_the_rows_and_section_it_measured():
     assert lines[6] == "| student | 1.23M | 4.7 MiB | 85.2% | 33.9% | 0.378 | 73.5% |"
     assert lines[7] == "| student, ONNX Runtime int8 | (as student) | 1.6 MiB | 85.2% | 33.0% | 0.380 | 73.5% |"
     assert "new table" in new and "old table" not in new and new.endswith("## Known limits\n\n- small data\n")
+
+
+def test_the_card_names_the_calibrated_pair_as_chosen():
+    """Thresholds at the grid's fine top read as chosen (0.998, not a rounded 1.00), and a gate
+    of 0 reads as no gate, not as "keywords only where the Speech tag reaches 0"."""
+    from pipeline.model_card import calibration_words
+
+    def scene(gate: float, threshold: float) -> dict:
+        point = {"threshold": threshold, "recall": 0.088, "false_alarms_per_hour": 0.0}
+        return {"scene": {"minutes": 46.0, "keywords": 160, "other_words": 731, "speech_gate": gate, "chosen": point,
+                          "gates": {"0": point, "0.2": point}}}
+
+    ungated = calibration_words({"target_per_hour": 2.0}, scene(0.0, 0.998))
+    assert "threshold (0.998)" in ungated and "no speech gate" in ungated and "reaches it" not in ungated
+    gated = calibration_words({"target_per_hour": 2.0}, scene(0.2, 0.99))
+    assert "threshold (0.99) and a speech gate (0.2: keywords only where the Speech tag reaches it)" in gated
