@@ -118,7 +118,8 @@ TAG_ON = typer.Option(None, callback=bounded("--tag-on", 0, 1),
 TAG_OFF = typer.Option(0.35, callback=bounded("--tag-off", 0, 1), help="...and ends below this one (or below its start threshold, when that is lower).")
 KEYWORD_ON = typer.Option(None, callback=bounded("--keyword-on", 0, 1),
                           help="A keyword is spotted at this probability (default: the model's calibrated per-keyword thresholds, else 0.7; a value here overrides them).")
-SMOOTHING = typer.Option(0.0, callback=bounded("--smoothing", 0, 3600), help="Average probabilities over this many seconds of hops.")
+SMOOTHING = typer.Option(None, callback=bounded("--smoothing", 0, 3600),
+                         help="Average every head's probabilities over this many seconds of hops (default: the model's calibrated keyword smoothing; 0: none).")
 MIN_DURATION = typer.Option(0.0, callback=bounded("--min-duration", 0, 3600), help="Drop tag events shorter than this (seconds).")
 SPEECH_GATE = typer.Option(None, callback=bounded("--speech-gate", 0, 1),
                            help="Spot keywords only in hops whose Speech tag reaches this (default: the model's calibrated gate; 0: never gated).")

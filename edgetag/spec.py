@@ -421,6 +421,9 @@ class ModelSpec:
     # The model's own keywords are spotted only in hops where its own Speech tag reaches this:
     # calibrated with the keyword threshold on running audio (0: never gated)
     speech_gate: float = 0.0
+    # ... and from the mean of their probabilities over the hops of this many seconds (causal):
+    # a word lasts several hops, a false alarm often one. Calibrated with the gate (0: each hop alone)
+    keyword_smoothing: float = 0.0
     # derived from `stream` and `fbank`, and from `heads`, in __post_init__
     window_frames: int = field(init=False, compare=False)
     hop_frames: int = field(init=False, compare=False)
@@ -441,6 +444,9 @@ class ModelSpec:
             raise SpecError(f"speech_gate {self.speech_gate} is not in [0, 1)")
         if self.speech_gate and speech_tag is None:
             raise SpecError(f"speech_gate {self.speech_gate}: the model has no Speech tag to gate its keywords on")
+        s = self.keyword_smoothing
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s >= 0):
+            raise SpecError(f"keyword_smoothing {s!r} is not a number of seconds >= 0")
         object.__setattr__(self, "window_frames", window_frames)
         object.__setattr__(self, "hop_frames", hop_frames)
         object.__setattr__(self, "speech_tag", speech_tag)
@@ -488,7 +494,9 @@ class ModelSpec:
             else:
                 heads[name] = self.tasks[name].head
                 thresholds |= {name: self.tasks[name].thresholds} if self.tasks[name].thresholds else {}
-        return replace(self, heads=heads, thresholds=thresholds, tasks={}, speech_gate=self.speech_gate if BASE in names else 0.0)
+        own = BASE in names  # the speech gate and keyword smoothing are the base's, calibrated for its keyword head
+        return replace(self, heads=heads, thresholds=thresholds, tasks={}, speech_gate=self.speech_gate if own else 0.0,
+                       keyword_smoothing=self.keyword_smoothing if own else 0.0)
 
     @property
     def window_samples(self) -> int:
@@ -533,6 +541,7 @@ class ModelSpec:
             "provenance": self.provenance,
             **({"tasks": {name: t.to_dict() for name, t in self.tasks.items()}} if self.tasks else {}),
             **({"speech_gate": self.speech_gate} if self.speech_gate else {}),
+            **({"keyword_smoothing": self.keyword_smoothing} if self.keyword_smoothing else {}),
         }
 
     @classmethod

@@ -40,7 +40,7 @@ class PostConfig:
     tag_on: float | None = None  # a tag starts when its smoothed probability reaches this
     tag_off: float = 0.35  # and ends when it falls below this (hysteresis)
     keyword_on: float | None = None
-    smoothing: float = 0.0  # mean over the hops of this many seconds (causal); 0: none
+    smoothing: float | None = None  # every head's mean over the hops of this many seconds (causal; 0: none); None: the model's (ModelSpec.keyword_smoothing)
     min_duration: float = 0.0  # shorter tag events are dropped
     refractory: float = 1.0  # after a keyword spot, no other spot for this long
     speech_gate: float | None = None  # keywords only where the Speech tag reaches this; None: the model's (ModelSpec.speech_gate); 0: never gated
@@ -88,6 +88,8 @@ class Hop:
 class PostProcessor:
     """Smoothing, per-class thresholds with hysteresis and minimum duration for tags, and a
     refractory period for keywords. Causal: a hop's events depend on that hop and earlier ones.
+    Smoothing is a mean over the nearest whole number of hops (at least one) to its seconds: the
+    user's for every head, or else the model's own for its keyword heads (not a task's).
     One tag event per continuous activity at any hop: a class that comes back on while the
     window of its last on-hop still overlaps goes on as the same event, so a tag is reported once
     no later window can overlap it (at most one window after it ended).
@@ -98,7 +100,8 @@ class PostProcessor:
     def __init__(self, spec: ModelSpec, post: PostConfig, thresholds: dict[str, dict[str, float]] | None = None, tasks: Collection[str] = ()):
         self.heads, self.post, self.hop, self.window = spec.heads, post, spec.hop_seconds, spec.window_seconds
         self.task = {name: name if name in tasks else "" for name in self.heads}
-        self.smooth = max(1, round(post.smoothing / self.hop))
+        own = {name: spec.keyword_smoothing if h.kind == KEYWORDS and name not in tasks else 0.0 for name, h in self.heads.items()}
+        self.smooth = {name: max(1, round((own[name] if post.smoothing is None else post.smoothing) / self.hop)) for name in self.heads}
         self.min_hops = math.ceil(max(0.0, post.min_duration - self.window) / self.hop - 1e-9) + 1  # events last (hops - 1) * hop + window
         self.refractory = math.ceil(post.refractory / self.hop - 1e-9)
         user = {TAGS: post.tag_on, KEYWORDS: post.keyword_on}  # None: not set
@@ -118,7 +121,7 @@ class PostProcessor:
         self.reset()
 
     def reset(self) -> None:
-        self.history = {name: deque(maxlen=self.smooth) for name in self.heads}
+        self.history = {name: deque(maxlen=self.smooth[name]) for name in self.heads}
         self.active = {name: {} for name in self.heads}  # class -> [first hop, peak score, hops no narrower class was on]
         self.ended = {name: {} for name in self.heads}  # class -> (first hop, last hop, peak, alone): off, not yet reported
         self.last_spot = dict.fromkeys(self.heads, -(10**9))  # per keyword head: a task's keywords keep their own refractory period
@@ -156,6 +159,30 @@ class PostProcessor:
                     self.last_spot[name] = k
                     events.append(Event(EVENT_KINDS[head.kind], head.labels[c], k * self.hop, k * self.hop + self.window, float(scores[c]), self.task[name]))
         return events
+
+    def sweep(self, name: str, probabilities: np.ndarray, thresholds) -> list[list[Event]]:
+        """The spots one keyword head makes over a whole stream ([hops, classes], from hop 0) at
+        each of `thresholds` (one for every class it spots), as `replay` makes them at each: the
+        smoothed hops are computed once, so a threshold costs only the hops that reach it."""
+        head, n = self.heads[name], self.smooth[name]
+        if head.kind != KEYWORDS:
+            raise ValueError(f"sweep: {name!r} is not a keyword head")
+        best = np.empty(len(probabilities), np.int64)
+        score = np.empty(len(probabilities))
+        for k in range(len(probabilities)):
+            p = np.mean(probabilities[max(0, k - n + 1) : k + 1], axis=0)  # what `update`'s history holds at hop k
+            scores = np.where(self.spotted[name], p, -1.0)
+            best[k] = scores.argmax()
+            score[k] = scores[best[k]]
+        out = []
+        for t in thresholds:
+            events, last = [], -(10**9)
+            for k in map(int, np.flatnonzero(score >= t)):
+                if k - last >= self.refractory:
+                    last = k
+                    events.append(Event(EVENT_KINDS[head.kind], head.labels[best[k]], k * self.hop, k * self.hop + self.window, float(score[k]), self.task[name]))
+            out.append(events)
+        return out
 
     def flush(self, last_hop: int, duration: float) -> list[Event]:
         """Close the tags still on, or ended but not yet reported, at the end of the stream (their

@@ -87,25 +87,58 @@ def running_table(running: dict, per_hour: float) -> list[str]:
     return rows
 
 
+def chosen_on(student: dict) -> str:
+    """What calibration chose for the shipped model's keywords, as the subject of "... chosen"."""
+    chosen = ["threshold", *(["speech gate"] if student.get("speech_gate") else []), *(["keyword smoothing"] if student.get("keyword_smoothing") else [])]
+    return f"{', '.join(chosen[:-1])} and {chosen[-1]} were" if len(chosen) > 1 else "threshold was"
+
+
+def choice_words(gate: float, smoothing: float) -> str:
+    """A (speech gate, keyword smoothing) pair in words."""
+    gated = f"gated at {gate:g}" if gate else "never gated"
+    return f"{gated}, {f'averaged over {smoothing:g} s' if smoothing else 'each hop alone'}"
+
+
+def running_limit(minutes: float, calibration: dict | None) -> list[str]:
+    """How coarse the running-audio false-alarm rates are: one alarm per scene, per hour."""
+    scenes = [*([(calibration["minutes"], "calibration")] if calibration else []), (minutes, "evaluation")]
+    rates = " and ".join(f"{60 / m:.1f} per hour over the {name} scene's {m:.0f} minutes" for m, name in scenes)
+    return [f"- The running-audio figures come from short scenes: one false alarm is {rates};",
+            "  their keywords are a handful of validation speakers'."]
+
+
+def pair_table(pairs: list[dict]) -> list[str]:
+    """Calibration-scene points by speech gate (rows) and keyword smoothing (columns)."""
+    smoothings = sorted({p["keyword_smoothing"] for p in pairs})
+    rows = ["| speech gate | " + " | ".join(f"averaged over {s:g} s" if s else "each hop alone" for s in smoothings) + " |",
+            "|---|" + "---|" * len(smoothings)]
+    for gate in sorted({p["speech_gate"] for p in pairs}):
+        cells = {p["keyword_smoothing"]: p for p in pairs if p["speech_gate"] == gate}
+        rows.append(f"| {f'{gate:g}' if gate else 'none'} | " + " | ".join(
+            f"{pct(c['recall'])} ({c['threshold']:g}, {c['false_alarms_per_hour']:.1f})" if (c := cells.get(s)) else "–" for s in smoothings) + " |")
+    return rows
+
+
 def gate_lines(running: dict, scene: dict, per_hour: float) -> list[str]:
-    """The speech gate: how each gate did on the calibration scene, and the shipped model at its
-    gate against its curves at the others on this scene."""
+    """The speech gate and keyword smoothing: how each pair did on the calibration scene, and
+    the shipped model at its pair against its curves at others on this scene."""
     student, lines = running["models"]["student"], []
-    gates = scene.get("gates", {})
-    if len(gates) > 1:
-        tried = "; ".join(f"{g} ({p['threshold']:g}): {pct(p['recall'])} at {p['false_alarms_per_hour']:.1f} / hour" for g, p in gates.items())
-        lines.append(f"- The speech gate was chosen with the threshold on the calibration scene, each gate at its lowest threshold within the "
-                     f"target (or the grid's top): {tried}. Chosen: {scene['speech_gate']:g}.")
+    pairs = scene.get("pairs", [])
+    if len(pairs) > 1:
+        lines += [f"The speech gate and keyword smoothing were chosen with the threshold on the calibration scene ({scene['minutes']:.0f} min): "
+                  "each pair at its lowest threshold within the target (or the grid's top), the keywords it spots there (threshold, false alarms "
+                  f"per hour). Chosen: {choice_words(scene['speech_gate'], scene['keyword_smoothing'])}.", "", *pair_table(pairs), ""]
     mine = best_within(student["curve"], per_hour)
+    shipped = choice_words(student.get("speech_gate", 0), student.get("keyword_smoothing", 0))
     for name, m in running["models"].items():
         if "gate" not in m:
             continue
         other = best_within(m["curve"], per_hour)
-        words = "never gated" if not m["gate"] else f"gated at {m['gate']:g}"
+        words = choice_words(m["gate"], m.get("smoothing", student.get("keyword_smoothing", 0)))
         theirs = f"{pct(other['recall'])} ({other['threshold']:g})" if other else "none within it"
         ours = f"{pct(mine['recall'])}" if mine else "none"
-        lines.append(f"- {words.capitalize()}, the best of the curve within {per_hour:g} false alarms per hour here is {theirs}, against {ours} at the "
-                     f"shipped gate ({student.get('speech_gate', 0):g}).")
+        lines.append(f"- {words.capitalize()}, the best of the curve within {per_hour:g} false alarms per hour here is {theirs}, against {ours} as "
+                     f"shipped ({shipped}).")
     return lines
 
 
@@ -137,13 +170,15 @@ def calibration_words(settings: dict, result: dict) -> str:
     scene = result.get("scene")
     if scene:
         where = f"a {scene['minutes']:.0f} min running-audio scene ({scene['keywords']} keywords, {scene['other_words']} other words)"
-        if len(scene.get("gates", {})) > 1:
+        if len(scene.get("pairs", [])) > 1:
             chosen, target = scene["chosen"], settings["target_per_hour"]
-            pair = (f"the pair spotting the most keywords within {target:g} false alarms per hour" if chosen["false_alarms_per_hour"] <= target else
-                    f"no pair within {target:g} false alarms per hour, so the one closest to it ({chosen['false_alarms_per_hour']:.1f} per hour at the grid's top)")
+            pair = (f"the choice spotting the most keywords within {target:g} false alarms per hour" if chosen["false_alarms_per_hour"] <= target else
+                    f"no choice within {target:g} false alarms per hour, so the one closest to it ({chosen['false_alarms_per_hour']:.1f} per hour at the grid's top)")
             gate = (f"a speech gate ({scene['speech_gate']:g}: keywords only where the Speech tag reaches it)" if scene["speech_gate"] else
                     "no speech gate (no gate tried spotted more)")
-            return f"one keyword threshold ({chosen['threshold']:g}) and {gate}, {pair} on {where}; tag thresholds by F1"
+            smoothing = (f"keyword probabilities averaged over {scene['keyword_smoothing']:g} s of hops" if scene.get("keyword_smoothing") else
+                         "each hop's keyword probabilities alone (no smoothing tried spotted more)")
+            return f"one keyword threshold ({chosen['threshold']:g}), {gate} and {smoothing}, {pair} on {where}; tag thresholds by F1"
         return (f"one keyword threshold ({scene['chosen']['threshold']:g}), the lowest within {settings['target_per_hour']:g} false alarms per hour on "
                 f"{where}; tag thresholds by F1")
     return f"thresholds at <= {settings['target_per_hour']:g} false alarm per hour on {result['negative_hours']:.2f} h of validation audio without keywords"
@@ -318,7 +353,7 @@ def render(recipe, report: dict, stages: dict[str, dict], spec, bundle_bytes: in
             f"A {r['minutes']:.0f} min scene (`train.running`): {r['keywords']} keywords of validation speakers and {r['other_words']} other",
             "spoken words (digits, wake words, bed/cat/happy, Arabic commands) dropped every 1-3 s into ESC-50 fold 4 and",
             "UrbanSound8K fold 3 sounds at 0-15 dB SNR, run through the streaming engine (1 s refractory period). The",
-            f"threshold{' and speech gate were' if r['models'].get('student', {}).get('speech_gate') else ' was'} chosen on another scene of "
+            f"{chosen_on(r['models'].get('student', {}))} chosen on another scene of "
             "other speakers and other sources. A spot that overlaps a keyword",
             "of its label finds it; one of another label there is a wrong keyword; any other spot is a false alarm.",
             "",
@@ -358,8 +393,7 @@ def render(recipe, report: dict, stages: dict[str, dict], spec, bundle_bytes: in
         + (" and mn04's weights." if init else "."),
         "- Keywords are English, from Speech Commands recording conditions (one word per clip); the scenes mix such",
         "  clips into other sounds, which is not the same as words inside running sentences.",
-        "- The running-audio figures come from well under an hour of audio per scene: each false alarm moves the",
-        "  rate by several per hour.",
+        *(running_limit(report["running"]["minutes"], stages.get("calibrate", {}).get("result", {}).get("scene")) if "running" in report else []),
         "- A 1 s window hears only part of long events; tags fold ancestors into the most specific tag firing with",
         "  them (`--all-tags` shows all).",
         "",

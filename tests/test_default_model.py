@@ -48,7 +48,7 @@ def test_load_model_without_an_argument_is_the_bundled_model():
     spec = edgetag.load_model().spec
     from edgetag.spec import ModelSpec
 
-    assert spec.model_id == ModelSpec.from_dict(json.loads((DEFAULT_EXPORT / "manifest.json").read_text())["spec"]).model_id == "edgetag-default-14"
+    assert spec.model_id == ModelSpec.from_dict(json.loads((DEFAULT_EXPORT / "manifest.json").read_text())["spec"]).model_id == "edgetag-default-15"
     assert sorted(spec.heads["keywords"].labels) == sorted(KEYWORD_LABELS)
     assert spec.heads["tags"].kind == "tags" and "Dog" in spec.heads["tags"].labels
     assert set(spec.thresholds["keywords"]) >= set(COMMAND_WORDS)  # every keyword calibrated
@@ -156,8 +156,8 @@ def phases() -> dict[str, list[dict]]:
 def test_yes_is_heard_at_every_hop_phase_and_no_other_word(phases):
     """Where the hops fall against the word should not decide whether it is spotted. At every
     one of the five phases some window over the word gives "yes" above 0.9 and no other keyword
-    is spotted anywhere in the clip, and "yes" passes the calibrated threshold (0.995 for
-    edgetag-default-14) and its speech gate (Speech >= 0.2) on the word. (Before the
+    is spotted anywhere in the clip, and "yes" passes the calibrated threshold (0.97 for
+    edgetag-default-15, on the mean of three hops) and its speech gate (Speech >= 0.2) on the word. (Before the
     gate, at a threshold of 0.99, edgetag-default-4 missed the 0.4 s phase: its best window there
     scored 0.989.)"""
     import edgetag

@@ -168,7 +168,7 @@ def test_a_recipe_that_continues_a_model_on_views_with_running_audio(recipe_run,
     recipe = replace(first, model_id="test-model-3", pretrain=None, teacher=None, mine=mine,
                      student=DistillConfig(views=ViewsConfig(views=2), student=student),
                      baselines={"nokd": DistillConfig(views=ViewsConfig(views=1), student=replace(student, out=str(out / "nokd")))},
-                     calibrate={**first.calibrate, "keywords": [], "negatives": [], "scene": scene, "hop": 0.25},
+                     calibrate={**first.calibrate, "keywords": [], "negatives": [], "scene": scene, "hop": 0.25, "keyword_smoothings": [0.0, 0.5]},
                      evaluation={**first.evaluation, "running": {**scene, "gates": [0.5]}, "previous": str(previous)},
                      targets={"accuracy": {"keywords": 0.5}, "running": (1000.0, 0.0)}, tried=["a first idea: 1%", "a second: 2%"])
     assert stages_of(recipe) == ["mine", "student", "nokd", "calibrate", "export", "evaluate", "card"]
@@ -179,12 +179,14 @@ def test_a_recipe_that_continues_a_model_on_views_with_running_audio(recipe_run,
     assert {"student", "baseline: nokd", "previous", "previous, ONNX Runtime int8"} <= set(report["models"])
     running = report["running"]
     assert running["keywords"] > 0 and set(running["models"]) >= {"student", "previous", "baseline: nokd"}
-    chosen = json.loads((out / "calibrate" / "stage.json").read_text())["result"]["scene"]["chosen"]
+    calibrated = json.loads((out / "calibrate" / "stage.json").read_text())["result"]["scene"]
     model = load_model(out / "calibrate" / "model.safetensors")
-    assert set(model.spec.thresholds["keywords"].values()) == {chosen["threshold"]}  # one threshold, from the scene
+    assert set(model.spec.thresholds["keywords"].values()) == {calibrated["chosen"]["threshold"]}  # one threshold, from the scene
+    assert len(calibrated["pairs"]) == 2 and model.spec.keyword_smoothing == calibrated["keyword_smoothing"]  # and the smoothing it was chosen with
     # it listens at the calibrated hop, not its training one, and so does its export
     manifest = json.loads((out / "export" / "manifest.json").read_text())
     assert model.spec.stream.hop == manifest["spec"]["stream"]["hop"] == 0.25 != load_model(out / "student" / "best.safetensors").spec.stream.hop
+    assert manifest["spec"].get("keyword_smoothing", 0.0) == model.spec.keyword_smoothing
     card = (out / "MODEL_CARD.md").read_text()
     assert "## Keywords in running audio" in card and "## Targets" in card and (out / "running.png").is_file()
     assert f"hard negatives (`train.mine`): {mined['clips']} windows where `previous` spotted a keyword" in card
@@ -213,17 +215,18 @@ def test_a_card_refresh_rewrites_only_the_rows_and_section_it_measured():
     assert "new table" in new and "old table" not in new and new.endswith("## Known limits\n\n- small data\n")
 
 
-def test_the_card_names_the_calibrated_pair_as_chosen():
+def test_the_card_names_the_calibrated_choice_as_chosen():
     """Thresholds at the grid's fine top read as chosen (0.998, not a rounded 1.00), and a gate
-    of 0 reads as no gate, not as "keywords only where the Speech tag reaches 0"."""
+    or smoothing of 0 reads as none, not as "keywords only where the Speech tag reaches 0"."""
     from pipeline.model_card import calibration_words
 
-    def scene(gate: float, threshold: float) -> dict:
+    def scene(gate: float, smoothing: float, threshold: float) -> dict:
         point = {"threshold": threshold, "recall": 0.088, "false_alarms_per_hour": 0.0}
-        return {"scene": {"minutes": 46.0, "keywords": 160, "other_words": 731, "speech_gate": gate, "chosen": point,
-                          "gates": {"0": point, "0.2": point}}}
+        pairs = [{"speech_gate": g, "keyword_smoothing": s, **point} for g in (0.0, 0.2) for s in (0.0, 0.3)]
+        return {"scene": {"minutes": 46.0, "keywords": 160, "other_words": 731, "speech_gate": gate, "keyword_smoothing": smoothing,
+                          "chosen": point, "pairs": pairs}}
 
-    ungated = calibration_words({"target_per_hour": 2.0}, scene(0.0, 0.998))
-    assert "threshold (0.998)" in ungated and "no speech gate" in ungated and "reaches it" not in ungated
-    gated = calibration_words({"target_per_hour": 2.0}, scene(0.2, 0.99))
-    assert "threshold (0.99) and a speech gate (0.2: keywords only where the Speech tag reaches it)" in gated
+    plain = calibration_words({"target_per_hour": 2.0}, scene(0.0, 0.0, 0.998))
+    assert "threshold (0.998)" in plain and "no speech gate" in plain and "reaches it" not in plain and "no smoothing tried spotted more" in plain
+    chosen = calibration_words({"target_per_hour": 2.0}, scene(0.2, 0.3, 0.97))
+    assert "threshold (0.97), a speech gate (0.2: keywords only where the Speech tag reaches it) and keyword probabilities averaged over 0.3 s" in chosen

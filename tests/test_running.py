@@ -9,7 +9,7 @@ from conftest import make_spec, white_noise
 from edgetag.stream import PostConfig
 from train.calibrate import GRID
 from train.data import Example
-from train.running import Placed, Scene, best_within, calibrate_gate, calibrate_threshold, compose, curve, heard, score
+from train.running import Placed, Scene, best_within, calibrate_spotting, calibrate_threshold, compose, curve, heard, score
 
 
 def test_compose_places_each_word_once_inside_the_background(tmp_path):
@@ -88,17 +88,50 @@ def test_the_speech_gate_is_chosen_with_the_threshold_and_only_when_it_spots_mor
     probabilities = {"tags": speech, "keywords": keywords}
     assert (score(spec, PostConfig(), "keywords", probabilities, scene, 0.5)["false_alarms"],
             score(spec, PostConfig(), "keywords", probabilities, scene, 0.5, speech_gate=0.5)["false_alarms"]) == (1, 0)
-    gate, chosen, curves = calibrate_gate(spec, PostConfig(), "keywords", probabilities, scene, [0.0, 0.5, 0.8], 0.0)
-    assert (gate, chosen["threshold"], chosen["found"]) == (0.5, 0.30, 2) and set(curves) == {0.0, 0.5, 0.8}
-    assert calibrate_threshold(curves[0.0], 0.0)["found"] == 1  # ungated: 0.86, above the "no"
-    gate, chosen, _ = calibrate_gate(spec, PostConfig(), "keywords", probabilities, scene, [0.8, 0.0], 0.0)
+    (gate, _), chosen, curves = calibrate_spotting(spec, PostConfig(), "keywords", probabilities, scene, [0.0, 0.5, 0.8], 0.0)
+    assert (gate, chosen["threshold"], chosen["found"]) == (0.5, 0.30, 2) and set(curves) == {(0.0, 0.0), (0.5, 0.0), (0.8, 0.0)}
+    assert calibrate_threshold(curves[0.0, 0.0], 0.0)["found"] == 1  # ungated: 0.86, above the "no"
+    (gate, _), chosen, _ = calibrate_spotting(spec, PostConfig(), "keywords", probabilities, scene, [0.8, 0.0], 0.0)
     assert (gate, chosen["found"]) == (0.0, 1)
     # where no gate keeps the target, the one closest to it: two false alarms at every
     # threshold ungated, one gated, so the gate wins though neither spots a keyword at the top
     keywords[34], speech[34] = [1.0, 0.0, 0.0], 0.8  # "yes" in speech that holds none: an alarm at any gate
     keywords[28] = [1.0, 0.0, 0.0]
-    gate, chosen, _ = calibrate_gate(spec, PostConfig(), "keywords", probabilities, scene, [0.0, 0.5], 0.0)
+    (gate, _), chosen, _ = calibrate_spotting(spec, PostConfig(), "keywords", probabilities, scene, [0.0, 0.5], 0.0)
     assert (gate, chosen["threshold"], chosen["false_alarms"], chosen["found"]) == (0.5, GRID[-1], 1, 0)
+
+
+def test_keyword_smoothing_is_chosen_with_the_threshold_and_only_when_it_spots_more():
+    """Words that hold 0.6 for three hops in a row and a false alarm of one hop at 0.95: hop by
+    hop, every threshold that finds a word also spots the alarm. The mean of two hops (0.5 s at
+    0.25 s hops) keeps the words at 0.6 and brings the alarm to 0.475, so both words are found
+    with no alarm; three hops do as well, and the shorter span is kept."""
+    spec = make_spec(heads={"keywords": ["yes", "no", "_unknown_"]}, stream=(1.0, 0.25))
+    scene = Scene(np.zeros(16000 * 20, np.float32), [Placed("yes", 2.0, 3.0), Placed("no", 8.0, 9.0)], 16000)
+    keywords = np.tile([0.0, 0.0, 1.0], (77, 1))
+    keywords[8:11], keywords[32:35], keywords[60] = [0.6, 0.0, 0.4], [0.0, 0.6, 0.4], [0.95, 0.0, 0.05]
+    probabilities = {"keywords": keywords}
+    (gate, smoothing), chosen, curves = calibrate_spotting(spec, PostConfig(), "keywords", probabilities, scene, [0.0], 0.0, [0.0, 0.5, 0.75])
+    assert calibrate_threshold(curves[0.0, 0.0], 0.0)["found"] == 0  # hop by hop the alarm's 0.95 tops the words' 0.6
+    assert (gate, smoothing, chosen["found"], chosen["false_alarms"]) == (0.0, 0.5, 2, 0)
+    assert calibrate_threshold(curves[0.0, 0.75], 0.0)["found"] == 2  # as many, with more smoothing: not chosen
+
+
+@pytest.mark.parametrize("hop, smoothing, gate, refractory", [(0.25, 0.0, 0.0, 1.0), (0.1, 0.3, 0.4, 1.0), (0.1, 0.5, 0.0, 0.0)])
+def test_a_curve_is_the_replay_at_every_threshold(hop, smoothing, gate, refractory):
+    """`curve` sweeps the smoothed hops once; each of its points is what the post-processor's
+    hop-by-hop replay (the engine's) spots at that threshold, gate and smoothing."""
+    rng = np.random.default_rng(3)
+    spec = make_spec(heads={"tags": ["Speech"], "keywords": ["yes", "no", "_unknown_", "_silence_"]}, stream=(1.0, hop), keyword_smoothing=smoothing)
+    hops = round(60 / hop)
+    scene = Scene(np.zeros(16000 * 61, np.float32), [Placed(label, t, t + 1.0) for t, label in zip(range(2, 58, 4), ["yes", "no"] * 7)], 16000)
+    logits = rng.normal(0, 3, (hops, 4)).astype(np.float32)
+    keywords = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    probabilities = {"tags": rng.random((hops, 1), np.float32), "keywords": keywords}
+    post = PostConfig(refractory=refractory)
+    points = curve(spec, post, "keywords", probabilities, scene, gate)
+    replayed = [{"threshold": float(t), **score(spec, post, "keywords", probabilities, scene, float(t), gate)} for t in GRID]
+    assert points == replayed and len({p["false_alarms"] for p in points}) > 5  # thresholds that change the answer
 
 
 def test_best_within_takes_the_most_keywords_inside_the_false_alarm_budget():

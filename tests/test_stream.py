@@ -217,6 +217,45 @@ def test_smoothing_averages_hops():
     assert len(events + closing) == 1
 
 
+def test_a_model_smooths_its_own_keywords_only_and_the_user_overrides_it():
+    """ModelSpec.keyword_smoothing averages the model's keyword probabilities over its hops (one
+    hop of 0.9 between quiet ones: a mean of 0.3 over three, spotted by nobody at 0.5); its tags
+    and a task's keywords stay hop by hop; PostConfig.smoothing sets every head's, 0 none."""
+    from dataclasses import replace
+
+    from edgetag.spec import HeadConfig
+
+    spec = make_spec(heads={"tags": ["a", "b"], "keywords": ["yes", "_unknown_"]}, fbank=preset("ast", frame_length_ms=20.0), stream=(1.0, 0.5),
+                     keyword_smoothing=1.5)
+    spike, quiet = [0.9, 0.1], [0.0, 1.0]
+    keywords, tags = [quiet, spike, quiet, quiet], [[0, 0], [0.9, 0], [0, 0], [0, 0]]
+    spotted = lambda **kw: [(e.kind, e.label) for e in sum(feed(PostProcessor(spec, PostConfig(keyword_on=0.5, tag_on=0.5, **kw)), tags, keywords), [])]  # noqa: E731
+    assert spotted() == [("tag", "a")]
+    assert spotted(smoothing=0.0) == [("keyword", "yes"), ("tag", "a")]
+    assert spotted(smoothing=1.5) == []
+    assert PostProcessor(spec, PostConfig()).smooth == {"tags": 1, "keywords": 3}
+    assert PostProcessor(spec, PostConfig(smoothing=1.0)).smooth == {"tags": 2, "keywords": 2}
+    # a task's keyword head is the task's own: the base's smoothing is not calibrated for it
+    task = replace(spec, heads={**spec.heads, "door": HeadConfig("keywords", ("ding", "_unknown_"))})
+    assert PostProcessor(task, PostConfig(), tasks=("door",)).smooth == {"tags": 1, "keywords": 3, "door": 1}
+
+
+def test_keyword_smoothing_is_seconds_saved_with_the_spec_and_only_the_base_s():
+    from edgetag.spec import BASE, ModelSpec, SpecError, TaskConfig
+
+    for bad in (-0.1, float("nan"), float("inf"), "long", True):
+        with pytest.raises(SpecError, match="keyword_smoothing .* is not a number of seconds >= 0"):
+            make_spec(heads=HEADS, keyword_smoothing=bad)
+    spec = make_spec(heads=HEADS, keyword_smoothing=0.3)
+    assert ModelSpec.from_dict(spec.to_dict()) == spec and "keyword_smoothing" not in make_spec(heads=HEADS).to_dict()
+    from dataclasses import replace
+
+    from edgetag.spec import HeadConfig
+
+    spec = replace(spec, tasks={"door": TaskConfig(HeadConfig("tags", ("door",)))})
+    assert spec.select((BASE,)).keyword_smoothing == 0.3 and spec.select(("door",)).keyword_smoothing == 0.0
+
+
 def test_a_tag_that_flickers_while_its_windows_overlap_is_one_event():
     """1 s windows every 0.25 s. Off for one hop, the windows of the two on-hops overlap
     ([0, 1) and [0.5, 1.5)): one event, reported once no later window can reach its audio. Off for

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import typer
 
 from edgetag.spec import KEYWORDS, NOT_SPOTTED, TAGS, ModelSpec
-from edgetag.stream import Engine, PostConfig, process_blocks
+from edgetag.stream import Engine, Event, PostConfig, PostProcessor, process_blocks, speech_gated
 from train.calibrate import GRID, replay
 from train.data import Example, Source, load_clips
 from train.views import mix, power
@@ -103,7 +103,12 @@ def score(spec: ModelSpec, post: PostConfig, head: str, probabilities: dict[str,
     the model's Speech tag at `speech_gate`: keywords found, wrong spots, false alarms (and per hour)."""
     labels = spec.heads[head].labels
     per = threshold if isinstance(threshold, dict) else {label: float(threshold) for label in labels if label not in NOT_SPOTTED}
-    events = replay(spec, post, head, per, [probabilities], speech_gate)[0]
+    return tally(replay(spec, post, head, per, [probabilities], speech_gate)[0], scene)
+
+
+def tally(events: list[Event], scene: Scene) -> dict:
+    """What spots found in a scene: a spot that overlaps a keyword of its label finds it (once);
+    one of another label there is a wrong spot; any other spot is a false alarm."""
     targets, found, wrong, alarms = scene.keywords, set(), 0, 0
     for e in events:
         near = [i for i, w in enumerate(targets) if e.start < w.end and e.end > w.start]
@@ -120,8 +125,11 @@ def score(spec: ModelSpec, post: PostConfig, head: str, probabilities: dict[str,
 
 
 def curve(spec: ModelSpec, post: PostConfig, head: str, probabilities: dict[str, np.ndarray], scene: Scene, speech_gate: float = 0.0) -> list[dict]:
-    """Recall and false alarms per hour at every threshold of the grid (one for all keywords)."""
-    return [{"threshold": float(t), **score(spec, post, head, probabilities, scene, float(t), speech_gate)} for t in GRID]
+    """Recall and false alarms per hour at every threshold of the grid (one for all keywords):
+    `score` at each, from one sweep of the hops."""
+    processor = PostProcessor(replace(spec, heads={head: spec.heads[head]}, thresholds={}, speech_gate=0.0), post)
+    spots = processor.sweep(head, speech_gated(spec, probabilities, speech_gate)[head], GRID)
+    return [{"threshold": float(t), **tally(events, scene)} for t, events in zip(GRID, spots)]
 
 
 def calibrate_threshold(points: list[dict], target_per_hour: float) -> dict:
@@ -136,19 +144,21 @@ def best_within(points: list[dict], per_hour: float) -> dict | None:
     return max(within, key=lambda p: (p["recall"], -p["threshold"])) if within else None
 
 
-def calibrate_gate(spec: ModelSpec, post: PostConfig, head: str, probabilities: dict[str, np.ndarray], scene: Scene, gates: list[float],
-                   target_per_hour: float) -> tuple[float, dict, dict[float, list[dict]]]:
-    """The speech gate and threshold that spot the most keywords within the false-alarm target:
-    each gate's curve gives its threshold (`calibrate_threshold`), and a gate must spot more
-    than a lower one to be chosen. Where no gate keeps the target, the one closest to it (fewest
-    false alarms) is chosen. Returns (gate, its point, every gate's curve)."""
-    curves = {gate: curve(spec, post, head, probabilities, scene, gate) for gate in sorted(gates)}
-    chosen = {gate: calibrate_threshold(points, target_per_hour) for gate, points in curves.items()}
+def calibrate_spotting(spec: ModelSpec, post: PostConfig, head: str, probabilities: dict[str, np.ndarray], scene: Scene, gates: list[float],
+                       target_per_hour: float, smoothings: list[float] = (0.0,)) -> tuple[tuple[float, float], dict, dict[tuple[float, float], list[dict]]]:
+    """The speech gate, keyword smoothing (seconds) and threshold that spot the most keywords
+    within the false-alarm target: each (gate, smoothing) pair's curve gives its threshold
+    (`calibrate_threshold`), and a pair must spot more than a lower gate or less smoothing to be
+    chosen. Where no pair keeps the target, the one closest to it (fewest false alarms) is
+    chosen. Returns ((gate, smoothing), its point, every pair's curve)."""
+    curves = {(gate, smoothing): curve(replace(spec, keyword_smoothing=smoothing), post, head, probabilities, scene, gate)
+              for gate in sorted(gates) for smoothing in sorted(smoothings)}
+    chosen = {pair: calibrate_threshold(points, target_per_hour) for pair, points in curves.items()}
 
-    def merit(gate: float) -> tuple:
-        p = chosen[gate]
+    def merit(pair: tuple[float, float]) -> tuple:
+        p = chosen[pair]
         within = p["false_alarms_per_hour"] <= target_per_hour
-        return within, p["recall"] if within else -p["false_alarms_per_hour"], p["recall"], -gate
+        return within, p["recall"] if within else -p["false_alarms_per_hour"], p["recall"], -pair[0], -pair[1]
 
     best = max(chosen, key=merit)
     return best, chosen[best], curves
@@ -226,7 +236,8 @@ def main(
     probabilities = hop_probabilities(engine, scene)
     at = score(engine.spec, post, head, probabilities, scene, spot_thresholds(engine, head), own)
     print(f"{scene.seconds / 60:.1f} min, {len(scene.keywords)} keywords, {len(scene.words) - len(scene.keywords)} other words")
-    print(f"at the model's thresholds{f' and speech gate {own:g}' if own else ''}:", json.dumps(at))
+    smoothed = f", keywords averaged over {engine.spec.keyword_smoothing:g} s" if engine.spec.keyword_smoothing else ""
+    print(f"at the model's thresholds{f' and speech gate {own:g}' if own else ''}{smoothed}:", json.dumps(at))
     print("keywords whose own label reaches 0.5 / 0.9 in some hop over them: "
           f"{100 * heard(engine.spec, head, probabilities, scene, 0.5):.1f}% / {100 * heard(engine.spec, head, probabilities, scene, 0.9):.1f}%")
     curves = {"model": curve(engine.spec, post, head, probabilities, scene, own)}
