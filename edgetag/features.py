@@ -174,7 +174,9 @@ def mel_banks(n_mels: int, fft_size: int, sample_rate: int, low_freq: float, hig
     up, down = (mel - left) / (center - left), (right - mel) / (right - center)
     banks = np.maximum(0.0, np.minimum(up, down))
     banks = np.pad(banks, ((0, 0), (0, 1)))
-    return _frozen(banks.T.astype(np.float32))  # [fft_size // 2 + 1, n_mels]
+    # C order: a streaming hop's [10, 257] @ [257, 128] product took 24 us on the transpose's
+    # layout and 7 us on this one (one AMD EPYC core)
+    return _frozen(np.ascontiguousarray(banks.T, dtype=np.float32))  # [fft_size // 2 + 1, n_mels]
 
 
 @lru_cache(maxsize=32)
