@@ -107,6 +107,12 @@ def running_limit(minutes: float, calibration: dict | None) -> list[str]:
             "  their keywords are a handful of validation speakers'."]
 
 
+def pairs_of(scene: dict) -> list[dict]:
+    """The calibration scene's (speech gate, keyword smoothing) points; a run from before keyword
+    smoothing recorded its gates alone."""
+    return scene.get("pairs") or [{"speech_gate": float(g), "keyword_smoothing": 0.0, **p} for g, p in scene.get("gates", {}).items()]
+
+
 def pair_table(pairs: list[dict]) -> list[str]:
     """Calibration-scene points by speech gate (rows) and keyword smoothing (columns)."""
     smoothings = sorted({p["keyword_smoothing"] for p in pairs})
@@ -123,11 +129,12 @@ def gate_lines(running: dict, scene: dict, per_hour: float) -> list[str]:
     """The speech gate and keyword smoothing: how each pair did on the calibration scene, and
     the shipped model at its pair against its curves at others on this scene."""
     student, lines = running["models"]["student"], []
-    pairs = scene.get("pairs", [])
+    pairs = pairs_of(scene)
     if len(pairs) > 1:
-        lines += [f"The speech gate and keyword smoothing were chosen with the threshold on the calibration scene ({scene['minutes']:.0f} min): "
-                  "each pair at its lowest threshold within the target (or the grid's top), the keywords it spots there (threshold, false alarms "
-                  f"per hour). Chosen: {choice_words(scene['speech_gate'], scene['keyword_smoothing'])}.", "", *pair_table(pairs), ""]
+        what = "speech gate and keyword smoothing were" if len({p["keyword_smoothing"] for p in pairs}) > 1 else "speech gate was"
+        lines += [f"The {what} chosen with the threshold on the calibration scene ({scene['minutes']:.0f} min): "
+                  "each choice at its lowest threshold within the target (or the grid's top), the keywords it spots there (threshold, false alarms "
+                  f"per hour). Chosen: {choice_words(scene['speech_gate'], scene.get('keyword_smoothing', 0.0))}.", "", *pair_table(pairs), ""]
     mine = best_within(student["curve"], per_hour)
     shipped = choice_words(student.get("speech_gate", 0), student.get("keyword_smoothing", 0))
     for name, m in running["models"].items():
@@ -170,15 +177,16 @@ def calibration_words(settings: dict, result: dict) -> str:
     scene = result.get("scene")
     if scene:
         where = f"a {scene['minutes']:.0f} min running-audio scene ({scene['keywords']} keywords, {scene['other_words']} other words)"
-        if len(scene.get("pairs", [])) > 1:
+        if len(pairs_of(scene)) > 1:
             chosen, target = scene["chosen"], settings["target_per_hour"]
             pair = (f"the choice spotting the most keywords within {target:g} false alarms per hour" if chosen["false_alarms_per_hour"] <= target else
                     f"no choice within {target:g} false alarms per hour, so the one closest to it ({chosen['false_alarms_per_hour']:.1f} per hour at the grid's top)")
             gate = (f"a speech gate ({scene['speech_gate']:g}: keywords only where the Speech tag reaches it)" if scene["speech_gate"] else
                     "no speech gate (no gate tried spotted more)")
-            smoothing = (f"keyword probabilities averaged over {scene['keyword_smoothing']:g} s of hops" if scene.get("keyword_smoothing") else
-                         "each hop's keyword probabilities alone (no smoothing tried spotted more)")
-            return f"one keyword threshold ({chosen['threshold']:g}), {gate} and {smoothing}, {pair} on {where}; tag thresholds by F1"
+            tried = len({p["keyword_smoothing"] for p in pairs_of(scene)}) > 1
+            smoothing = (f" and keyword probabilities averaged over {scene['keyword_smoothing']:g} s of hops" if scene.get("keyword_smoothing") else
+                         " and each hop's keyword probabilities alone (no smoothing tried spotted more)" if tried else "")
+            return f"one keyword threshold ({chosen['threshold']:g}), {gate}{smoothing}, {pair} on {where}; tag thresholds by F1"
         return (f"one keyword threshold ({scene['chosen']['threshold']:g}), the lowest within {settings['target_per_hour']:g} false alarms per hour on "
                 f"{where}; tag thresholds by F1")
     return f"thresholds at <= {settings['target_per_hour']:g} false alarm per hour on {result['negative_hours']:.2f} h of validation audio without keywords"

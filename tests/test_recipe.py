@@ -230,3 +230,10 @@ def test_the_card_names_the_calibrated_choice_as_chosen():
     assert "threshold (0.998)" in plain and "no speech gate" in plain and "reaches it" not in plain and "no smoothing tried spotted more" in plain
     chosen = calibration_words({"target_per_hour": 2.0}, scene(0.2, 0.3, 0.97))
     assert "threshold (0.97), a speech gate (0.2: keywords only where the Speech tag reaches it) and keyword probabilities averaged over 0.3 s" in chosen
+    # a calibration from before keyword smoothing recorded gates alone: no smoothing to speak of
+    legacy = scene(0.2, 0.0, 0.995)
+    legacy["scene"]["gates"] = {"0": legacy["scene"]["chosen"], "0.2": legacy["scene"].pop("chosen")}
+    legacy["scene"]["chosen"] = legacy["scene"]["gates"]["0.2"]
+    del legacy["scene"]["pairs"], legacy["scene"]["keyword_smoothing"]
+    words = calibration_words({"target_per_hour": 2.0}, legacy)
+    assert "threshold (0.995), a speech gate (0.2" in words and "smoothing" not in words and "each hop" not in words
