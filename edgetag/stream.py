@@ -131,6 +131,10 @@ class PostProcessor:
             return None
         return Event(EVENT_KINDS[TAGS], label, first * self.hop, last * self.hop + self.window, peak, self.task[head])
 
+    def _spot(self, head: str, k: int, c: int, score: float) -> Event:
+        """Keyword class c of `head` spotted at hop k: the event covers that hop's window."""
+        return Event(EVENT_KINDS[KEYWORDS], self.heads[head].labels[c], k * self.hop, k * self.hop + self.window, score, self.task[head])
+
     def update(self, k: int, probabilities: dict[str, np.ndarray]) -> list[Event]:
         events = []
         for name, head in self.heads.items():
@@ -157,15 +161,15 @@ class PostProcessor:
                 c = int(scores.argmax())
                 if scores[c] >= self.on[name][c] and k - self.last_spot[name] >= self.refractory:
                     self.last_spot[name] = k
-                    events.append(Event(EVENT_KINDS[head.kind], head.labels[c], k * self.hop, k * self.hop + self.window, float(scores[c]), self.task[name]))
+                    events.append(self._spot(name, k, c, float(scores[c])))
         return events
 
     def sweep(self, name: str, probabilities: np.ndarray, thresholds) -> list[list[Event]]:
         """The spots one keyword head makes over a whole stream ([hops, classes], from hop 0) at
         each of `thresholds` (one for every class it spots), as `replay` makes them at each: the
         smoothed hops are computed once, so a threshold costs only the hops that reach it."""
-        head, n = self.heads[name], self.smooth[name]
-        if head.kind != KEYWORDS:
+        n = self.smooth[name]
+        if self.heads[name].kind != KEYWORDS:
             raise ValueError(f"sweep: {name!r} is not a keyword head")
         best = np.empty(len(probabilities), np.int64)
         score = np.empty(len(probabilities))
@@ -180,7 +184,7 @@ class PostProcessor:
             for k in map(int, np.flatnonzero(score >= t)):
                 if k - last >= self.refractory:
                     last = k
-                    events.append(Event(EVENT_KINDS[head.kind], head.labels[best[k]], k * self.hop, k * self.hop + self.window, float(score[k]), self.task[name]))
+                    events.append(self._spot(name, k, int(best[k]), float(score[k])))
             out.append(events)
         return out
 

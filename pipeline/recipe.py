@@ -879,7 +879,7 @@ def main(
     name: str = typer.Argument("default", help=f"The recipe: {', '.join(RECIPES)}."),
     data: str = typer.Option("../shared/data", help="The shared data folder (Speech Commands, ESC-50, DCASE 2016, FSDD, wake words, noise)."),
     out: str = typer.Option("runs/default", help="Where every stage writes its folder."),
-    previous: str = typer.Option("", help="The folder of the model the recipe's replaces (model.safetensors, export/), measured beside it (default: runs/default-6 for default and default13 to default7, which mine it in default10 to default13; runs/default-5 for default6; runs/default-4, runs/default-3, runs/default-2 for default5, default4, default3)."),
+    previous: str = typer.Option("", help="The folder of the model the recipe's replaces (model.safetensors, export/), measured beside it (default: runs/default-14 for default; runs/default-6 for default14 to default7, which mine it in default10 to default13; runs/default-5 for default6; runs/default-4, runs/default-3, runs/default-2 for default5, default4, default3)."),
     stages: str = typer.Option("", help="Comma-separated stages to run, in order (default: all; see the module's docstring)."),
     install_assets: bool = typer.Option(False, "--install", help="Copy the calibrated model, its export and the card into edgetag/assets."),
     refresh: bool = typer.Option(False, "--refresh-card", help="Train nothing: measure the installed card's int8 rows and latency again (after a runtime change)."),

@@ -66,11 +66,17 @@ def hop_probabilities(engine: Engine, examples: list[Example], description: str)
     return kept, streams, seconds
 
 
+def head_processor(spec: ModelSpec, post: PostConfig, head: str, thresholds: dict[str, float] | None = None) -> PostProcessor:
+    """The post-processor of one head alone (its calibrated thresholds and speech gate left out:
+    the caller tries its own), at `thresholds` (labels left out: never)."""
+    never = dict.fromkeys(spec.heads[head].labels, math.inf)
+    return PostProcessor(replace(spec, heads={head: spec.heads[head]}, thresholds={}, speech_gate=0.0), post, {head: never | (thresholds or {})})
+
+
 def replay(spec: ModelSpec, post: PostConfig, head: str, thresholds: dict[str, float], streams: list[Stream], speech_gate: float = 0.0) -> list[list[Event]]:
     """Per stream, the events one head makes at these thresholds (labels left out: never), its
     keywords gated on the model's Speech tag at `speech_gate` as the engine gates them."""
-    never = dict.fromkeys(spec.heads[head].labels, math.inf)
-    processor = PostProcessor(replace(spec, heads={head: spec.heads[head]}, thresholds={}, speech_gate=0.0), post, {head: never | thresholds})
+    processor = head_processor(spec, post, head, thresholds)
     return [processor.replay({head: speech_gated(spec, s, speech_gate)[head]}) for s in streams]
 
 

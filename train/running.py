@@ -27,8 +27,8 @@ import numpy as np
 import typer
 
 from edgetag.spec import KEYWORDS, NOT_SPOTTED, TAGS, ModelSpec
-from edgetag.stream import Engine, Event, PostConfig, PostProcessor, process_blocks, speech_gated
-from train.calibrate import GRID, replay
+from edgetag.stream import Engine, Event, PostConfig, process_blocks, speech_gated
+from train.calibrate import GRID, head_processor, replay
 from train.data import Example, Source, load_clips
 from train.views import mix, power
 
@@ -127,8 +127,7 @@ def tally(events: list[Event], scene: Scene) -> dict:
 def curve(spec: ModelSpec, post: PostConfig, head: str, probabilities: dict[str, np.ndarray], scene: Scene, speech_gate: float = 0.0) -> list[dict]:
     """Recall and false alarms per hour at every threshold of the grid (one for all keywords):
     `score` at each, from one sweep of the hops."""
-    processor = PostProcessor(replace(spec, heads={head: spec.heads[head]}, thresholds={}, speech_gate=0.0), post)
-    spots = processor.sweep(head, speech_gated(spec, probabilities, speech_gate)[head], GRID)
+    spots = head_processor(spec, post, head).sweep(head, speech_gated(spec, probabilities, speech_gate)[head], GRID)
     return [{"threshold": float(t), **tally(events, scene)} for t, events in zip(GRID, spots)]
 
 
