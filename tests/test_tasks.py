@@ -248,3 +248,20 @@ def test_continual_benchmark_keeps_every_task_with_tasks_and_forgets_with_full_f
     assert full["steps"][0]["trainable_share"] > 1 > linear["steps"][0]["trainable_share"]
     assert run.stdout.strip().splitlines()[-1].startswith("continual full/full mean ")
     assert (tmp_path / "out" / "continual.png").stat().st_size > 0
+
+
+def test_the_continual_table_averages_the_seeds_and_keeps_runs_recorded_before_seeds():
+    """Each cell is the mean over a variant's seeds and the mean column gives their range; a run
+    recorded without a seed was seed 0."""
+    from train.bench_continual import grouped, identity, render
+
+    def run(method, final, **seed):
+        matrix = [{"a": 0.5}, {"a": final, "b": final}]
+        return {"method": method, "attention": "full", "matrix": matrix, "steps": [{"trainable_share": 0.1, "seconds": 2.0}] * 2, **seed}
+
+    results = {"tasks": ["a", "b"], "variants": [run("conv", 0.2), run("conv", 0.4, seed=1), run("linear", 0.3, seed=0)]}
+    assert identity(results["variants"][0]) == ("conv", "full", 0)
+    assert [len(v) for v in grouped(results["variants"]).values()] == [2, 1]
+    table = render(results).splitlines()
+    assert table[2] == "| conv | full | 2 | 30.0% | 30.0% | 30.0% (20.0-40.0) | 20.0 points | 10.0% | 2 |"
+    assert table[3] == "| linear | full | 1 | 30.0% | 30.0% | 30.0% | 20.0 points | 10.0% | 2 |"

@@ -13,12 +13,14 @@ Four tasks in turn, keywords (Speech Commands, 12-way) -> ESC-50 (50-way) -> DCA
   forgetting means here);
 
 each under the attentions asked for (`fta`: the base runs under TI-CL's factorised attention
-throughout; it has no weights of its own). After every step every task learned so far is scored
+throughout; it has no weights of its own), once per seed (`--seeds`: the new weights' initial
+values, the crops and the order of the batches). After every step every task learned so far is scored
 on its validation clips (clip accuracy over the engine's windows): the accuracy matrix.
 
-Writes OUT/results.json, OUT/results.md (per variant: the final accuracies, the forgetting, the
-trainable share and seconds per task; then every matrix) and OUT/continual.png; the last line
-per variant: `continual <method>/<attention> mean <a>% forgetting <f> points`.
+Writes OUT/results.json, OUT/results.md (per variant, averaged over the seeds: the final
+accuracies, the forgetting, the trainable share and seconds per task; then every run's matrix)
+and OUT/continual.png; the last line per variant: `continual <method>/<attention> mean <a>%
+forgetting <f> points`, with the range of the seeds' means when there are several.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class ContinualConfig:
     fta_methods: list[str] = setting(["conv"], "The methods run under fta too (each adds four trainings).")
     adapter_dim: int = setting(16, "Adapters' bottleneck width.")
     epochs: int = setting(5, "Epochs per task.")
+    seeds: list[int] = setting([0], "Each variant runs once per seed (initial weights of what it trains, crops, batch order); tables give the mean over them.")
     lr: float = setting(1e-3, "Peak learning rate of adapters, heads and probes.")
     full_lr: float = setting(5e-4, "Peak learning rate of full fine-tuning.")
     out: str = setting("runs/continual", "Folder for the runs, results.json, results.md and continual.png.")
@@ -100,16 +103,16 @@ def score(model: AudioTransformer, output: str, val: tuple[list, torch.Tensor, l
     return float(report(scores, y, labels)["accuracy"])
 
 
-def run_variant(c: ContinualConfig, method: str, attention: str, tasks: dict, vals: dict, out: Path) -> dict:
-    """The four tasks in turn by one method: the accuracy matrix, trainable shares, seconds."""
+def run_variant(c: ContinualConfig, method: str, attention: str, seed: int, tasks: dict, vals: dict, out: Path) -> dict:
+    """The four tasks in turn by one method and seed: the accuracy matrix, trainable shares, seconds."""
     base = base_under(c.init, attention, out)
     base_params = num_parameters(load_model(base))
     previous, steps, matrix = str(base), [], []
     heads: dict[str, str] = {}  # full fine-tuning: each task's checkpoint, for its head
     for name, sources in tasks.items():
-        folder = out / f"{method}-{attention}" / name
+        folder = out / f"{method}-{attention}-seed{seed}" / name
         common = dict(train=[sources["train"]], val=[sources["val"]], out=str(folder), init=previous, epochs=c.epochs, batch_size=64,
-                      stream=StreamConfig(1.0, 0.5), augment=AugmentConfig(mixup=0.0), warmup_epochs=0.5)
+                      stream=StreamConfig(1.0, 0.5), augment=AugmentConfig(mixup=0.0), warmup_epochs=0.5, seed=seed)
         if method == "full":
             config = FinetuneConfig(**common, mode="full", lr=c.full_lr)
         elif method == "linear":
@@ -135,8 +138,8 @@ def run_variant(c: ContinualConfig, method: str, attention: str, tasks: dict, va
             heads[name] = previous
         matrix.append(row)
         steps.append({"task": name, "seconds": seconds, "trainable": trainable, "trainable_share": trainable / base_params})
-        print(f"{method}/{attention} after {name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in row.items()))
-    return {"method": method, "attention": attention, "matrix": matrix, "steps": steps, "base_parameters": base_params}
+        print(f"{method}/{attention} seed {seed} after {name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in row.items()))
+    return {"method": method, "attention": attention, "seed": seed, "matrix": matrix, "steps": steps, "base_parameters": base_params}
 
 
 def bench(c: ContinualConfig) -> dict:
@@ -152,25 +155,43 @@ def bench(c: ContinualConfig) -> dict:
         kept = [(e, f) for e, f in zip(examples, feats) if f is not None]
         labels = sorted({label for e, _ in kept for label in e.labels})
         vals[name] = ([f for _, f in kept], targets([e for e, _ in kept], labels), labels)
-    variants = [(m, a) for a in c.attentions for m in c.methods if a == "full" or m in c.fta_methods]
+    runs = [(m, a, seed) for a in c.attentions for m in c.methods if a == "full" or m in c.fta_methods for seed in c.seeds]
     results = {"settings": asdict(c), "tasks": list(tasks), "variants": []}
     done = out / "results.json"
-    if done.is_file():  # variants measured by an earlier run with these settings are kept
+    if done.is_file():  # runs measured by an earlier run with these settings (but for the seeds) are kept
         earlier = json.loads(done.read_text())
-        if earlier.get("settings") == results["settings"]:
-            results["variants"] = earlier["variants"]
-    for method, attention in variants:
-        if any(v["method"] == method and v["attention"] == attention for v in results["variants"]):
+        if without_seeds(earlier.get("settings", {})) == without_seeds(results["settings"]):
+            results["variants"] = [v for v in earlier["variants"] if identity(v) in runs]
+    for method, attention, seed in runs:
+        if any(identity(v) == (method, attention, seed) for v in results["variants"]):
             continue
-        results["variants"].append(run_variant(c, method, attention, tasks, vals, out))
+        results["variants"].append(run_variant(c, method, attention, seed, tasks, vals, out))
         done.write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(render(results) + "\n")
     plot(results, out / "continual.png")
     print(render(results))
-    for v in results["variants"]:
-        final, forgetting = summary(v, results["tasks"])
-        print(f"continual {v['method']}/{v['attention']} mean {100 * final:.1f}% forgetting {100 * forgetting:.1f} points")
+    for (method, attention), seeded in grouped(results["variants"]).items():
+        final, finals, forgetting = over_seeds(seeded, results["tasks"])
+        spread = f" ({len(seeded)} seeds: {100 * min(finals):.1f}-{100 * max(finals):.1f}%)" if len(seeded) > 1 else ""
+        print(f"continual {method}/{attention} mean {100 * final:.1f}% forgetting {100 * forgetting:.1f} points{spread}")
     return results
+
+
+def identity(v: dict) -> tuple[str, str, int]:
+    """(method, attention, seed) of a measured run; runs recorded before seeds were an option had seed 0."""
+    return v["method"], v["attention"], v.get("seed", 0)
+
+
+def without_seeds(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k != "seeds"}
+
+
+def grouped(variants: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """(method, attention) -> its runs, one per seed, in the order they were measured."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for v in variants:
+        out.setdefault((v["method"], v["attention"]), []).append(v)
+    return out
 
 
 def summary(v: dict, tasks: list[str]) -> tuple[float, float]:
@@ -182,19 +203,28 @@ def summary(v: dict, tasks: list[str]) -> tuple[float, float]:
     return final, forgetting
 
 
+def over_seeds(seeded: list[dict], tasks: list[str]) -> tuple[float, list[float], float]:
+    """A variant's mean final accuracy over its seeds, each seed's, and the mean forgetting."""
+    finals, forgetting = zip(*(summary(v, tasks) for v in seeded))
+    return float(np.mean(finals)), list(finals), float(np.mean(forgetting))
+
+
 def render(results: dict) -> str:
+    """The table of final accuracies (each cell the mean over the seeds; the mean column also gives
+    the range of the seeds' means), then every run's accuracy matrix."""
     tasks = results["tasks"]
-    lines = ["| method | attention | " + " | ".join(f"{t} (final)" for t in tasks) + " | mean | forgetting | trainable per task | seconds per task |",
-             "|---|---|" + "---|" * (len(tasks) + 4)]
-    for v in results["variants"]:
-        final, forgetting = summary(v, tasks)
-        share = np.mean([s["trainable_share"] for s in v["steps"]])
-        seconds = np.mean([s["seconds"] for s in v["steps"]])
-        lines.append(f"| {v['method']} | {v['attention']} | " + " | ".join(f"{100 * v['matrix'][-1][t]:.1f}%" for t in tasks)
-                     + f" | {100 * final:.1f}% | {100 * forgetting:.1f} points | {100 * share:.1f}% | {seconds:.0f} |")
+    lines = ["| method | attention | seeds | " + " | ".join(f"{t} (final)" for t in tasks) + " | mean | forgetting | trainable per task | seconds per task |",
+             "|---|---|---|" + "---|" * (len(tasks) + 4)]
+    for (method, attention), seeded in grouped(results["variants"]).items():
+        final, finals, forgetting = over_seeds(seeded, tasks)
+        share = np.mean([s["trainable_share"] for v in seeded for s in v["steps"]])
+        seconds = np.mean([s["seconds"] for v in seeded for s in v["steps"]])
+        spread = f" ({100 * min(finals):.1f}-{100 * max(finals):.1f})" if len(seeded) > 1 else ""
+        lines.append(f"| {method} | {attention} | {len(seeded)} | " + " | ".join(f"{100 * np.mean([v['matrix'][-1][t] for v in seeded]):.1f}%" for t in tasks)
+                     + f" | {100 * final:.1f}%{spread} | {100 * forgetting:.1f} points | {100 * share:.1f}% | {seconds:.0f} |")
     lines += ["", "Accuracy matrices (row: after learning that task; column: the task scored):", ""]
     for v in results["variants"]:
-        lines += [f"{v['method']} / {v['attention']}:", "", "| after | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        lines += [f"{v['method']} / {v['attention']} / seed {identity(v)[2]}:", "", "| after | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
         for t, row in zip(tasks, v["matrix"]):
             lines.append(f"| {t} | " + " | ".join(f"{100 * row[s]:.1f}%" if s in row else "" for s in tasks) + " |")
         lines.append("")
@@ -209,10 +239,11 @@ def plot(results: dict, path: Path) -> None:
 
     tasks = results["tasks"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for v in results["variants"]:
-        label = f"{v['method']} / {v['attention']}"
-        axes[0].plot(range(1, len(tasks) + 1), [100 * row[tasks[0]] for row in v["matrix"]], marker="o", label=label)
-        axes[1].plot(range(1, len(tasks) + 1), [100 * np.mean(list(row.values())) for row in v["matrix"]], marker="o", label=label)
+    for (method, attention), seeded in grouped(results["variants"]).items():  # the mean over the seeds
+        first = np.mean([[row[tasks[0]] for row in v["matrix"]] for v in seeded], axis=0)
+        learned = np.mean([[np.mean(list(row.values())) for row in v["matrix"]] for v in seeded], axis=0)
+        axes[0].plot(range(1, len(tasks) + 1), 100 * first, marker="o", label=f"{method} / {attention}")
+        axes[1].plot(range(1, len(tasks) + 1), 100 * learned, marker="o", label=f"{method} / {attention}")
     for ax, title in zip(axes, (f"{tasks[0]} after each task", "mean over the tasks learned so far")):
         ax.set_xticks(range(1, len(tasks) + 1), tasks)
         ax.set_ylabel("accuracy (%)")
