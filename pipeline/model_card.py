@@ -113,6 +113,11 @@ def pairs_of(scene: dict) -> list[dict]:
     return scene.get("pairs") or [{"speech_gate": float(g), "keyword_smoothing": 0.0, **p} for g, p in scene.get("gates", {}).items()]
 
 
+def smoothing_tried(pairs: list[dict]) -> bool:
+    """Whether the calibration chose among keyword smoothings (not only among gates)."""
+    return len({p["keyword_smoothing"] for p in pairs}) > 1
+
+
 def pair_table(pairs: list[dict]) -> list[str]:
     """Calibration-scene points by speech gate (rows) and keyword smoothing (columns)."""
     smoothings = sorted({p["keyword_smoothing"] for p in pairs})
@@ -131,7 +136,7 @@ def gate_lines(running: dict, scene: dict, per_hour: float) -> list[str]:
     student, lines = running["models"]["student"], []
     pairs = pairs_of(scene)
     if len(pairs) > 1:
-        what = "speech gate and keyword smoothing were" if len({p["keyword_smoothing"] for p in pairs}) > 1 else "speech gate was"
+        what = "speech gate and keyword smoothing were" if smoothing_tried(pairs) else "speech gate was"
         lines += [f"The {what} chosen with the threshold on the calibration scene ({scene['minutes']:.0f} min): "
                   "each choice at its lowest threshold within the target (or the grid's top), the keywords it spots there (threshold, false alarms "
                   f"per hour). Chosen: {choice_words(scene['speech_gate'], scene.get('keyword_smoothing', 0.0))}.", "", *pair_table(pairs), ""]
@@ -177,15 +182,15 @@ def calibration_words(settings: dict, result: dict) -> str:
     scene = result.get("scene")
     if scene:
         where = f"a {scene['minutes']:.0f} min running-audio scene ({scene['keywords']} keywords, {scene['other_words']} other words)"
-        if len(pairs_of(scene)) > 1:
+        pairs = pairs_of(scene)
+        if len(pairs) > 1:
             chosen, target = scene["chosen"], settings["target_per_hour"]
             pair = (f"the choice spotting the most keywords within {target:g} false alarms per hour" if chosen["false_alarms_per_hour"] <= target else
                     f"no choice within {target:g} false alarms per hour, so the one closest to it ({chosen['false_alarms_per_hour']:.1f} per hour at the grid's top)")
             gate = (f"a speech gate ({scene['speech_gate']:g}: keywords only where the Speech tag reaches it)" if scene["speech_gate"] else
                     "no speech gate (no gate tried spotted more)")
-            tried = len({p["keyword_smoothing"] for p in pairs_of(scene)}) > 1
             smoothing = (f" and keyword probabilities averaged over {scene['keyword_smoothing']:g} s of hops" if scene.get("keyword_smoothing") else
-                         " and each hop's keyword probabilities alone (no smoothing tried spotted more)" if tried else "")
+                         " and each hop's keyword probabilities alone (no smoothing tried spotted more)" if smoothing_tried(pairs) else "")
             return f"one keyword threshold ({chosen['threshold']:g}), {gate}{smoothing}, {pair} on {where}; tag thresholds by F1"
         return (f"one keyword threshold ({scene['chosen']['threshold']:g}), the lowest within {settings['target_per_hour']:g} false alarms per hour on "
                 f"{where}; tag thresholds by F1")

@@ -167,9 +167,10 @@ def bench(c: ContinualConfig) -> dict:
             continue
         results["variants"].append(run_variant(c, method, attention, seed, tasks, vals, out))
         done.write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(render(results) + "\n")
+    table = render(results)
+    (out / "results.md").write_text(table + "\n")
     plot(results, out / "continual.png")
-    print(render(results))
+    print(table)
     for (method, attention), seeded in grouped(results["variants"]).items():
         final, finals, forgetting = over_seeds(seeded, results["tasks"])
         spread = f" ({len(seeded)} seeds: {100 * min(finals):.1f}-{100 * max(finals):.1f}%)" if len(seeded) > 1 else ""
