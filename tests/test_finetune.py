@@ -322,6 +322,8 @@ def test_the_commands_options_are_the_config_fields(dataset, tmp_path):
     (["train.bench_continual", "--init", "m.safetensors", "--methods", "lora"], "train.bench_continual: error: method must be one of conv, mlp, aat, linear, full, not 'lora'"),
     (["train.bench_continual", "--init", "m.safetensors", "--tasks", "mnist"], "train.bench_continual: error: task must be one of keywords, esc50, dcase, urbansound8k, not 'mnist'"),
     (["train.bench_continual", "--init", "m.safetensors", "--epochs", "0"], "train.bench_continual: error: --epochs: 0 is not >= 1"),
+    (["train.bench_continual", "--init", "m.safetensors", "--seeds", "0", "--seeds", "-1"], "train.bench_continual: error: --seeds: [0, -1] are not all >= 0"),
+    (["train.finetune", "--train", "DATA", "--seed", "-1"], "train.finetune: error: --seed: -1 is not >= 0"),
     (["train.bench_encoders", "--mast", "--attention"], "train.bench_encoders: error: --attention and --mast: choose one comparison"),
     (["train.bench_encoders", "--mast", "--study-tokens", "frame"], "train.bench_encoders: error: --study-tokens frame: a MAST has its own patch embedding; use patch with --mast"),
     (["train.bench_encoders", "--mast", "--mast-size", "mast-xl"], "train.bench_encoders: error: --mast-size: 'mast-xl' is not one of mast-t, mast-s, mast-edge"),

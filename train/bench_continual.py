@@ -83,6 +83,8 @@ class ContinualConfig:
         for t in self.tasks:
             choose("task", t, TASKS)
         bounded(self, ("epochs", self.epochs >= 1, ">= 1"), ("adapter_dim", self.adapter_dim >= 1, ">= 1"))
+        if any(seed < 0 for seed in self.seeds):  # each becomes a train.finetune --seed, which is >= 0
+            raise ValueError(f"--seeds: {self.seeds} are not all >= 0")
 
 
 def base_under(init: str, attention: str, out: Path) -> Path:

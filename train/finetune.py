@@ -92,7 +92,8 @@ class FinetuneConfig:
             choose("attention", self.attention, ATTENTIONS)
         if self.mode == "adapter":
             bounded(self, ("adapter_dim", self.adapter_dim >= 1, ">= 1"))
-        bounded(self, ("adapter_layers", self.adapter_layers >= 0, ">= 0"), ("keyword_share", 0 <= self.keyword_share < 1, "in [0, 1)"))
+        bounded(self, ("adapter_layers", self.adapter_layers >= 0, ">= 0"), ("keyword_share", 0 <= self.keyword_share < 1, "in [0, 1)"),
+                ("seed", self.seed >= 0, ">= 0"))  # numpy's generators take no negative seed
         if self.task:
             for wrong, why in ((not self.init, "needs --init, the model it adds to"), (self.mode == "full", "trains a task's own weights: --mode linear or adapter"),
                                (bool(self.attention), "runs the base's attention; leave out --attention")):
