@@ -214,6 +214,13 @@ def describe(name: str, stage: dict) -> str:
         return (f"hard negatives (`train.mine`): {result['clips']} windows where `{Path(settings['model']).parent.name}` spotted a keyword at >= {settings['level']:g} "
                 f"in {result['hours']:.1f} h of training speakers' other speech ({result['words']} words) over training sounds, no keyword said "
                 f"({result['over_words']} over words, {result['over_background']} over sound alone)")
+    if name == "refit":
+        scenes = result["scenes"]
+        return (f"the student's keyword head fitted again (`train.refit`), its encoder frozen: {sum(result['hops'].values()):,} labelled hops "
+                f"every {settings['hop']:g} s of {len(scenes)} running-audio scenes of training speakers and sources ({sum(x['hours'] for x in scenes):.1f} h, "
+                f"{sum(x['keywords'] for x in scenes):,} keywords and {sum(x['other_words'] for x in scenes):,} other words at {settings['snr_db'][0]:g}-{settings['snr_db'][1]:g} dB), "
+                f"beside {result['clips']:,} of its training clips held to its answers before (alpha={settings['alpha']:g}, T={settings['temperature']:g}), "
+                f"{settings['epochs']} epochs, lr {settings['lr']:g}; loss {result['losses'][0]:.3f} -> {result['losses'][-1]:.3f}")
     if name == "init":
         return f"`{Path(settings['src']).name}` imported (`train.convert --from {settings['from']}`): {result['parameters']:,} parameters, its AudioSet head and ontology"
     c = settings.get("student", settings)  # a distillation stage's settings hold its student's

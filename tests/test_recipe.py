@@ -19,6 +19,7 @@ from train.augment import AugmentConfig
 from train.distill import DistillConfig
 from train.finetune import FinetuneConfig
 from train.pretrain import PretrainConfig
+from train.refit import RefitConfig
 
 RATE = 16000
 
@@ -165,13 +166,16 @@ def test_a_recipe_that_continues_a_model_on_views_with_running_audio(recipe_run,
     scene = {"keywords": [f"{commands},split=val,percent=25"], "others": [negatives], "backgrounds": [negatives], "seed": 1, "repeat": 2}
     # its own keywords said as other speech: the previous model spots them, and their windows are mined
     mine = {"model": str(previous / "model.safetensors"), "level": 0.5, "seed": 1, "repeat": 2, "out": str(out / "mine"), "others": [commands], "backgrounds": [negatives]}
-    recipe = replace(first, model_id="test-model-3", pretrain=None, teacher=None, mine=mine,
+    # and its keyword head refitted on running audio of its training clips before it is calibrated (default-16's refit stage)
+    refit = RefitConfig(model=str(out / "student" / "best.safetensors"), out=str(out / "refit"), keywords=[f"{commands},split=train,percent=25"],
+                        backgrounds=[negatives], clips=[f"keywords={commands}"], scenes=1, hop=0.25, epochs=1, batch_size=16)
+    recipe = replace(first, model_id="test-model-3", pretrain=None, teacher=None, mine=mine, refit=refit,
                      student=DistillConfig(views=ViewsConfig(views=2), student=student),
                      baselines={"nokd": DistillConfig(views=ViewsConfig(views=1), student=replace(student, out=str(out / "nokd")))},
                      calibrate={**first.calibrate, "keywords": [], "negatives": [], "scene": scene, "hop": 0.25, "keyword_smoothings": [0.0, 0.5]},
                      evaluation={**first.evaluation, "running": {**scene, "gates": [0.5]}, "previous": str(previous)},
                      targets={"accuracy": {"keywords": 0.5}, "running": (1000.0, 0.0)}, tried=["a first idea: 1%", "a second: 2%"])
-    assert stages_of(recipe) == ["mine", "student", "nokd", "calibrate", "export", "evaluate", "card"]
+    assert stages_of(recipe) == ["mine", "student", "nokd", "refit", "calibrate", "export", "evaluate", "card"]
     run(recipe, out)
     mined = json.loads((out / "mine" / "stage.json").read_text())["result"]
     assert mined["clips"] == len((out / "mine" / "manifest.csv").read_text().splitlines()) - 1 > 0
@@ -182,6 +186,10 @@ def test_a_recipe_that_continues_a_model_on_views_with_running_audio(recipe_run,
     calibrated = json.loads((out / "calibrate" / "stage.json").read_text())["result"]["scene"]
     model = load_model(out / "calibrate" / "model.safetensors")
     assert set(model.spec.thresholds["keywords"].values()) == {calibrated["chosen"]["threshold"]}  # one threshold, from the scene
+    refitted, student = load_model(out / "refit" / "model.safetensors").state_dict(), load_model(out / "student" / "best.safetensors").state_dict()
+    calibrated_weights = model.state_dict()
+    assert all(torch.equal(calibrated_weights[k], refitted[k]) for k in refitted)  # the calibrate stage took the refitted head
+    assert not torch.equal(refitted["heads.keywords.fc.weight"], student["heads.keywords.fc.weight"])
     assert len(calibrated["pairs"]) == 2 and model.spec.keyword_smoothing == calibrated["keyword_smoothing"]  # and the smoothing it was chosen with
     # it listens at the calibrated hop, not its training one, and so does its export
     manifest = json.loads((out / "export" / "manifest.json").read_text())
@@ -190,6 +198,7 @@ def test_a_recipe_that_continues_a_model_on_views_with_running_audio(recipe_run,
     card = (out / "MODEL_CARD.md").read_text()
     assert "## Keywords in running audio" in card and "## Targets" in card and (out / "running.png").is_file()
     assert f"hard negatives (`train.mine`): {mined['clips']} windows where `previous` spotted a keyword" in card
+    assert "| refit | the student's keyword head fitted again (`train.refit`), its encoder frozen:" in card
     assert "- a first idea: 1%;\n- a second: 2%.\n" in card.split("## Targets")[1]  # what was tried, under the targets it missed
     assert f"{100 * report['models']['student']['keywords']['accuracy']:.1f}%" in card
 

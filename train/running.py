@@ -30,7 +30,7 @@ from edgetag.spec import KEYWORDS, NOT_SPOTTED, TAGS, ModelSpec
 from edgetag.stream import Engine, Event, PostConfig, process_blocks, speech_gated
 from train.calibrate import GRID, head_processor, replay
 from train.data import Example, Source, load_clips
-from train.views import mix, power
+from train.views import core as core_of, mix, power
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Placed:
     label: str  # a keyword, or "" for speech that holds none
     start: float  # seconds
     end: float
+    core: tuple[float, float] | None = None  # the span of the clip that holds most of its energy (the word): train.refit labels hops by it
 
 
 @dataclass
@@ -56,10 +57,11 @@ class Scene:
 
 
 def compose(keywords: list[Example], others: list[Example], backgrounds: list[Example], rate: int = 16000, snr_db: tuple[float, float] = (0.0, 15.0),
-            gap: tuple[float, float] = (1.0, 3.0), keyword_share: float = 0.5, repeat: int = 1, seed: int = 0) -> Scene:
+            gap: tuple[float, float] = (1.0, 3.0), keyword_share: float = 0.5, repeat: int = 1, seed: int = 0, core: float = 0.9) -> Scene:
     """One scene: every readable background clip `repeat` times, each pass in another random
     order, end to end; then words (keywords with probability `keyword_share`, each clip used at
-    most once) every `gap` seconds, until the words or the background run out."""
+    most once) every `gap` seconds, until the words or the background run out. Each word's core
+    is the span of its clip holding the middle `core` of its energy."""
     rng = np.random.default_rng(seed)
     beds = [x for x in load_clips(backgrounds, rate) if x is not None and len(x)]
     if not beds:
@@ -78,7 +80,8 @@ def compose(keywords: list[Example], others: list[Example], backgrounds: list[Ex
             break
         bed = audio[start : start + len(x)]
         audio[start : start + len(x)] = mix(x, bed, rng.uniform(*snr_db)) if power(bed) > 1e-10 else x
-        words.append(Placed(label, start / rate, (start + len(x)) / rate))
+        first, last = core_of(x, core)
+        words.append(Placed(label, start / rate, (start + len(x)) / rate, ((start + first) / rate, (start + last) / rate)))
         t = words[-1].end + rng.uniform(*gap)
     peak = np.abs(audio).max()
     return Scene(audio / peak if peak > 1 else audio, words, rate)
@@ -186,10 +189,11 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, marks: di
     plt.close(fig)
 
 
-def scene_of(keywords: list[str], others: list[str], backgrounds: list[str], seed: int = 0, repeat: int = 1, snr_db: tuple[float, float] = (0.0, 15.0)) -> Scene:
+def scene_of(keywords: list[str], others: list[str], backgrounds: list[str], seed: int = 0, repeat: int = 1, snr_db: tuple[float, float] = (0.0, 15.0),
+             core: float = 0.9) -> Scene:
     """A scene from sources (train.data.Source): keyword clips, other speech, background."""
     read = lambda sources, head: [e for text in sources for e in Source.parse(text, head).read()]  # noqa: E731
-    return compose(read(keywords, KEYWORDS), read(others, KEYWORDS), read(backgrounds, TAGS), snr_db=snr_db, repeat=repeat, seed=seed)
+    return compose(read(keywords, KEYWORDS), read(others, KEYWORDS), read(backgrounds, TAGS), snr_db=snr_db, repeat=repeat, seed=seed, core=core)
 
 
 def heard(spec: ModelSpec, head: str, probabilities: dict[str, np.ndarray], scene: Scene, level: float) -> float:
