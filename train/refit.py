@@ -79,19 +79,20 @@ def hop_labels(scene: Scene, spec: ModelSpec, labels: list[str], hops: int) -> n
     IGNORED where less; else `_silence_`."""
     starts = np.arange(hops) * spec.hop_seconds
     ends = starts + spec.window_seconds
-    out = np.full(hops, labels.index(SILENCE))
-    keyword_part = np.zeros(hops, bool)
-    for w in sorted(scene.words, key=lambda w: bool(w.label)):  # keywords last: they decide a window that holds both
+    other, keyword_part, keyword = np.zeros(hops), np.zeros(hops, bool), np.full(hops, -1)
+    for w in scene.words:
         a, b = w.core or (w.start, w.end)
-        held = np.clip(np.minimum(ends, b) - np.maximum(starts, a), 0, None) / (b - a)
+        held = np.clip(np.minimum(ends, b) - np.maximum(starts, a), 0, None) / (b - a)  # share of the core in each window
         if w.label:
-            out[held >= 1] = labels.index(w.label)
+            keyword[held >= 1] = labels.index(w.label)
             keyword_part |= (held > 0) & (held < 1)
         else:
-            out[(held >= 0.5) & (out == labels.index(SILENCE))] = labels.index(UNKNOWN)
-            out[(held > 0) & (held < 0.5) & (out == labels.index(SILENCE))] = IGNORED
-    out[keyword_part & np.isin(out, [labels.index(SILENCE), labels.index(UNKNOWN)])] = IGNORED
-    return out
+            other = np.maximum(other, held)
+    out = np.full(hops, labels.index(SILENCE))
+    out[other > 0] = IGNORED
+    out[other >= 0.5] = labels.index(UNKNOWN)
+    out[keyword_part] = IGNORED
+    return np.where(keyword >= 0, keyword, out)
 
 
 @torch.inference_mode()
