@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import typer
 
 from edgetag import checkpoint
-from edgetag.features import fbank, normalize
+from edgetag.features import fbank, normalize, windows
 from edgetag.model import AudioTransformer, for_inference
 from edgetag.spec import KEYWORDS, SILENCE, UNKNOWN, ModelSpec
 from edgetag.stream import StreamingFbank
@@ -96,10 +96,10 @@ def hop_labels(scene: Scene, spec: ModelSpec, labels: list[str], hops: int) -> n
 
 
 @torch.inference_mode()
-def embed(runner: AudioTransformer, spec: ModelSpec, windows: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+def embed(runner: AudioTransformer, spec: ModelSpec, x: np.ndarray, batch_size: int = 256) -> torch.Tensor:
     """Raw log-mel windows [n, frames, n_mels] -> the encoder's pooled embeddings [n, width]."""
-    return torch.cat([runner.embedding(torch.from_numpy(normalize(windows[i : i + batch_size], spec.fbank))).float()
-                      for i in range(0, len(windows), batch_size)]) if len(windows) else torch.zeros(0, spec.encoder.width)
+    return torch.cat([runner.embedding(torch.from_numpy(normalize(x[i : i + batch_size], spec.fbank))).float()
+                      for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0, spec.encoder.width)
 
 
 def hop_embeddings(runner: AudioTransformer, spec: ModelSpec, scene: Scene, block_seconds: float = 60.0) -> torch.Tensor:
@@ -114,7 +114,7 @@ def hop_embeddings(runner: AudioTransformer, spec: ModelSpec, scene: Scene, bloc
         frames = np.concatenate([frames, stream.push(scene.audio[i : i + block])])
         ready = max(0, (len(frames) - window) // hop + 1)
         if ready:
-            out.append(embed(runner, spec, np.stack([frames[j * hop :][:window] for j in range(ready)])))
+            out.append(embed(runner, spec, windows(frames[: (ready - 1) * hop + window], window, hop)))  # whole windows only: no padded tail
             frames = frames[ready * hop :]
     return torch.cat(out) if out else torch.zeros(0, spec.encoder.width)
 
@@ -122,8 +122,8 @@ def hop_embeddings(runner: AudioTransformer, spec: ModelSpec, scene: Scene, bloc
 def centred_embeddings(runner: AudioTransformer, spec: ModelSpec, clips: list[np.ndarray | None]) -> torch.Tensor:
     """Each clip's centred window, embedded [n, width] (as the keyword views hold their word)."""
     n = spec.window_samples
-    windows = [fbank(shifted(x, (len(x) - n) // 2, n), spec.fbank) for x in clips]
-    return embed(runner, spec, np.stack(windows) if windows else np.zeros((0, spec.window_frames, spec.fbank.n_features), np.float32))
+    centred = [fbank(shifted(x, (len(x) - n) // 2, n), spec.fbank) for x in clips]
+    return embed(runner, spec, np.stack(centred) if centred else np.zeros((0, spec.window_frames, spec.fbank.n_features), np.float32))
 
 
 def fit_head(head: torch.nn.Module, hops: torch.Tensor, hop_y: torch.Tensor, clips: torch.Tensor, clip_y: torch.Tensor, c: RefitConfig) -> list[float]:
