@@ -93,6 +93,18 @@ class MobileNetEncoder(PooledEncoder):
         self.features, channels = mobilenet_features(config.width_mult)
         self.project = nn.Sequential(nn.Linear(channels, config.width), nn.Hardswish(), nn.Dropout(0.2))
 
+    @property
+    def split_layers(self) -> int:
+        return self.config.depth
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = self.features(self.check(features).transpose(1, 2)[:, None])  # [B, 1, F, T] -> [B, C, F/32, T/32]
-        return self.project(x.mean((2, 3)))[:, None]  # [B, 1, width]
+        return self.forward_from(self.forward_trunk(features, 0), 0)
+
+    def forward_trunk(self, features: torch.Tensor, stop: int) -> torch.Tensor:
+        """What enters inverted-residual block `stop` (the stem's output at 0, the last block's at depth)."""
+        return self.features[: 1 + stop](self.check(features).transpose(1, 2)[:, None])  # [B, 1, F, T] -> [B, C, F', T']
+
+    def forward_from(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """The embedding "token" [B, 1, width] from what enters block `start`."""
+        x = self.features[1 + start :](x)  # [B, C, F/32, T/32]
+        return self.project(x.mean((2, 3)))[:, None]

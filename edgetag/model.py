@@ -328,6 +328,10 @@ class Encoder(nn.Module):
         out = {name: self.forward_branch(entering[branch.first], branch) for name, branch in branches.items()}
         return (self.norm(x) if trunk else None), out
 
+    @property
+    def split_layers(self) -> int:
+        return len(self.blocks)
+
     def forward_trunk(self, features: torch.Tensor, stop: int) -> torch.Tensor:
         """The tokens entering block `stop`: what a task adapted from there on reads (a frozen
         base's, so `edgetag learn` computes them once per view)."""
@@ -336,11 +340,16 @@ class Encoder(nn.Module):
             x = block(x)
         return x
 
+    def forward_from(self, x: torch.Tensor, start: int, adapters: nn.ModuleDict | None = None) -> torch.Tensor:
+        """Token outputs from the tokens entering block `start`, with a task's adapters (keyed by
+        block index) where given."""
+        for i in range(start, len(self.blocks)):
+            x = self.blocks[i](x) if adapters is None else self.blocks[i](x, adapters[str(i)])
+        return self.norm(x)
+
     def forward_branch(self, x: torch.Tensor, branch: TaskBranch) -> torch.Tensor:
         """A task's token outputs from the tokens entering its first adapted block."""
-        for i in range(branch.first, len(self.blocks)):
-            x = self.blocks[i](x, branch.blocks[str(i)])
-        return self.norm(x)
+        return self.forward_from(x, branch.first, branch.blocks)
 
 
 # ---------------------------------------------------------------------------------------------

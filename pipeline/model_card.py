@@ -216,11 +216,14 @@ def describe(name: str, stage: dict) -> str:
                 f"({result['over_words']} over words, {result['over_background']} over sound alone)")
     if name == "refit":
         scenes = result["scenes"]
-        return (f"the student's keyword head fitted again (`train.refit`), its encoder frozen: {sum(result['hops'].values()):,} labelled hops "
+        layers = settings.get("layers", 0)  # a stage recorded before --layers existed refitted the head alone
+        after = (f"; then its top {layers} encoder layers with every head, {settings['layer_epochs']} epochs at lr {settings['layer_lr']:g}, "
+                 f"the tag heads held to their answers before (weight {settings['hold']:g})") if layers else ""
+        return (f"the student's keyword head fitted again (`train.refit`), its encoder {'below its top layers ' if layers else ''}frozen: {sum(result['hops'].values()):,} labelled hops "
                 f"every {settings['hop']:g} s of {len(scenes)} running-audio scenes of training speakers and sources ({sum(x['hours'] for x in scenes):.1f} h, "
                 f"{sum(x['keywords'] for x in scenes):,} keywords and {sum(x['other_words'] for x in scenes):,} other words at {settings['snr_db'][0]:g}-{settings['snr_db'][1]:g} dB), "
                 f"beside {result['clips']:,} of its training clips held to its answers before (alpha={settings['alpha']:g}, T={settings['temperature']:g}), "
-                f"{settings['epochs']} epochs, lr {settings['lr']:g}; loss {result['losses'][0]:.3f} -> {result['losses'][-1]:.3f}")
+                f"{settings['epochs']} epochs, lr {settings['lr']:g}{after}; loss {result['losses'][0]:.3f} -> {result['losses'][-1]:.3f}")
     if name == "init":
         return f"`{Path(settings['src']).name}` imported (`train.convert --from {settings['from']}`): {result['parameters']:,} parameters, its AudioSet head and ontology"
     c = settings.get("student", settings)  # a distillation stage's settings hold its student's

@@ -202,6 +202,8 @@ CASES = {
                                                "train.mine: error: a hop of 0.333 s is not a whole number of 10 ms frames", checkpoint()),
     "refit holding its clips to more than all of its answers": Case(["train.refit", "--model", "{tmp}/model.safetensors", "--out", "{tmp}/refit", "--keywords", "{tmp}",
                                                                      "--backgrounds", "{tmp}", "--alpha", "1.5"], 2, "train.refit: error: --alpha: 1.5 is not in [0, 1]", checkpoint()),
+    "refit of more layers than the encoder has": Case(["train.refit", "--model", "{tmp}/model.safetensors", "--out", "{tmp}/refit", "--keywords", "{tmp}",
+                                                      "--backgrounds", "{tmp}", "--layers", "99"], 2, "train.refit: error: --layers: 99 is more than the", checkpoint()),
     "refit over a missing background": Case(["train.refit", "--model", "{tmp}/model.safetensors", "--out", "{tmp}/refit", "--keywords", "{tmp}", "--backgrounds", "{tmp}/none"], 2,
                                             "train.refit: error: {tmp}/none: no such file or folder", checkpoint()),
     "convert a file as a folder": Case(["train.convert", "--from", "hf-ast", "{clip}", "--out", "{tmp}/x.safetensors"], 2,

@@ -103,6 +103,18 @@ def test_a_linear_task_reads_the_embedding():
         np.testing.assert_array_equal(model(x, ("new",))["new"].numpy(), out["new"].numpy())
 
 
+def test_the_encoder_splits_between_any_two_blocks():
+    """What enters block k, run on from block k, is the whole encoder's output: train.refit trains
+    the blocks above k on the trunk's output, and a linear task's branch is what follows the last."""
+    torch.manual_seed(0)
+    model = make_model(MN04, {TAGS: ["x"]}, fbank=preset("efficientat")).eval()
+    x = torch.randn(3, 98, EFFICIENTAT_BANDS)
+    with torch.no_grad():
+        whole = model.encoder(x)
+        for k in range(model.encoder.split_layers + 1):
+            torch.testing.assert_close(model.encoder.forward_from(model.encoder.forward_trunk(x, k), k), whole, rtol=0, atol=1e-6)
+
+
 def test_pretraining_refuses_a_mobilenet():
     from train.pretrain import PretrainConfig
 

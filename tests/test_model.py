@@ -232,6 +232,19 @@ def test_imports_only_run_down(package):
             assert not any(n.split(".")[0] in others for n in names), f"{package}/{path.name} imports {names}"
 
 
+@pytest.mark.parametrize("encoder", ["transformer", "mamba"])
+def test_the_encoder_splits_between_any_two_blocks(encoder):
+    """What enters block k, run on from block k, is the whole encoder's output (train.refit trains
+    the blocks above k on the trunk's output)."""
+    torch.manual_seed(0)
+    model = make_model(EncoderConfig.named("nano", encoder=encoder)).eval()
+    x = torch.randn(2, 100, 128)
+    with torch.no_grad():
+        whole = model.encoder(x)
+        for k in range(model.encoder.split_layers + 1):
+            torch.testing.assert_close(model.encoder.forward_from(model.encoder.forward_trunk(x, k), k), whole, rtol=0, atol=1e-6)
+
+
 def test_cached_positions_serve_inference_then_training():
     model = make_model("nano")
     x = torch.randn(1, 48, 128)

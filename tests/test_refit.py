@@ -57,7 +57,9 @@ def test_the_embedded_hops_are_the_ones_the_engine_answers(tmp_path):
     np.testing.assert_allclose(mine, heard[: len(e)], atol=1e-5)
 
 
-def test_a_refit_changes_the_keyword_head_alone_and_fits_its_hops(tmp_path):
+def refit_small_model(tmp_path, layers: int) -> tuple[dict, dict]:
+    """A refit of a small model over a scene of two made-up words that fits its hops; the state
+    before and after."""
     words = make_dataset(tmp_path / "words", clips=12, seconds=0.8)
     (words / "tone").rename(words / "yes")
     (words / "noise").rename(words / "no")
@@ -65,17 +67,29 @@ def test_a_refit_changes_the_keyword_head_alone_and_fits_its_hops(tmp_path):
     model = make_model(heads={"tags": ["Dog", "Speech"], KEYWORDS: LABELS}, stream=(1.0, 0.5))
     checkpoint.save(tmp_path / "model.safetensors", model)
     c = RefitConfig(model=str(tmp_path / "model.safetensors"), out=str(tmp_path / "refit"), keywords=[f"{tmp_path / 'words'}"],
-                    backgrounds=[str(tmp_path / "bed.wav")], clips=[f"{tmp_path / 'words'}"], scenes=1, hop=0.1, epochs=3, batch_size=32)
+                    backgrounds=[str(tmp_path / "bed.wav")], clips=[f"{tmp_path / 'words'}"], scenes=1, hop=0.1, epochs=3, batch_size=32, layers=layers)
     found = refit(c)
     assert found["scenes"][0]["keywords"] > 0 and found["hops"]["yes"] > 0 and found["hops"]["_silence_"] > 0
     assert found["losses"][-1] < found["losses"][0]
-    before = checkpoint.load_model(tmp_path / "model.safetensors").state_dict()
-    after_model = checkpoint.load_model(tmp_path / "refit" / "model.safetensors")
-    after = after_model.state_dict()
+    after = checkpoint.load_model(tmp_path / "refit" / "model.safetensors")
+    assert after.spec.provenance["refit"]["layers"] == layers and after.spec.stream == model.spec.stream  # listens as it did
+    return checkpoint.load_model(tmp_path / "model.safetensors").state_dict(), after.state_dict()
+
+
+def test_a_refit_changes_the_keyword_head_alone_and_fits_its_hops(tmp_path):
+    before, after = refit_small_model(tmp_path, layers=0)
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(f"heads.{KEYWORDS}.") for k in changed)
-    assert after_model.spec.provenance["refit"]["scenes"] == 1 and after_model.spec.stream == model.spec.stream  # listens as it did
+
+
+def test_a_refit_of_the_top_layer_moves_it_and_the_heads_alone(tmp_path):
+    """--layers 1: the last block learns beside the heads; every weight below it stays byte for byte."""
+    before, after = refit_small_model(tmp_path, layers=1)
+    top = f"encoder.blocks.{make_model().spec.encoder.depth - 1}."
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith(top) for k in changed) and any(k.startswith(f"heads.{KEYWORDS}.") for k in changed)
+    assert all(k.startswith((top, "encoder.norm.", "heads.")) for k in changed), sorted(changed)
 
 
 @pytest.mark.parametrize("field, value, line", [("alpha", 1.5, "--alpha: 1.5 is not in [0, 1]"), ("scenes", 0, "--scenes: 0 is not a number of scenes"),

@@ -1,4 +1,4 @@
-"""Refit the keyword head on running audio, the encoder frozen.
+"""Refit the keyword head on running audio, the encoder frozen or its top layers with it.
 
     python -m train.refit --model runs/d14/student/best.safetensors --out runs/d14/refit --hop 0.1 \\
         --keywords ../shared/data/speech_commands,split=train,percent=20 \\
@@ -15,6 +15,13 @@ embeds every hop once, and each hop is labelled by where the words' cores lie (`
 Each batch is half those hops and half the head's own training clips, whose targets are the head's
 answers before the refit beside their labels (learning without forgetting, Li & Hoiem 2017): what
 the teachers taught it on clean words stays. Every weight but the keyword head's stays as it was.
+
+With --layers N the encoder's top N layers learn too, after the head (LP-FT, Kumar et al., ICLR
+2022: a head that already fits lets the layers move less): what enters them is computed once per
+hop (the trunk below stays as it was), the head is fitted alone on their embeddings, then layers
+and heads learn together, the heads they also feed (tags) held on every hop and clip to their
+answers before the refit (their divergence joins the loss), so what the keywords gain costs the
+tags as little as it can. A head alone cannot separate what the frozen embedding has merged.
 """
 
 from __future__ import annotations
@@ -60,12 +67,19 @@ class RefitConfig:
     batch_size: int = setting(256, "Hops plus clips per step, half each.")
     alpha: float = setting(0.7, "Weight of the head's answers before the refit in the clips' targets (the rest: their labels).")
     temperature: float = setting(2.0, "Temperature of those answers.")
+    layers: int = setting(0, "Encoder layers refitted after the keyword head, counted from the top (0: the head alone); the other heads are held to their answers before.")
+    layer_epochs: int = setting(2, "Passes over the hops with --layers, after --epochs of the head alone.")
+    layer_lr: float = setting(3e-4, "Peak learning rate of those passes.")
+    hold: float = setting(0.1, "Weight, in those passes, of the other heads' divergence from their answers before (summed over classes).")
 
     def __post_init__(self):
         bounded(self, ("scenes", self.scenes >= 1, "a number of scenes (1 or more)"), ("core", 0 < self.core <= 1, "in (0, 1]"),
                 ("hop", self.hop >= 0, "a number of seconds >= 0"), ("epochs", self.epochs >= 1, "a number of epochs (1 or more)"),
                 ("lr", self.lr > 0, "a positive learning rate"), ("batch_size", self.batch_size >= 2, "a batch of 2 or more"),
-                ("alpha", 0 <= self.alpha <= 1, "in [0, 1]"), ("temperature", self.temperature > 0, "a positive temperature"))
+                ("alpha", 0 <= self.alpha <= 1, "in [0, 1]"), ("temperature", self.temperature > 0, "a positive temperature"),
+                ("layers", self.layers >= 0, "a number of layers (0 or more)"),
+                ("layer_epochs", self.layer_epochs >= 1, "a number of epochs (1 or more)"), ("layer_lr", self.layer_lr > 0, "a positive learning rate"),
+                ("hold", self.hold >= 0, "a weight (0 or more)"))
         if not self.snr_db[0] <= self.snr_db[1]:
             raise ValueError(f"--snr-db: {self.snr_db[0]:g} {self.snr_db[1]:g} is not a range (low <= high)")
         if self.seed < 0:
@@ -96,15 +110,19 @@ def hop_labels(scene: Scene, spec: ModelSpec, labels: list[str], hops: int) -> n
 
 
 @torch.inference_mode()
-def embed(runner: AudioTransformer, spec: ModelSpec, x: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    """Raw log-mel windows [n, frames, n_mels] -> the encoder's pooled embeddings [n, width]."""
-    return torch.cat([runner.embedding(torch.from_numpy(normalize(x[i : i + batch_size], spec.fbank))).float()
-                      for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0, spec.encoder.width)
+def embed(runner: AudioTransformer, spec: ModelSpec, x: np.ndarray, batch_size: int = 256, stop: int | None = None) -> torch.Tensor:
+    """Raw log-mel windows [n, frames, n_mels] -> the encoder's pooled embeddings [n, width], or
+    what enters its layer `stop` [n, ...] in float16 (a scene's hops of it fill gigabytes)."""
+    def one(features: torch.Tensor) -> torch.Tensor:
+        return runner.embedding(features).float() if stop is None else runner.encoder.forward_trunk(features, stop).half()
+
+    return torch.cat([one(torch.from_numpy(normalize(x[i : i + batch_size], spec.fbank))) for i in range(0, max(len(x), 1), batch_size)])
 
 
-def hop_embeddings(runner: AudioTransformer, spec: ModelSpec, scene: Scene, block_seconds: float = 60.0) -> torch.Tensor:
-    """The embedding of every full window the streaming engine runs over `scene` [hops, width],
-    its fbank computed a block at a time (a whole scene's at once needs gigabytes)."""
+def hop_embeddings(runner: AudioTransformer, spec: ModelSpec, scene: Scene, block_seconds: float = 60.0, stop: int | None = None) -> torch.Tensor:
+    """The embedding (or what enters layer `stop`, as `embed`) of every full window the streaming
+    engine runs over `scene` [hops, ...], its fbank computed a block at a time (a whole scene's
+    at once needs gigabytes)."""
     from rich.progress import track
 
     stream, block = StreamingFbank(spec.fbank), round(block_seconds * scene.rate)
@@ -114,41 +132,79 @@ def hop_embeddings(runner: AudioTransformer, spec: ModelSpec, scene: Scene, bloc
         frames = np.concatenate([frames, stream.push(scene.audio[i : i + block])])
         ready = max(0, (len(frames) - window) // hop + 1)
         if ready:
-            out.append(embed(runner, spec, windows(frames[: (ready - 1) * hop + window], window, hop)))  # whole windows only: no padded tail
+            out.append(embed(runner, spec, windows(frames[: (ready - 1) * hop + window], window, hop), stop=stop))  # whole windows only: no padded tail
             frames = frames[ready * hop :]
-    return torch.cat(out) if out else torch.zeros(0, spec.encoder.width)
+    return torch.cat(out) if out else embed(runner, spec, np.zeros((0, window, spec.fbank.n_features), np.float32), stop=stop)
 
 
-def centred_embeddings(runner: AudioTransformer, spec: ModelSpec, clips: list[np.ndarray | None]) -> torch.Tensor:
-    """Each clip's centred window, embedded [n, width] (as the keyword views hold their word)."""
+def centred_embeddings(runner: AudioTransformer, spec: ModelSpec, clips: list[np.ndarray | None], stop: int | None = None) -> torch.Tensor:
+    """Each clip's centred window, embedded (as `embed`; as the keyword views hold their word)."""
     n = spec.window_samples
     centred = [fbank(shifted(x, (len(x) - n) // 2, n), spec.fbank) for x in clips]
-    return embed(runner, spec, np.stack(centred) if centred else np.zeros((0, spec.window_frames, spec.fbank.n_features), np.float32))
+    return embed(runner, spec, np.stack(centred) if centred else np.zeros((0, spec.window_frames, spec.fbank.n_features), np.float32), stop=stop)
 
 
-def fit_head(head: torch.nn.Module, hops: torch.Tensor, hop_y: torch.Tensor, clips: torch.Tensor, clip_y: torch.Tensor, c: RefitConfig) -> list[float]:
-    """Train `head` in place: each step half labelled hops (cross-entropy), half clips (their
-    labels and, by alpha, the head's answers before the refit at the temperature); returns the mean
-    loss of every epoch."""
+def answers(model: AudioTransformer, names: list[str], x: torch.Tensor, stop: int | None) -> dict[str, torch.Tensor]:
+    """Logits of the heads `names` from the embeddings `x`, or from what enters layer `stop`."""
+    pooled = x if stop is None else model.pool(model.encoder.forward_from(x.float(), stop))
+    return {name: model.heads[name](pooled) for name in names}
+
+
+@torch.no_grad()
+def answers_of(model: AudioTransformer, names: list[str], x: torch.Tensor, stop: int | None, batch_size: int = 1024) -> dict[str, torch.Tensor]:
+    """`answers` to every input [n, ...] (at least one), a batch at a time."""
+    parts = [answers(model, names, x[i : i + batch_size], stop) for i in range(0, len(x), batch_size)]
+    return {name: torch.cat([p[name] for p in parts]) for name in names}
+
+
+@torch.no_grad()
+def pooled_from(model: AudioTransformer, x: torch.Tensor, stop: int, batch_size: int = 1024) -> torch.Tensor:
+    """The embeddings [n, width] of what enters layer `stop` [n, ...]."""
+    return torch.cat([model.pool(model.encoder.forward_from(x[i : i + batch_size].float(), stop)) for i in range(0, max(len(x), 1), batch_size)])
+
+
+def drift(z: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -> torch.Tensor:
+    """How far tag heads' answers moved: KL(before || now) of each class's sigmoid, summed over
+    classes and heads, averaged over the batch."""
+    total = torch.zeros(())
+    for name, b in before.items():
+        p = b.sigmoid()
+        total = total + (F.binary_cross_entropy_with_logits(z[name], p, reduction="none") - F.binary_cross_entropy_with_logits(b, p, reduction="none")).sum(-1).mean()
+    return total
+
+
+def fit(model: AudioTransformer, head_name: str, hops: torch.Tensor, hop_y: torch.Tensor, clips: torch.Tensor, clip_y: torch.Tensor, c: RefitConfig,
+        stop: int | None = None) -> list[float]:
+    """Train the keyword head in place (and at `stop`, the layers from `stop` on and every head,
+    the others held to their answers before by `drift` at weight --hold): each step half labelled hops
+    (cross-entropy), half clips (their labels and, by alpha, the keyword head's answers before the
+    refit at the temperature); returns the mean loss of every epoch. The model stays in eval mode:
+    batch norms keep their statistics."""
     g = torch.Generator().manual_seed(c.seed)
     T, half = c.temperature, c.batch_size // 2
-    with torch.no_grad():
-        before = (head(clips) / T).softmax(-1) if len(clips) else None
+    names = [head_name] if stop is None else list(model.heads)
+    others = [n for n in names if n != head_name]
+    # the answers before, of the heads the refit can move
+    clip_before = answers_of(model, names, clips, stop) if len(clips) else None
+    hop_before = answers_of(model, others, hops, stop) if others else {}
+    kept = (clip_before[head_name] / T).softmax(-1) if clip_before else None
+    # Parameters below `stop` get no gradient (their output was computed before), so they never move
+    params = list(model.heads[head_name].parameters()) if stop is None else [*model.encoder.parameters(), *model.heads.parameters()]
     steps = math.ceil(len(hops) / half)
-    opt = torch.optim.AdamW(head.parameters(), lr=c.lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, c.lr, total_steps=c.epochs * steps, pct_start=0.1)
-    head.train()
     losses = []
     for epoch in range(c.epochs):
         order, total = torch.randperm(len(hops), generator=g), 0.0
         for i in range(steps):
             b = order[i * half : (i + 1) * half]
-            loss = F.cross_entropy(head(hops[b]), hop_y[b])
-            if before is not None:
+            z = answers(model, names, hops[b], stop)
+            loss = F.cross_entropy(z[head_name], hop_y[b]) + c.hold * drift(z, {n: v[b] for n, v in hop_before.items()})
+            if kept is not None:
                 d = torch.randint(len(clips), (half,), generator=g)
-                z = head(clips[d])
-                kept = F.kl_div((z / T).log_softmax(-1), before[d], reduction="batchmean") * T**2
-                loss = loss + (1 - c.alpha) * F.cross_entropy(z, clip_y[d]) + c.alpha * kept
+                z = answers(model, names, clips[d], stop)
+                lwf = F.kl_div((z[head_name] / T).log_softmax(-1), kept[d], reduction="batchmean") * T**2
+                loss = loss + (1 - c.alpha) * F.cross_entropy(z[head_name], clip_y[d]) + c.alpha * lwf + c.hold * drift(z, {n: clip_before[n][d] for n in others})
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -156,23 +212,27 @@ def fit_head(head: torch.nn.Module, hops: torch.Tensor, hop_y: torch.Tensor, cli
             total += loss.item()
         losses.append(total / steps)
         print(f"epoch {epoch + 1}/{c.epochs}: loss {losses[-1]:.4f}", flush=True)
-    head.eval()
     return losses
 
 
 def refit(c: RefitConfig) -> dict:
-    """The model at `c.model` with its keyword head refitted on hops of running audio, written to
+    """The model at `c.model` with its keyword head (and top --layers) refitted on hops of running audio, written to
     OUT/model.safetensors; returns what it was fitted on and how it went."""
     start = time.perf_counter()
     model = checkpoint.load_model(c.model).eval()
     spec = model.spec.with_stream(hop=c.hop or None)
     head_name = spec.head_of(KEYWORDS)
+    if c.layers and spec.tasks:
+        raise ValueError(f"--layers: {c.model} holds tasks ({', '.join(spec.tasks)}), which read the layers a refit would change; refit the head alone (--layers 0)")
+    if c.layers > model.encoder.split_layers:
+        raise ValueError(f"--layers: {c.layers} is more than the {spec.encoder.encoder} encoder's {model.encoder.split_layers} layers a refit can reach")
+    stop = model.encoder.split_layers - c.layers if c.layers else None
     labels = list(spec.heads[head_name].labels)
     runner = for_inference(model)
     hops, hop_y, scenes = [], [], []
     for s in range(c.scenes):
         scene = scene_of(c.keywords, c.others, c.backgrounds, seed=c.seed + s, snr_db=tuple(c.snr_db), core=c.core)
-        e = hop_embeddings(runner, spec, scene)
+        e = hop_embeddings(runner, spec, scene, stop=stop)
         y = hop_labels(scene, spec, labels, len(e))
         hops.append(e[y != IGNORED])
         hop_y.append(torch.from_numpy(y[y != IGNORED]))
@@ -185,9 +245,14 @@ def refit(c: RefitConfig) -> dict:
         raise ValueError("the scenes hold no hop to learn from: no readable keyword or background in --keywords, --backgrounds")
     examples = [e for text in c.clips for e in Source.parse(text, KEYWORDS).read()]
     read = [(e, x) for e, x in zip(examples, load_clips(examples, spec.fbank.sample_rate)) if x is not None and len(x) and e.labels and e.labels[0] in labels]
-    clips = centred_embeddings(runner, spec, [x for _, x in read])
+    clips = centred_embeddings(runner, spec, [x for _, x in read], stop=stop)
     clip_y = torch.tensor([labels.index(e.labels[0]) for e, _ in read], dtype=torch.long)
-    losses = fit_head(model.heads[head_name], hops, hop_y, clips, clip_y, c)
+    del runner  # a mobilenet's runner is a copy
+    if stop is None:
+        losses = fit(model, head_name, hops, hop_y, clips, clip_y, c)
+    else:
+        losses = fit(model, head_name, pooled_from(model, hops, stop), hop_y, pooled_from(model, clips, stop), clip_y, c)
+        losses += fit(model, head_name, hops, hop_y, clips, clip_y, replace(c, epochs=c.layer_epochs, lr=c.layer_lr), stop)
     model.spec = replace(model.spec, provenance={**model.spec.provenance, "refit": asdict(c)})
     out = Path(c.out) / "model.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
