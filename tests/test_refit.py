@@ -72,7 +72,8 @@ def refit_small_model(tmp_path, layers: int) -> tuple[dict, dict]:
     assert found["scenes"][0]["keywords"] > 0 and found["hops"]["yes"] > 0 and found["hops"]["_silence_"] > 0
     assert found["losses"][-1] < found["losses"][0]
     after = checkpoint.load_model(tmp_path / "refit" / "model.safetensors")
-    assert after.spec.provenance["refit"]["layers"] == layers and after.spec.stream == model.spec.stream  # listens as it did
+    assert after.spec.provenance["refit"]["scenes"] == 1 and after.spec.provenance["refit"]["layers"] == layers
+    assert after.spec.stream == model.spec.stream  # listens as it did
     return checkpoint.load_model(tmp_path / "model.safetensors").state_dict(), after.state_dict()
 
 

@@ -151,13 +151,6 @@ def answers(model: AudioTransformer, names: list[str], x: torch.Tensor, stop: in
 
 
 @torch.no_grad()
-def answers_of(model: AudioTransformer, names: list[str], x: torch.Tensor, stop: int | None, batch_size: int = 1024) -> dict[str, torch.Tensor]:
-    """`answers` to every input [n, ...] (at least one), a batch at a time."""
-    parts = [answers(model, names, x[i : i + batch_size], stop) for i in range(0, len(x), batch_size)]
-    return {name: torch.cat([p[name] for p in parts]) for name in names}
-
-
-@torch.no_grad()
 def pooled_from(model: AudioTransformer, x: torch.Tensor, stop: int, batch_size: int = 1024) -> torch.Tensor:
     """The embeddings [n, width] of what enters layer `stop` [n, ...]."""
     return torch.cat([model.pool(model.encoder.forward_from(x[i : i + batch_size].float(), stop)) for i in range(0, max(len(x), 1), batch_size)])
@@ -174,19 +167,21 @@ def drift(z: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -> torch.
 
 
 def fit(model: AudioTransformer, head_name: str, hops: torch.Tensor, hop_y: torch.Tensor, clips: torch.Tensor, clip_y: torch.Tensor, c: RefitConfig,
-        stop: int | None = None) -> list[float]:
+        stop: int | None = None, embedded: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[float]:
     """Train the keyword head in place (and at `stop`, the layers from `stop` on and every head,
     the others held to their answers before by `drift` at weight --hold): each step half labelled hops
     (cross-entropy), half clips (their labels and, by alpha, the keyword head's answers before the
-    refit at the temperature); returns the mean loss of every epoch. The model stays in eval mode:
-    batch norms keep their statistics."""
+    refit at the temperature); returns the mean loss of every epoch. At `stop`, `embedded` holds
+    the hops' and clips' embeddings as the layers stand (`pooled_from`), whose answers are the
+    heads' before. The model stays in eval mode: batch norms keep their statistics."""
     g = torch.Generator().manual_seed(c.seed)
     T, half = c.temperature, c.batch_size // 2
     names = [head_name] if stop is None else list(model.heads)
     others = [n for n in names if n != head_name]
-    # the answers before, of the heads the refit can move
-    clip_before = answers_of(model, names, clips, stop) if len(clips) else None
-    hop_before = answers_of(model, others, hops, stop) if others else {}
+    hop_e, clip_e = (hops, clips) if stop is None else embedded
+    with torch.no_grad():  # the answers before, of the heads the refit can move
+        clip_before = answers(model, names, clip_e, None) if len(clips) else None
+        hop_before = answers(model, others, hop_e, None)
     kept = (clip_before[head_name] / T).softmax(-1) if clip_before else None
     # Parameters below `stop` get no gradient (their output was computed before), so they never move
     params = list(model.heads[head_name].parameters()) if stop is None else [*model.encoder.parameters(), *model.heads.parameters()]
@@ -251,8 +246,9 @@ def refit(c: RefitConfig) -> dict:
     if stop is None:
         losses = fit(model, head_name, hops, hop_y, clips, clip_y, c)
     else:
-        losses = fit(model, head_name, pooled_from(model, hops, stop), hop_y, pooled_from(model, clips, stop), clip_y, c)
-        losses += fit(model, head_name, hops, hop_y, clips, clip_y, replace(c, epochs=c.layer_epochs, lr=c.layer_lr), stop)
+        hop_e, clip_e = pooled_from(model, hops, stop), pooled_from(model, clips, stop)
+        losses = fit(model, head_name, hop_e, hop_y, clip_e, clip_y, c)  # the layers have not moved: the same embeddings give the heads' answers before
+        losses += fit(model, head_name, hops, hop_y, clips, clip_y, replace(c, epochs=c.layer_epochs, lr=c.layer_lr), stop, embedded=(hop_e, clip_e))
     model.spec = replace(model.spec, provenance={**model.spec.provenance, "refit": asdict(c)})
     out = Path(c.out) / "model.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
