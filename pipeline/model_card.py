@@ -99,6 +99,11 @@ def choice_words(gate: float, smoothing: float) -> str:
     return f"{gated}, {f'averaged over {smoothing:g} s' if smoothing else 'each hop alone'}"
 
 
+def arranged(running: dict) -> str:
+    n = running.get("arrangements", 1)
+    return f"; {n} arrangements of the same clips end to end, each in another order, at other SNRs over other sounds" if n > 1 else ""
+
+
 def running_limit(minutes: float, calibration: dict | None) -> list[str]:
     """How coarse the running-audio false-alarm rates are: one alarm per scene, per hour."""
     scenes = [*([(calibration["minutes"], "calibration")] if calibration else []), (minutes, "evaluation")]
@@ -373,7 +378,7 @@ def render(recipe, report: dict, stages: dict[str, dict], spec, bundle_bytes: in
         lines += [
             "## Keywords in running audio",
             "",
-            f"A {r['minutes']:.0f} min scene (`train.running`): {r['keywords']} keywords of validation speakers and {r['other_words']} other",
+            f"A {r['minutes']:.0f} min scene (`train.running`{arranged(r)}): {r['keywords']} keywords of validation speakers and {r['other_words']} other",
             "spoken words (digits, wake words, bed/cat/happy, Arabic commands) dropped every 1-3 s into ESC-50 fold 4 and",
             "UrbanSound8K fold 3 sounds at 0-15 dB SNR, run through the streaming engine (1 s refractory period). The",
             f"{chosen_on(r['models'].get('student', {}))} chosen on another scene of "

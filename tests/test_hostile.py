@@ -188,6 +188,8 @@ CASES = {
                                                 "train.running: error: --snr: 15 0 is not a range (low <= high)"),
     "running-audio scene of no passes": Case(["train.running", "--keywords", "{tmp}", "--backgrounds", "{tmp}", "--repeat", "0"], 2,
                                              "train.running: error: --repeat: 0 is not a number of passes (1 or more)"),
+    "running audio in no arrangement": Case(["train.running", "--keywords", "{tmp}", "--backgrounds", "{tmp}", "--arrangements", "0"], 2,
+                                            "train.running: error: --arrangements: 0 is not a number of scenes (1 or more)"),
     "running-audio hop of zero": Case(["train.running", "--keywords", "{tmp}", "--backgrounds", "{tmp}", "--hop", "0"], 2,
                                       "train.running: error: --hop: 0 is not a positive number of seconds"),
     "running-audio hop off the frame grid": Case(["train.running", "--keywords", "{tmp}", "--backgrounds", "{tmp}", "--hop", "0.333"], 2,

@@ -9,7 +9,7 @@ from conftest import make_spec, white_noise
 from edgetag.stream import PostConfig
 from train.calibrate import GRID
 from train.data import Example
-from train.running import Placed, Scene, best_within, calibrate_spotting, calibrate_threshold, compose, curve, heard, score
+from train.running import Placed, Scene, best_within, calibrate_spotting, calibrate_threshold, compose, curve, heard, scene_of, score
 
 
 def test_compose_places_each_word_once_inside_the_background(tmp_path):
@@ -31,6 +31,26 @@ def test_compose_places_each_word_once_inside_the_background(tmp_path):
         loud = scene.audio[int(w.start * rate) : int(w.end * rate)]
         assert np.sqrt(np.mean(loud**2)) > 3 * 0.01  # the word is there, over the bed
     assert all(b.start >= a.end for a, b in zip(scene.words, scene.words[1:]))
+
+
+def test_arrangements_are_scenes_of_the_same_clips_end_to_end(tmp_path):
+    """Each arrangement is the scene its seed composes, its words shifted by the audio before it;
+    the curve over them counts every arrangement's keywords and alarms once."""
+    rate = 16000
+    for i in range(2):
+        sf.write(tmp_path / f"bed{i}.wav", 0.01 * white_noise(6.0, seed=i), rate)
+    for i, label in enumerate(["yes", "no"]):
+        (tmp_path / label).mkdir()
+        sf.write(tmp_path / label / f"w{i}.wav", 0.3 * white_noise(1.0, seed=10 + i), rate)
+    beds = [str(tmp_path / f"bed{i}.wav") for i in range(2)]
+    args = dict(keywords=[f"keywords={tmp_path}"], others=[], backgrounds=beds, seed=3)
+    parts = [scene_of(**{**args, "seed": seed}) for seed in (3, 4)]
+    scene = scene_of(**args, arrangements=2)
+    assert scene.seconds == parts[0].seconds + parts[1].seconds == 24.0
+    np.testing.assert_array_equal(scene.audio, np.concatenate([p.audio for p in parts]))
+    shifted = [*parts[0].words, *(Placed(w.label, w.start + 12.0, w.end + 12.0, (w.core[0] + 12.0, w.core[1] + 12.0)) for w in parts[1].words)]
+    assert scene.words == shifted and len(scene.keywords) == 4
+    assert [w.start for w in parts[0].words] != [w.start for w in parts[1].words]  # another arrangement, not a copy
 
 
 def test_score_counts_found_wrong_and_false_alarms():

@@ -189,11 +189,23 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, marks: di
     plt.close(fig)
 
 
+def joined(scenes: list[Scene]) -> Scene:
+    """Scenes end to end, as one."""
+    offsets = np.cumsum([0.0, *(s.seconds for s in scenes)])
+    shift = lambda span, by: None if span is None else (span[0] + by, span[1] + by)  # noqa: E731
+    words = [Placed(w.label, w.start + by, w.end + by, shift(w.core, by)) for s, by in zip(scenes, offsets) for w in s.words]
+    return Scene(np.concatenate([s.audio for s in scenes]), words, scenes[0].rate)
+
+
 def scene_of(keywords: list[str], others: list[str], backgrounds: list[str], seed: int = 0, repeat: int = 1, snr_db: tuple[float, float] = (0.0, 15.0),
-             core: float = 0.9) -> Scene:
-    """A scene from sources (train.data.Source): keyword clips, other speech, background."""
+             core: float = 0.9, arrangements: int = 1) -> Scene:
+    """A scene from sources (train.data.Source): keyword clips, other speech, background. With
+    `arrangements` N, N scenes of the same clips (seeds seed, seed + 1, ...: other orders, places
+    and SNRs) end to end: a false-alarm rate over a few hundred words rests on a handful of alarms,
+    and which words happen to land on which sound moves it as much as the model does."""
     read = lambda sources, head: [e for text in sources for e in Source.parse(text, head).read()]  # noqa: E731
-    return compose(read(keywords, KEYWORDS), read(others, KEYWORDS), read(backgrounds, TAGS), snr_db=snr_db, repeat=repeat, seed=seed, core=core)
+    sources = read(keywords, KEYWORDS), read(others, KEYWORDS), read(backgrounds, TAGS)
+    return joined([compose(*sources, snr_db=snr_db, repeat=repeat, seed=seed + i, core=core) for i in range(arrangements)])
 
 
 def heard(spec: ModelSpec, head: str, probabilities: dict[str, np.ndarray], scene: Scene, level: float) -> float:
@@ -213,6 +225,7 @@ def main(
     seed: int = typer.Option(0, help="Seed of the scene."),
     snr: tuple[float, float] = typer.Option((0.0, 15.0), help="Each word's level over the background where it lands, uniform in this range (dB)."),
     repeat: int = typer.Option(1, help="Passes of the background, each in another order (more words fit in)."),
+    arrangements: int = typer.Option(1, help="Scenes of the same clips end to end (seeds --seed, --seed + 1, ...): false-alarm rates over more audio."),
     hop: float = typer.Option(None, help="Seconds between the windows (default: the model's own hop; a student listens at its calibrated one, not its training one)."),
     gates: list[float] = typer.Option([], "--gate", help="Also the curve with keywords gated on the model's Speech tag at this probability (repeatable; 0: never gated)."),
     plot: Path = typer.Option(None, help="PNG of the recall / false-alarm curve."),
@@ -227,11 +240,13 @@ def main(
             raise ValueError(f"--snr: {snr[0]:g} {snr[1]:g} is not a range (low <= high)")
         if repeat < 1:
             raise ValueError(f"--repeat: {repeat} is not a number of passes (1 or more)")
+        if arrangements < 1:
+            raise ValueError(f"--arrangements: {arrangements} is not a number of scenes (1 or more)")
         if hop is not None and not hop > 0:
             raise ValueError(f"--hop: {hop:g} is not a positive number of seconds")
         post = PostConfig()
         engine = Engine(load_backend(model), post, hop=hop)
-        scene = scene_of(keywords, others, backgrounds, seed, repeat, snr_db=snr)
+        scene = scene_of(keywords, others, backgrounds, seed, repeat, snr_db=snr, arrangements=arrangements)
     except (ValueError, FileNotFoundError) as e:
         print(f"train.running: error: {e}", file=sys.stderr)
         raise typer.Exit(2) from e
