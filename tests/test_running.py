@@ -34,8 +34,7 @@ def test_compose_places_each_word_once_inside_the_background(tmp_path):
 
 
 def test_arrangements_are_scenes_of_the_same_clips_end_to_end(tmp_path):
-    """Each arrangement is the scene its seed composes, its words shifted by the audio before it;
-    the curve over them counts every arrangement's keywords and alarms once."""
+    """Each arrangement is the scene its seed composes, its words shifted by the audio before it."""
     rate = 16000
     for i in range(2):
         sf.write(tmp_path / f"bed{i}.wav", 0.01 * white_noise(6.0, seed=i), rate)

@@ -57,34 +57,53 @@ class Scene:
 
 
 def compose(keywords: list[Example], others: list[Example], backgrounds: list[Example], rate: int = 16000, snr_db: tuple[float, float] = (0.0, 15.0),
-            gap: tuple[float, float] = (1.0, 3.0), keyword_share: float = 0.5, repeat: int = 1, seed: int = 0, core: float = 0.9) -> Scene:
+            gap: tuple[float, float] = (1.0, 3.0), keyword_share: float = 0.5, repeat: int = 1, seed: int = 0, core: float = 0.9,
+            arrangements: int = 1) -> Scene:
     """One scene: every readable background clip `repeat` times, each pass in another random
     order, end to end; then words (keywords with probability `keyword_share`, each clip used at
     most once) every `gap` seconds, until the words or the background run out. Each word's core
-    is the span of its clip holding the middle `core` of its energy."""
-    rng = np.random.default_rng(seed)
+    is the span of its clip holding the middle `core` of its energy. With `arrangements` N, N such
+    scenes of the same clips (seeds seed, seed + 1, ...: other orders, places and SNRs), end to
+    end, the clips decoded once: a false-alarm rate over a few hundred words rests on a handful of
+    alarms, and which words happen to land on which sound moves it as much as the model does."""
     beds = [x for x in load_clips(backgrounds, rate) if x is not None and len(x)]
     if not beds:
         raise ValueError("no readable background audio")
-    audio = np.concatenate([beds[i] for _ in range(repeat) for i in rng.permutation(len(beds))]).astype(np.float32)
     spoken = {True: [(e.labels[0], x) for e, x in zip(keywords, load_clips(keywords, rate)) if x is not None and e.labels[0] not in NOT_SPOTTED],
               False: [("", x) for x in load_clips(others, rate) if x is not None]}
-    for pool in spoken.values():
-        rng.shuffle(pool)
-    words, t = [], rng.uniform(*gap)
-    while spoken[True] or spoken[False]:
-        is_keyword = bool(spoken[True]) and (not spoken[False] or rng.random() < keyword_share)
-        label, x = spoken[is_keyword].pop()
-        start = round(t * rate)
-        if start + len(x) > len(audio):
-            break
-        bed = audio[start : start + len(x)]
-        audio[start : start + len(x)] = mix(x, bed, rng.uniform(*snr_db)) if power(bed) > 1e-10 else x
-        first, last = core_of(x, core)
-        words.append(Placed(label, start / rate, (start + len(x)) / rate, ((start + first) / rate, (start + last) / rate)))
-        t = words[-1].end + rng.uniform(*gap)
-    peak = np.abs(audio).max()
-    return Scene(audio / peak if peak > 1 else audio, words, rate)
+
+    def arrangement(seed: int) -> Scene:
+        rng = np.random.default_rng(seed)
+        audio = np.concatenate([beds[i] for _ in range(repeat) for i in rng.permutation(len(beds))]).astype(np.float32)
+        pools = {kind: list(pool) for kind, pool in spoken.items()}  # each arrangement draws every clip again
+        for pool in pools.values():
+            rng.shuffle(pool)
+        words, t = [], rng.uniform(*gap)
+        while pools[True] or pools[False]:
+            is_keyword = bool(pools[True]) and (not pools[False] or rng.random() < keyword_share)
+            label, x = pools[is_keyword].pop()
+            start = round(t * rate)
+            if start + len(x) > len(audio):
+                break
+            bed = audio[start : start + len(x)]
+            audio[start : start + len(x)] = mix(x, bed, rng.uniform(*snr_db)) if power(bed) > 1e-10 else x
+            first, last = core_of(x, core)
+            words.append(Placed(label, start / rate, (start + len(x)) / rate, ((start + first) / rate, (start + last) / rate)))
+            t = words[-1].end + rng.uniform(*gap)
+        peak = np.abs(audio).max()
+        return Scene(audio / peak if peak > 1 else audio, words, rate)
+
+    return joined([arrangement(seed + i) for i in range(arrangements)])
+
+
+def joined(scenes: list[Scene]) -> Scene:
+    """Scenes end to end, as one."""
+    if len(scenes) == 1:
+        return scenes[0]
+    offsets = np.cumsum([0.0, *(s.seconds for s in scenes)])
+    shift = lambda span, by: None if span is None else (span[0] + by, span[1] + by)  # noqa: E731
+    words = [Placed(w.label, w.start + by, w.end + by, shift(w.core, by)) for s, by in zip(scenes, offsets) for w in s.words]
+    return Scene(np.concatenate([s.audio for s in scenes]), words, scenes[0].rate)
 
 
 def hop_probabilities(engine: Engine, scene: Scene, block_seconds: float = 10.0) -> dict[str, np.ndarray]:
@@ -189,23 +208,12 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, marks: di
     plt.close(fig)
 
 
-def joined(scenes: list[Scene]) -> Scene:
-    """Scenes end to end, as one."""
-    offsets = np.cumsum([0.0, *(s.seconds for s in scenes)])
-    shift = lambda span, by: None if span is None else (span[0] + by, span[1] + by)  # noqa: E731
-    words = [Placed(w.label, w.start + by, w.end + by, shift(w.core, by)) for s, by in zip(scenes, offsets) for w in s.words]
-    return Scene(np.concatenate([s.audio for s in scenes]), words, scenes[0].rate)
-
-
 def scene_of(keywords: list[str], others: list[str], backgrounds: list[str], seed: int = 0, repeat: int = 1, snr_db: tuple[float, float] = (0.0, 15.0),
              core: float = 0.9, arrangements: int = 1) -> Scene:
-    """A scene from sources (train.data.Source): keyword clips, other speech, background. With
-    `arrangements` N, N scenes of the same clips (seeds seed, seed + 1, ...: other orders, places
-    and SNRs) end to end: a false-alarm rate over a few hundred words rests on a handful of alarms,
-    and which words happen to land on which sound moves it as much as the model does."""
+    """A scene from sources (train.data.Source): keyword clips, other speech, background (`compose`)."""
     read = lambda sources, head: [e for text in sources for e in Source.parse(text, head).read()]  # noqa: E731
-    sources = read(keywords, KEYWORDS), read(others, KEYWORDS), read(backgrounds, TAGS)
-    return joined([compose(*sources, snr_db=snr_db, repeat=repeat, seed=seed + i, core=core) for i in range(arrangements)])
+    return compose(read(keywords, KEYWORDS), read(others, KEYWORDS), read(backgrounds, TAGS), snr_db=snr_db, repeat=repeat, seed=seed, core=core,
+                   arrangements=arrangements)
 
 
 def heard(spec: ModelSpec, head: str, probabilities: dict[str, np.ndarray], scene: Scene, level: float) -> float:
